@@ -1,0 +1,297 @@
+"""One place for configuration: typed dataclasses, YAML presets, CLI overrides.
+
+A run is fully described by a `Config`. Presets in `configs/*.yaml` set some
+fields; every command-line flag overrides exactly one field. Flag names are
+the field names with dashes (`--checkpoint-every` sets
+`checkpoint.checkpoint_every`), so field names are unique across sections.
+
+Example:
+
+>>> cfg = load_config("minimal", overrides={"decoder": "gru"})
+>>> cfg.model.decoder
+'gru'
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, where it lives, how it is split."""
+
+    dataset: str = "shapes"  # shapes | flickr8k | flickr30k | coco | karpathy | custom
+    data_dir: Optional[str] = None  # dataset files; shapes: where it is generated
+    data_root: str = "data"  # default home of generated/downloaded datasets
+    split_file: Optional[str] = None  # Karpathy dataset_*.json, used when given
+    captions_file: Optional[str] = None  # custom datasets: CSV/JSONL of image,caption
+    download: bool = False
+    num_images: int = 600  # shapes: scenes generated
+    scene_size: int = 128  # shapes: pixel size of a generated scene
+    max_objects: int = 3  # shapes: objects per scene (1..max_objects)
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    max_train_images: Optional[int] = None  # cap for smoke runs on real data
+    data_seed: int = 1234
+
+
+@dataclass
+class TextConfig:
+    """Caption vocabulary and length."""
+
+    vocab_size: int = 3000
+    max_length: int = 15  # tokens per caption including <start> and <end>
+    min_word_count: int = 1
+
+
+@dataclass
+class FeatureConfig:
+    """Backbone and feature cache."""
+
+    backbone: str = "inception_v3"
+    weights: str = "imagenet"  # imagenet | none | PATH to .weights.h5
+    input_size: Optional[int] = None  # None: the backbone's native size
+    cache_dir: str = "cache/features"
+    extract_batch_size: int = 32
+    shard_size: int = 512  # images per TFRecord shard
+    fine_tune_layers: int = 0  # phase 2: unfreeze the last N backbone layers
+
+
+@dataclass
+class ModelConfig:
+    """Decoder architecture."""
+
+    decoder: str = "lstm"  # lstm | gru
+    attention: str = "bahdanau"  # bahdanau | luong
+    luong_score: str = "general"  # dot | general
+    embedding_dim: int = 64
+    units: int = 128
+    attention_units: Optional[int] = None  # None: same as units
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and runtime."""
+
+    epochs: int = 5
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"  # constant | warmup_cosine | plateau
+    warmup_epochs: float = 1.0
+    clipnorm: Optional[float] = 5.0
+    early_stopping_patience: int = 0  # 0: no early stopping
+    early_stopping_monitor: str = "val_loss"
+    shuffle_buffer: int = 4096
+    seed: int = 42
+    precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
+    jit: str = "auto"  # auto | on | off
+    recompute_grad: bool = False
+    distribute: str = "auto"  # auto | default | mirrored | multiworker
+    runs_dir: str = "runs"
+    run_name: Optional[str] = None
+    tune: bool = False
+    trials: int = 10
+
+
+@dataclass
+class CheckpointConfig:
+    """Crash recovery."""
+
+    checkpoint_every: int = 50  # batches between checkpoints (0: epoch ends only)
+    keep_checkpoints: int = 3
+    resume: str = "auto"  # auto | never
+    async_checkpoint: bool = True
+    max_restarts: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Decoding and evaluation."""
+
+    beam_size: int = 3
+    length_penalty: float = 0.7
+    eval_batch_size: int = 64
+    max_eval_images: Optional[int] = None
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    preset: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "preset"}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def field_index() -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    """Map every field name to (section, Field, resolved type); names are unique."""
+    index: dict[str, tuple[str, dataclasses.Field, Any]] = {}
+    for section, cls in _section_classes().items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in index:
+                raise RuntimeError(f"Config field name {f.name!r} is not unique")
+            index[f.name] = (section, f, hints[f.name])
+    return index
+
+
+def _base_type(tp: Any) -> Any:
+    """Optional[int] -> int."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def coerce(name: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML or CLI value to the field's type, with a clear error."""
+    optional = type(None) in typing.get_args(tp)
+    base = _base_type(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ValueError(f"Config field {name!r} cannot be empty")
+    try:
+        if base is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if base is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if base is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"Config field {name!r} expects {base.__name__}, got {value!r}") from None
+
+
+def preset_path(preset: str) -> Path:
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    path = CONFIG_DIR / f"{preset}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"Unknown preset {preset!r}: no file {path}. Known presets: {known}")
+    return path
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build a Config from a nested dict (a preset or a saved run config)."""
+    cfg = Config()
+    index = field_index()
+    for section, values in (raw or {}).items():
+        if section == "preset":
+            cfg.preset = values
+            continue
+        if section not in SECTIONS:
+            raise ValueError(f"Unknown config section {section!r}; expected one of {sorted(SECTIONS)}")
+        for name, value in (values or {}).items():
+            if name not in index or index[name][0] != section:
+                raise ValueError(f"Unknown config field {section}.{name}")
+            setattr(getattr(cfg, section), name, coerce(name, value, index[name][2]))
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Set fields by their (unique) name: {"decoder": "gru", "epochs": 2}."""
+    index = field_index()
+    for name, value in overrides.items():
+        if name not in index:
+            raise ValueError(f"Unknown config field {name!r}")
+        section, _, tp = index[name]
+        setattr(getattr(cfg, section), name, coerce(name, value, tp))
+    validate(cfg)
+    return cfg
+
+
+def load_config(preset: Optional[str] = "minimal", overrides: Optional[dict] = None) -> Config:
+    if preset:
+        with open(preset_path(preset)) as fh:
+            cfg = config_from_dict(yaml.safe_load(fh))
+        cfg.preset = Path(preset).stem
+    else:
+        cfg = Config()
+    return apply_overrides(cfg, overrides or {})
+
+
+CHOICES = {
+    "decoder": ("lstm", "gru"),
+    "attention": ("bahdanau", "luong"),
+    "luong_score": ("dot", "general"),
+    "precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+    "jit": ("auto", "on", "off"),
+    "resume": ("auto", "never"),
+    "lr_schedule": ("constant", "warmup_cosine", "plateau"),
+    "distribute": ("auto", "default", "mirrored", "multiworker"),
+}
+
+
+def validate(cfg: Config) -> None:
+    index = field_index()
+    for name, choices in CHOICES.items():
+        section = index[name][0]
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {value!r}")
+    if cfg.text.max_length < 3:
+        raise ValueError("--max-length must be at least 3 (<start>, a word, <end>)")
+    if cfg.train.batch_size < 1 or cfg.train.epochs < 0:
+        raise ValueError("--batch-size must be >= 1 and --epochs >= 0")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+
+
+def load_saved_config(path: str | Path) -> Config:
+    with open(path) as fh:
+        return config_from_dict(yaml.safe_load(fh))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field; defaults are None so only given flags override."""
+    for name, (section, f, tp) in field_index().items():
+        flag = "--" + name.replace("_", "-")
+        base = _base_type(tp)
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": f"override {section}.{name}"}
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if name in CHOICES:
+            kwargs["choices"] = CHOICES[name]
+        parser.add_argument(flag, type=str, **kwargs)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in field_index() if getattr(args, name, None) is not None}
