@@ -1,0 +1,109 @@
+"""The dataset contract every loader returns.
+
+A `CaptionDataset` is a list of `ImageRecord`s (one per image, with all its
+reference captions and its split) plus a `SkipReport` of what was left out and
+why. Everything downstream (features, text, training, evaluation) reads only
+this structure, so a new dataset format is one loader function.
+
+Example:
+
+>>> rec = ImageRecord("img1", "/data/img1.jpg", ["a red circle"], "train")
+>>> ds = CaptionDataset("toy", [rec])
+>>> [r.image_id for r in ds.split("train")]
+['img1']
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class SceneObject:
+    """A ground-truth object of a synthetic scene; box is (x0, y0, x1, y1) in [0, 1]."""
+
+    shape: str
+    colour: str
+    size: str
+    box: tuple[float, float, float, float]
+
+
+@dataclass
+class ImageRecord:
+    image_id: str
+    path: str
+    captions: list[str]
+    split: str
+    objects: Optional[list[SceneObject]] = None  # only where ground truth is known
+
+
+@dataclass
+class SkipReport:
+    """What a loader left out or repaired, with reasons; saved with the run."""
+
+    skipped_images: list[dict] = field(default_factory=list)  # {"path", "reason"}
+    missing_images: list[str] = field(default_factory=list)
+    malformed_lines: list[dict] = field(default_factory=list)  # {"file", "line", "reason"}
+    few_references: list[dict] = field(default_factory=list)  # {"image_id", "count"}
+    converted_images: list[dict] = field(default_factory=list)  # {"path", "from_mode"}
+
+    def skip_image(self, path: str, reason: str) -> None:
+        self.skipped_images.append({"path": str(path), "reason": reason})
+
+    def malformed(self, file: str, line: int, reason: str) -> None:
+        self.malformed_lines.append({"file": str(file), "line": line, "reason": reason})
+
+    def merge(self, other: "SkipReport") -> None:
+        for name in self.__dataclass_fields__:
+            getattr(self, name).extend(getattr(other, name))
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(getattr(self, name)) for name in self.__dataclass_fields__}
+
+    def summary(self) -> str:
+        parts = [f"{n.replace('_', ' ')}: {c}" for n, c in self.counts().items() if c]
+        return "; ".join(parts) if parts else "nothing skipped"
+
+    def save(self, path: str | Path) -> None:
+        with open(path, "w") as fh:
+            json.dump({"counts": self.counts(), **asdict(self)}, fh, indent=2)
+
+
+@dataclass
+class CaptionDataset:
+    name: str
+    records: list[ImageRecord]
+    skips: SkipReport = field(default_factory=SkipReport)
+
+    def split(self, name: str) -> list[ImageRecord]:
+        return [r for r in self.records if r.split == name]
+
+    def by_id(self) -> dict[str, ImageRecord]:
+        return {r.image_id: r for r in self.records}
+
+    def fingerprint(self) -> str:
+        """Hash of image ids, paths and splits: changes when the image set changes.
+
+        Captions are left out on purpose: the feature cache depends on images only.
+        """
+        h = hashlib.sha256(self.name.encode())
+        for r in sorted(self.records, key=lambda r: r.image_id):
+            h.update(f"{r.image_id}|{r.path}|{r.split}\n".encode())
+        return h.hexdigest()[:16]
+
+    def caption_fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for r in sorted(self.records, key=lambda r: r.image_id):
+            h.update(("\n".join([r.image_id, r.split, *r.captions]) + "\n").encode())
+        return h.hexdigest()[:16]
+
+    def summary(self) -> str:
+        counts = {s: len(self.split(s)) for s in SPLITS}
+        caps = sum(len(r.captions) for r in self.records)
+        return f"{self.name}: {len(self.records)} images ({counts}), {caps} captions; {self.skips.summary()}"

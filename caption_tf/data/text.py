@@ -1,0 +1,103 @@
+"""Caption text: cleaning, start/end tokens, and a `TextVectorization` vocabulary.
+
+The vocabulary is built from training captions only, most frequent words
+first (ties broken alphabetically, so it is identical on every run), capped
+by `TextConfig.vocab_size`, and saved with the run as JSON.
+
+Example:
+
+>>> vocab = CaptionVocabulary.build(["A red circle.", "a blue square"], TextConfig(max_length=6))
+>>> ids = vocab.encode(["a red square"])
+>>> vocab.decode(ids[0])
+'a red square'
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from caption_tf.config import TextConfig
+
+START, END = "<start>", "<end>"
+PAD, UNK = "", "[UNK]"  # TextVectorization's reserved tokens at index 0 and 1
+_NON_WORD = re.compile(r"[^a-z0-9]+")
+
+
+def clean_caption(text: str) -> str:
+    """Lowercase, drop punctuation and extra spaces: 'A dog, running!' -> 'a dog running'."""
+    return _NON_WORD.sub(" ", text.lower()).strip()
+
+
+def wrap_caption(text: str, max_length: int) -> str:
+    """Clean, truncate to fit `max_length` tokens with <start>/<end>, and wrap."""
+    words = clean_caption(text).split()[: max_length - 2]
+    return " ".join([START, *words, END])
+
+
+class CaptionVocabulary:
+    """Word <-> id mapping backed by `keras.layers.TextVectorization`."""
+
+    def __init__(self, tokens: Sequence[str], max_length: int):
+        import keras  # local import: keeps `caption_tf.data` importable without TF start-up cost
+
+        self.max_length = max_length
+        words = [t for t in tokens if t not in (PAD, UNK)]
+        self.layer = keras.layers.TextVectorization(
+            standardize=None,
+            split="whitespace",
+            output_mode="int",
+            output_sequence_length=max_length,
+            vocabulary=words,
+        )
+        self.tokens = list(self.layer.get_vocabulary())
+        self.start_id = self.tokens.index(START)
+        self.end_id = self.tokens.index(END)
+        self.pad_id = 0
+
+    @classmethod
+    def build(cls, captions: Iterable[str], cfg: TextConfig) -> "CaptionVocabulary":
+        counts = collections.Counter(w for c in captions for w in clean_caption(c).split())
+        ranked = sorted((w for w, n in counts.items() if n >= cfg.min_word_count), key=lambda w: (-counts[w], w))
+        budget = max(cfg.vocab_size - 4, 0)  # pad, [UNK], <start>, <end>
+        return cls([START, END, *ranked[:budget]], cfg.max_length)
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, captions: Sequence[str]) -> np.ndarray:
+        """int32 [N, max_length]: <start> words <end>, zero padded."""
+        wrapped = [wrap_caption(c, self.max_length) for c in captions]
+        return np.asarray(self.layer(wrapped), dtype=np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Words up to the first <end>, without <start> and padding."""
+        words = []
+        for i in ids:
+            i = int(i)
+            if i == self.end_id:
+                break
+            if i in (self.pad_id, self.start_id):
+                continue
+            words.append(self.tokens[i] if i < len(self.tokens) else UNK)
+        return " ".join(words)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256("\n".join(self.tokens).encode()).hexdigest()[:16]
+
+    def save(self, path: str | Path) -> None:
+        with open(path, "w") as fh:
+            json.dump({"max_length": self.max_length, "tokens": self.tokens}, fh)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CaptionVocabulary":
+        with open(path) as fh:
+            raw = json.load(fh)
+        return cls(raw["tokens"], raw["max_length"])

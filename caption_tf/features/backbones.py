@@ -1,0 +1,129 @@
+"""Pre-trained CNN backbones from `keras.applications` as feature extractors.
+
+Each backbone maps a batch of RGB images to a spatial feature grid
+`[B, H*W, C]` (what attention looks at) and a pooled vector `[B, C]`
+(for embeddings plots), with its own preprocessing and native input size.
+
+Example:
+
+>>> extractor = build_extractor("densenet121", weights="none", input_size=96)
+>>> grid, pooled = extractor(np.zeros((2, 96, 96, 3), "float32"))
+>>> grid.shape, pooled.shape
+(TensorShape([2, 9, 1024]), TensorShape([2, 1024]))
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import keras
+from keras import applications as apps
+
+
+class BackboneWeightsError(RuntimeError):
+    """Weights could not be loaded; the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    builder: Callable[..., keras.Model]
+    preprocess: Callable  # raw RGB in [0, 255] -> the backbone's expected input
+    input_size: int  # native (and default) square input size
+    min_size: int  # smallest input keras.applications accepts
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec("inception_v3", apps.InceptionV3, apps.inception_v3.preprocess_input, 299, 75),
+        BackboneSpec("densenet121", apps.DenseNet121, apps.densenet.preprocess_input, 224, 32),
+        BackboneSpec("resnet50", apps.ResNet50, apps.resnet50.preprocess_input, 224, 32),
+        BackboneSpec("vgg16", apps.VGG16, apps.vgg16.preprocess_input, 224, 32),
+        BackboneSpec("vgg19", apps.VGG19, apps.vgg19.preprocess_input, 224, 32),
+        BackboneSpec("mobilenet_v2", apps.MobileNetV2, apps.mobilenet_v2.preprocess_input, 224, 32),
+        # MobileNetV3 and EfficientNet rescale inside the model: their preprocess_input is the identity.
+        BackboneSpec("mobilenet_v3_small", apps.MobileNetV3Small, apps.mobilenet_v3.preprocess_input, 224, 32),
+        BackboneSpec("mobilenet_v3_large", apps.MobileNetV3Large, apps.mobilenet_v3.preprocess_input, 224, 32),
+        BackboneSpec("efficientnet_b0", apps.EfficientNetB0, apps.efficientnet.preprocess_input, 224, 32),
+    )
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ValueError(f"Unknown backbone {name!r}; available: {sorted(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def resolve_input_size(name: str, input_size: int | None) -> int:
+    spec = get_spec(name)
+    size = input_size or spec.input_size
+    if size < spec.min_size:
+        raise ValueError(f"--input-size {size} is below the minimum {spec.min_size} for {name}")
+    return size
+
+
+def weights_tag(weights: str) -> str:
+    """A short, cache-safe identity of a weights setting (a file is identified by content)."""
+    if weights in ("imagenet", "none"):
+        return weights
+    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:12]
+    return f"file-{digest}"
+
+
+def build_backbone(name: str, weights: str = "imagenet", input_size: int | None = None) -> keras.Model:
+    """The convolutional base (no classifier head) with the requested weights.
+
+    `weights`: "imagenet" (downloaded by Keras or found in ~/.keras/models),
+    "none" (random initialisation), or a path to a `.weights.h5` file saved
+    from the same architecture without its top.
+    """
+    spec = get_spec(name)
+    size = resolve_input_size(name, input_size)
+    kwargs = {"include_top": False, "input_shape": (size, size, 3)}
+    if weights == "none":
+        return spec.builder(weights=None, **kwargs)
+    if weights == "imagenet":
+        try:
+            return spec.builder(weights="imagenet", **kwargs)
+        except Exception as exc:  # Keras raises a plain Exception on "URL fetch failure"
+            raise BackboneWeightsError(
+                f"Could not load ImageNet weights for {name}: {exc}\n"
+                "This machine cannot download them. Either pass --weights none (random initialisation; "
+                "fine for the shapes dataset), or download the weights on a machine with internet "
+                f"(keras.applications.{spec.builder.__name__}(weights='imagenet', include_top=False)"
+                ".save_weights('backbone.weights.h5')) and pass --weights /path/to/backbone.weights.h5, "
+                "or copy ~/.keras/models/ from such a machine."
+            ) from None
+    path = Path(weights)
+    if not path.exists():
+        raise BackboneWeightsError(f"--weights {weights}: no such file (expected 'imagenet', 'none' or a .weights.h5 path)")
+    try:
+        return spec.builder(weights=str(path), **kwargs)
+    except Exception as exc:
+        raise BackboneWeightsError(f"--weights {path}: could not load into {name} without top: {exc}") from None
+
+
+class FeatureExtractor(keras.Model):
+    """Preprocess + backbone + (grid, pooled) outputs, for raw RGB batches in [0, 255]."""
+
+    def __init__(self, name: str, weights: str = "imagenet", input_size: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.spec = get_spec(name)
+        self.input_size = resolve_input_size(name, input_size)
+        self.backbone = build_backbone(name, weights, self.input_size)
+
+    def call(self, images, training=False):
+        x = self.spec.preprocess(keras.ops.cast(images, "float32"))
+        fmap = self.backbone(x, training=training)
+        shape = keras.ops.shape(fmap)
+        grid = keras.ops.reshape(fmap, (shape[0], -1, fmap.shape[-1]))
+        return grid, keras.ops.mean(grid, axis=1)
+
+
+def build_extractor(name: str, weights: str = "imagenet", input_size: int | None = None) -> FeatureExtractor:
+    return FeatureExtractor(name, weights, input_size)

@@ -1,0 +1,169 @@
+"""The attention decoder: an LSTM or GRU that captions a feature grid.
+
+`CaptionDecoder` is a `keras.Model` with its own `train_step` / `test_step`
+(teacher forcing, padding-masked loss), so `model.fit`, `model.evaluate` and
+every Keras callback work. Per step it embeds the previous word, attends over
+the projected grid (Bahdanau: with the previous state, before the cell; Luong:
+with the new state, after it) and predicts the next word.
+
+Example:
+
+>>> model = CaptionDecoder(vocab_size=100, embedding_dim=16, units=32)
+>>> grid = keras.random.normal((2, 49, 64)); tokens = keras.ops.ones((2, 9), "int32")
+>>> model((grid, tokens)).shape
+(2, 9, 100)
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from caption_tf.models.attention import build_attention
+
+
+def masked_loss(targets, logits):
+    """Mean cross-entropy over real tokens; padding (id 0) does not count."""
+    ce = keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True)
+    mask = ops.cast(ops.not_equal(targets, 0), "float32")
+    return ops.sum(ce * mask) / ops.maximum(ops.sum(mask), 1.0)
+
+
+def masked_accuracy(targets, logits):
+    hits = ops.cast(ops.equal(ops.cast(ops.argmax(logits, -1), targets.dtype), targets), "float32")
+    mask = ops.cast(ops.not_equal(targets, 0), "float32")
+    return ops.sum(hits * mask) / ops.maximum(ops.sum(mask), 1.0)
+
+
+@keras.saving.register_keras_serializable("caption_tf")
+class CaptionDecoder(keras.Model):
+    """LSTM/GRU decoder with Bahdanau or Luong attention over image features."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_dim: int = 64,
+        units: int = 128,
+        decoder: str = "lstm",
+        attention: str = "bahdanau",
+        luong_score: str = "general",
+        attention_units: int | None = None,
+        dropout: float = 0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if decoder not in ("lstm", "gru"):
+            raise ValueError(f"decoder must be 'lstm' or 'gru', got {decoder!r}")
+        self.vocab_size, self.embedding_dim, self.units = vocab_size, embedding_dim, units
+        self.decoder, self.attention_kind, self.luong_score = decoder, attention, luong_score
+        self.attention_units, self.dropout_rate = attention_units, dropout
+
+        self.encoder = keras.layers.Dense(units, activation="relu", name="encoder")
+        self.init_h = keras.layers.Dense(units, activation="tanh", name="init_h")
+        self.init_c = keras.layers.Dense(units, activation="tanh", name="init_c") if decoder == "lstm" else None
+        self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")
+        cell_cls = keras.layers.LSTMCell if decoder == "lstm" else keras.layers.GRUCell
+        self.cell = cell_cls(units, name=decoder)
+        # Luong scores the cell output against the keys, so it works at decoder width.
+        att_units = (attention_units or units) if attention == "bahdanau" else units
+        self.attention = build_attention(attention, att_units, luong_score)
+        self.combine = keras.layers.Dense(units, activation="tanh", name="combine") if attention == "luong" else None
+        self.dropout = keras.layers.Dropout(dropout)
+        self.to_logits = keras.layers.Dense(vocab_size, dtype="float32", name="logits")
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
+
+    # -- the two halves every decoding loop uses ---------------------------------------------
+    def encode(self, grid, training=False):
+        """Project the grid once: (values, attention keys, initial cell state)."""
+        values = self.encoder(ops.cast(grid, self.compute_dtype))
+        keys = self.attention.project_keys(values)
+        mean = ops.mean(values, axis=1)
+        state = [self.init_h(mean), self.init_c(mean)] if self.init_c is not None else [self.init_h(mean)]
+        return values, keys, state
+
+    def step(self, tokens, state, values, keys, training=False):
+        """One word: (logits [B, V] float32, new state, attention weights [B, cells])."""
+        embedded = self.embedding(tokens)
+        if self.combine is None:  # Bahdanau
+            context, weights = self.attention(state[0], values, keys)
+            output, state = self.cell(ops.concatenate([embedded, context], -1), state, training=training)
+            features = ops.concatenate([output, context], -1)
+        else:  # Luong
+            output, state = self.cell(embedded, state, training=training)
+            context, weights = self.attention(output, values, keys)
+            features = self.combine(ops.concatenate([output, context], -1))
+        logits = self.to_logits(self.dropout(features, training=training))
+        return logits, list(state) if isinstance(state, (list, tuple)) else [state], weights
+
+    def call(self, inputs, training=False, return_attention=False):
+        grid, tokens = inputs
+        values, keys, state = self.encode(grid, training)
+        logits, weights = [], []
+        # Python-unrolled over the static caption length: Keras 3 runs train_step without
+        # autograph, and a fixed length is what XLA wants anyway.
+        for t in range(tokens.shape[1]):
+            step_logits, state, step_weights = self.step(tokens[:, t], state, values, keys, training)
+            logits.append(step_logits)
+            weights.append(step_weights)
+        logits = ops.stack(logits, axis=1)
+        return (logits, ops.stack(weights, axis=1)) if return_attention else logits
+
+    # -- training ---------------------------------------------------------------------------
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.accuracy_tracker]
+
+    def train_step(self, data):
+        (grid, inputs), targets = data
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            logits = self((grid, inputs), training=True)
+            loss = masked_loss(targets, logits)
+            total = loss + ops.sum(self.losses) if self.losses else loss
+            # Gradients are summed across replicas, so each replica contributes 1/replicas.
+            scaled = self.optimizer.scale_loss(total / replicas)
+        grads = tape.gradient(scaled, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        return self._update_metrics(loss, targets, logits)
+
+    def test_step(self, data):
+        (grid, inputs), targets = data
+        logits = self((grid, inputs), training=False)
+        return self._update_metrics(masked_loss(targets, logits), targets, logits)
+
+    def _update_metrics(self, loss, targets, logits):
+        self.loss_tracker.update_state(loss)
+        self.accuracy_tracker.update_state(masked_accuracy(targets, logits))
+        return {m.name: m.result() for m in self.metrics}
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "vocab_size": self.vocab_size,
+            "embedding_dim": self.embedding_dim,
+            "units": self.units,
+            "decoder": self.decoder,
+            "attention": self.attention_kind,
+            "luong_score": self.luong_score,
+            "attention_units": self.attention_units,
+            "dropout": self.dropout_rate,
+        }
+
+
+def build_decoder(model_cfg, vocab_size: int, grid_shape: tuple[int, int], max_length: int) -> CaptionDecoder:
+    """A CaptionDecoder from a `ModelConfig`, built (weights created) for the given grid."""
+    model = CaptionDecoder(
+        vocab_size=vocab_size,
+        embedding_dim=model_cfg.embedding_dim,
+        units=model_cfg.units,
+        decoder=model_cfg.decoder,
+        attention=model_cfg.attention,
+        luong_score=model_cfg.luong_score,
+        attention_units=model_cfg.attention_units,
+        dropout=model_cfg.dropout,
+        name="caption_decoder",
+    )
+    model((ops.zeros((1, *grid_shape)), ops.zeros((1, max_length - 1), "int32")))
+    return model

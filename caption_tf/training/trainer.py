@@ -1,0 +1,149 @@
+"""Training, top to bottom: dataset -> feature cache -> vocabulary -> tf.data -> fit.
+
+Example:
+
+>>> run_dir = train(load_config("minimal"))
+>>> sorted(p.name for p in run_dir.iterdir())
+['config.yaml', 'history.csv', 'logs', 'model.weights.h5', 'run.json', 'skips.json', 'vocab.json']
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from caption_tf.config import Config
+from caption_tf.data.datasets import load_dataset
+from caption_tf.data.pipeline import caption_batches, captions_table
+from caption_tf.data.records import CaptionDataset
+from caption_tf.data.text import CaptionVocabulary
+from caption_tf.features.cache import FeatureCache, build_feature_cache
+from caption_tf.models.decoder import build_decoder
+from caption_tf.training import run as run_files
+from caption_tf.training.runtime import Runtime, setup_runtime
+
+
+@dataclass
+class PreparedData:
+    dataset: CaptionDataset
+    cache: FeatureCache
+    vocab: CaptionVocabulary
+
+    def captions(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Token table aligned with the cache's image order for `split`."""
+        records = self.dataset.by_id()
+        rows = [self.vocab.encode(records[i].captions) for i in self.cache.image_ids(split)]
+        return captions_table(rows, self.vocab.max_length)
+
+    def pair_count(self, split: str) -> int:
+        records = self.dataset.by_id()
+        return sum(len(records[i].captions) for i in self.cache.image_ids(split))
+
+
+def prepare_data(cfg: Config) -> PreparedData:
+    dataset = load_dataset(cfg.data)
+    print(dataset.summary(), flush=True)
+    cache = build_feature_cache(dataset, cfg.features)
+    records = dataset.by_id()
+    train_captions = [c for i in cache.image_ids("train") for c in records[i].captions]
+    if not train_captions:
+        raise ValueError(f"Dataset {dataset.name!r} has no training image with captions")
+    vocab = CaptionVocabulary.build(train_captions, cfg.text)
+    return PreparedData(dataset, cache, vocab)
+
+
+def make_split_dataset(data: PreparedData, split: str, cfg: Config, runtime: Runtime, training: bool) -> tf.data.Dataset:
+    global_batch = cfg.train.batch_size * runtime.replicas
+    ds = caption_batches(
+        data.cache.shards(split),
+        data.cache.grid_shape,
+        data.captions(split),
+        batch_size=global_batch,
+        shuffle=training,
+        seed=cfg.train.seed,
+        shuffle_buffer=cfg.train.shuffle_buffer,
+    )
+    # Known length: progress bars show totals and schedules know the step count.
+    return ds.apply(tf.data.experimental.assert_cardinality(math.ceil(data.pair_count(split) / global_batch)))
+
+
+def build_model(cfg: Config, data: PreparedData, runtime: Runtime, steps_per_epoch: int):
+    with runtime.strategy.scope():
+        model = build_decoder(cfg.model, data.vocab.size, data.cache.grid_shape, cfg.text.max_length)
+        # Linear scaling rule: the global batch grows with the replicas, so does the step size.
+        learning_rate = cfg.train.learning_rate * runtime.replicas
+        optimizer = keras.optimizers.Adam(learning_rate, clipnorm=cfg.train.clipnorm)
+        model.compile(optimizer=optimizer, jit_compile=runtime.jit_compile)
+    return model
+
+
+def make_callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]:
+    callbacks = [
+        keras.callbacks.TensorBoard(str(run_dir / run_files.LOG_DIR), update_freq="epoch"),
+        keras.callbacks.CSVLogger(str(run_dir / run_files.HISTORY_FILE), append=True),
+    ]
+    if cfg.train.early_stopping_patience > 0:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=cfg.train.early_stopping_monitor,
+                patience=cfg.train.early_stopping_patience,
+                restore_best_weights=True,
+                verbose=1,
+            )
+        )
+    return callbacks
+
+
+def save_weights_atomically(model: keras.Model, path: Path) -> None:
+    tmp = path.with_name("partial-" + path.name)
+    model.save_weights(tmp)
+    tmp.replace(path)
+
+
+def train(cfg: Config) -> Path:
+    """Train a decoder as configured; returns the run folder."""
+    runtime = setup_runtime(cfg.train)
+    print(f"Runtime: {runtime.replicas} replica(s), precision {runtime.precision}, XLA {'on' if runtime.jit_compile else 'off'}")
+    data = prepare_data(cfg)
+    run_dir = run_files.run_directory(cfg)
+    run_files.save_run_files(
+        run_dir,
+        cfg,
+        data.vocab,
+        {
+            "grid_shape": list(data.cache.grid_shape),
+            "feature_cache": str(data.cache.directory),
+            "feature_fingerprint": data.cache.fingerprint,
+            "dataset_fingerprint": data.dataset.fingerprint(),
+            "vocab_fingerprint": data.vocab.fingerprint(),
+            "vocab_size": data.vocab.size,
+            "precision": runtime.precision,
+            "replicas": runtime.replicas,
+            "status": "training",
+        },
+    )
+    data.dataset.skips.skipped_images.extend(data.cache.skipped())
+    data.dataset.skips.save(run_dir / run_files.SKIPS_FILE)
+
+    train_ds = make_split_dataset(data, "train", cfg, runtime, training=True)
+    val_ds = make_split_dataset(data, "val", cfg, runtime, training=False) if data.cache.image_ids("val") else None
+    model = build_model(cfg, data, runtime, steps_per_epoch=int(train_ds.cardinality()))
+    print(f"Decoder: {cfg.model.decoder} + {cfg.model.attention}, {model.count_params():,} parameters, vocabulary {data.vocab.size}")
+
+    started = time.time()
+    # The pipeline shuffles (seeded, checkpointable); Keras must not try to.
+    history = model.fit(
+        train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=make_callbacks(cfg, run_dir), shuffle=False
+    )
+    save_weights_atomically(model, run_dir / run_files.WEIGHTS_FILE)
+    info = {**run_files.load_run(run_dir, with_model=False).info, "status": "complete"}
+    info["train_seconds"] = round(time.time() - started, 1)
+    info["epochs_run"] = len(history.history.get("loss", []))
+    run_files.write_json(run_dir / run_files.RUN_FILE, info)
+    return run_dir
