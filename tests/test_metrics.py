@@ -31,3 +31,76 @@ def test_bleu_empty_hypotheses_do_not_crash():
     assert 0.0 < mixed["bleu1"] < 1.0  # the empty caption costs brevity penalty
     with pytest.raises(ValueError, match="2 reference lists but 1 hypotheses"):
         corpus_bleu_scores([["a"], ["b"]], ["a"])
+
+
+# ---- caption_metrics: BLEU, CIDEr-D, ROUGE-L, METEOR -------------------------------------------
+
+from caption_tf.evaluation.metrics import caption_metrics, headline, java_available, tokenize_captions  # noqa: E402
+
+REFS = {
+    "img1": ["a small red circle above a large blue square", "a red circle is above a blue square"],
+    "img2": ["a green triangle on the left", "there is a small green triangle"],
+    "img3": ["two shapes a yellow square and a purple circle", "a yellow square and a purple circle"],
+}
+
+
+def test_caption_metrics_identical_captions_are_best():
+    exact = {k: v[0] for k, v in REFS.items()}
+    worse = {"img1": "a small red circle below a large green square", "img2": "a green square", "img3": "a purple circle"}
+    m_exact = caption_metrics(REFS, exact, meteor=False, tokenizer="simple")
+    m_worse = caption_metrics(REFS, worse, meteor=False, tokenizer="simple")
+    assert m_exact["bleu4"] == pytest.approx(1.0)
+    assert m_exact["rouge_l"] == pytest.approx(1.0)
+    assert m_exact["cider"] > m_worse["cider"] > 0.0
+    for k in REFS:
+        assert m_exact["per_image"][k]["cider"] > m_worse["per_image"][k]["cider"]
+        assert m_exact["per_image"][k]["bleu4"] == pytest.approx(1.0)
+    # On real n-gram overlap nltk and pycocoevalcap BLEU agree.
+    for name in ("bleu1", "bleu2", "bleu3", "bleu4"):
+        assert m_worse["bleu_coco"][name] == pytest.approx(m_worse[name], abs=1e-6)
+
+
+def test_caption_metrics_disjoint_captions_score_zero():
+    disjoint = {"img1": "dogs running fast", "img2": "people eating lunch outside", "img3": "snow"}
+    m = caption_metrics(REFS, disjoint, meteor=False, tokenizer="simple")
+    for name in ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l"):
+        assert m[name] == 0.0, name
+
+
+def test_rouge_l_matches_hand_computed_lcs():
+    refs = {"x": ["a big red circle next to a square"], "y": ["something else entirely"]}
+    hyps = {"x": "a red circle above a blue square", "y": "something else entirely"}
+    # LCS("a red circle above a blue square", "a big red circle next to a square") = "a red circle a square".
+    precision, recall, beta = 5 / 7, 5 / 8, 1.2
+    expected = (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
+    m = caption_metrics(refs, hyps, meteor=False, tokenizer="simple")
+    assert m["per_image"]["x"]["rouge_l"] == pytest.approx(expected)
+    assert m["rouge_l"] == pytest.approx((expected + 1.0) / 2)
+
+
+def test_caption_metrics_reports_unavailable_metrics_and_bad_input():
+    m = caption_metrics(REFS, {"img1": "", "img2": "a green triangle"}, meteor=False, tokenizer="simple")
+    assert m["num_images"] == 2 and set(m["per_image"]) == {"img1", "img2"}
+    assert m["per_image"]["img1"] == {"bleu4": 0.0, "cider": 0.0, "rouge_l": 0.0}
+    assert m["spice"]["available"] is False and "CoreNLP" in m["spice"]["reason"]
+    assert m["meteor"] == {"available": False, "reason": "not requested (meteor=False)"}
+    assert headline(m)["meteor"] is None
+    with pytest.raises(ValueError, match="no references"):
+        caption_metrics(REFS, {"unknown": "a cat"}, meteor=False)
+    with pytest.raises(ValueError, match="empty reference list"):
+        caption_metrics({"a": []}, {"a": "a cat"}, meteor=False)
+
+
+@pytest.mark.skipif(not java_available(), reason="java is not installed: PTB tokenizer and METEOR need it")
+def test_ptb_tokenizer_and_meteor_with_java():
+    tokenised, used = tokenize_captions({"a": ["A dog runs by the pool's edge, wearing a T-shirt."]}, "ptb")
+    assert used == "ptb"
+    assert tokenised["a"] == ["a dog runs by the pool 's edge wearing a t-shirt"]
+    hyps = {"img1": REFS["img1"][0], "img2": "a purple square", "img3": REFS["img3"][1]}
+    m = caption_metrics(REFS, hyps, meteor=True, tokenizer="ptb")
+    assert m["tokenizer"] == "ptb"
+    assert m["meteor"]["available"], m["meteor"]
+    assert m["per_image"]["img1"]["meteor"] == pytest.approx(1.0)
+    assert m["per_image"]["img2"]["meteor"] < 0.5
+    assert 0.0 < m["meteor"]["score"] < 1.0
+    assert headline(m)["meteor"] == m["meteor"]["score"]
