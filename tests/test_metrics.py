@@ -55,9 +55,11 @@ def test_caption_metrics_identical_captions_are_best():
     for k in REFS:
         assert m_exact["per_image"][k]["cider"] > m_worse["per_image"][k]["cider"]
         assert m_exact["per_image"][k]["bleu4"] == pytest.approx(1.0)
-    # On real n-gram overlap nltk and pycocoevalcap BLEU agree.
-    for name in ("bleu1", "bleu2", "bleu3", "bleu4"):
+    # nltk and pycocoevalcap BLEU agree while every hypothesis has >= n tokens; nltk counts one
+    # phantom n-gram for each shorter hypothesis (denominator max(1, 0)), so its BLEU-4 is lower here.
+    for name in ("bleu1", "bleu2", "bleu3"):
         assert m_worse["bleu_coco"][name] == pytest.approx(m_worse[name], abs=1e-6)
+    assert m_worse["bleu4"] < m_worse["bleu_coco"]["bleu4"]
 
 
 def test_caption_metrics_disjoint_captions_score_zero():

@@ -4,7 +4,9 @@ BLEU is computed with nltk's `corpus_bleu` on lowercase whitespace tokens, with
 cumulative n-gram weights and nltk's smoothing method1 (an epsilon count for
 n-gram orders with no match), so a corpus with no 4-gram match scores a small
 positive number instead of a warning and 0. pycocoevalcap's own BLEU (the one
-COCO papers quote) is reported beside it as `bleu_coco`.
+COCO papers quote) is reported beside it as `bleu_coco`; the two agree to 1e-9
+except that nltk counts one n-gram in the denominator for a hypothesis shorter
+than n tokens (so very short captions pull nltk's BLEU-n below COCO's).
 
 CIDEr (pycocoevalcap `Cider`, which is CIDEr-D: clipped n-gram counts and a
 Gaussian length penalty, sigma 6, x10) takes its IDF weights from the references
