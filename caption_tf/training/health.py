@@ -1,0 +1,377 @@
+"""Training health: system/GPU monitoring, alerts, and a NaN/Inf loss guard.
+
+`HealthMonitor` samples RAM, process RSS, free disk and (when an NVIDIA
+driver is present) GPU utilisation/memory/temperature every N batches or
+seconds, writes them to TensorBoard under `health/...`, prints one compact
+line per epoch, and appends threshold crossings to `<run_dir>/alerts.jsonl`.
+When free disk falls below what the next checkpoint needs, it asks for a
+final save (if that still fits) and stops training cleanly.
+
+`NonFiniteLossGuard` stops training on a NaN/Inf loss and makes sure those
+weights are never saved.
+
+Example:
+
+>>> monitor = HealthMonitor(run_dir, log_dir=run_dir / "logs",
+...                         checkpoint_bytes=lambda: store.last_checkpoint_bytes,
+...                         final_save=ckpt_callback.save_now)
+>>> guard = NonFiniteLossGuard(store)
+>>> model.fit(ds, epochs=3, callbacks=[guard, ckpt_callback, monitor])
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import keras
+import numpy as np
+import psutil
+import tensorflow as tf
+
+logger = logging.getLogger(__name__)
+
+ALERTS_FILE = "alerts.jsonl"
+GIB = 1024**3
+MIB = 1024**2
+DEFAULT_EVERY_N_BATCHES = 50
+DEFAULT_EVERY_SECONDS = 60.0
+DEFAULT_RAM_PERCENT_MAX = 90.0
+DEFAULT_GPU_MEMORY_PERCENT_MAX = 95.0
+DEFAULT_GPU_TEMP_C_MAX = 85.0
+DEFAULT_MIN_FREE_DISK_GB = 2.0
+DEFAULT_DISK_SAFETY_FACTOR = 2.0
+
+
+def system_health(path: str | Path) -> dict[str, float]:
+    """RAM, process RSS and free disk at `path`, as plain floats.
+
+    Example:
+
+    >>> sorted(system_health("."))
+    ['disk_free_gb', 'process_rss_gb', 'ram_percent', 'ram_used_gb']
+    """
+    memory = psutil.virtual_memory()
+    return {
+        "ram_percent": float(memory.percent),
+        "ram_used_gb": (memory.total - memory.available) / GIB,
+        "process_rss_gb": psutil.Process().memory_info().rss / GIB,
+        "disk_free_gb": shutil.disk_usage(path).free / GIB,
+    }
+
+
+class GpuProbe:
+    """Reads NVIDIA GPU utilisation, memory and temperature via NVML.
+
+    Without a driver (or without `nvidia-ml-py`) `available` is False, one
+    info line says why, and `read()` returns an empty list.
+
+    Example:
+
+    >>> probe = GpuProbe()
+    >>> probe.read()   # [] on a machine without an NVIDIA driver
+    [{'index': 0, 'util_percent': 87.0, 'memory_percent': 41.2, ...}]
+    """
+
+    def __init__(self):
+        self.available = False
+        self._handles: list = []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            self.available = bool(self._handles)
+        except Exception as err:  # noqa: BLE001 - any NVML failure means "no GPU metrics"
+            logger.info("GPU health metrics skipped: no usable NVIDIA driver (%s).", err)
+
+    def read(self) -> list[dict[str, float]]:
+        readings = []
+        for index, handle in enumerate(self._handles):
+            nvml = self._nvml
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            readings.append(
+                {
+                    "index": index,
+                    "util_percent": float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+                    "memory_percent": 100.0 * memory.used / memory.total,
+                    "memory_used_gb": memory.used / GIB,
+                    "temp_c": float(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)),
+                }
+            )
+        return readings
+
+
+class HealthMonitor(keras.callbacks.Callback):
+    """Samples machine health during `fit`, logs it, alerts, guards the disk.
+
+    Args:
+        run_dir: run folder; `alerts.jsonl` goes here and free disk is measured here.
+        log_dir: TensorBoard log dir for `health/...` scalars (None: no TensorBoard).
+        every_n_batches / every_seconds: sample when either period has passed.
+        ram_percent_max, gpu_memory_percent_max, gpu_temp_c_max,
+        min_free_disk_gb: alert thresholds.
+        checkpoint_bytes: returns the size of the last checkpoint (or None).
+        disk_safety_factor: stop when free disk < checkpoint size x this.
+        final_save: called once before stopping for low disk, if one more
+            checkpoint still fits.
+        gpu_probe: a `GpuProbe` (default: a new one).
+
+    Example:
+
+    >>> monitor = HealthMonitor("runs/x", log_dir="runs/x/logs", every_n_batches=20)
+    >>> model.fit(ds, callbacks=[monitor])
+    >>> monitor.last_sample["ram_percent"]
+    41.3
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        log_dir: Optional[str | Path] = None,
+        every_n_batches: int = DEFAULT_EVERY_N_BATCHES,
+        every_seconds: float = DEFAULT_EVERY_SECONDS,
+        ram_percent_max: float = DEFAULT_RAM_PERCENT_MAX,
+        gpu_memory_percent_max: float = DEFAULT_GPU_MEMORY_PERCENT_MAX,
+        gpu_temp_c_max: float = DEFAULT_GPU_TEMP_C_MAX,
+        min_free_disk_gb: float = DEFAULT_MIN_FREE_DISK_GB,
+        checkpoint_bytes: Optional[Callable[[], Optional[int]]] = None,
+        disk_safety_factor: float = DEFAULT_DISK_SAFETY_FACTOR,
+        final_save: Optional[Callable[[], Any]] = None,
+        gpu_probe: Optional[GpuProbe] = None,
+    ):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.every_n_batches = every_n_batches
+        self.every_seconds = every_seconds
+        self.ram_percent_max = ram_percent_max
+        self.gpu_memory_percent_max = gpu_memory_percent_max
+        self.gpu_temp_c_max = gpu_temp_c_max
+        self.min_free_disk_gb = min_free_disk_gb
+        self.checkpoint_bytes = checkpoint_bytes
+        self.disk_safety_factor = disk_safety_factor
+        self.final_save = final_save
+        self.gpu_probe = gpu_probe
+        self.alerts_path = self.run_dir / ALERTS_FILE
+        self.last_sample: dict[str, float] = {}
+        self.stopped_for_disk = False
+        self._active_alerts: set[str] = set()
+        self._writer = None
+        self._step = 0
+        self._epoch = 0
+        self._last_sample_step = 0
+        self._last_sample_time = 0.0
+
+    # -- keras hooks
+
+    def on_train_begin(self, logs=None):
+        if self.gpu_probe is None:
+            self.gpu_probe = GpuProbe()
+        if self.log_dir is not None and self._writer is None:
+            self._writer = tf.summary.create_file_writer(str(self.log_dir))
+        self.sample()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        self._batch = batch
+        due_batches = self.every_n_batches and self._step - self._last_sample_step >= self.every_n_batches
+        due_time = self.every_seconds and time.monotonic() - self._last_sample_time >= self.every_seconds
+        if due_batches or due_time:
+            self.sample()
+
+    def on_epoch_end(self, epoch, logs=None):
+        sample = self.sample()
+        keras.utils.io_utils.print_msg(f"health epoch {epoch + 1}: {format_sample(sample)}")
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+
+    # -- sampling
+
+    def sample(self) -> dict[str, float]:
+        """Take one sample now: log it, check thresholds, guard the disk."""
+        sample = system_health(self.run_dir)
+        for gpu in self.gpu_probe.read() if self.gpu_probe else []:
+            for key, value in gpu.items():
+                if key != "index":
+                    sample[f"gpu{gpu['index']}_{key}"] = value
+        self.last_sample = sample
+        self._last_sample_step = self._step
+        self._last_sample_time = time.monotonic()
+        if self._writer is not None:
+            with self._writer.as_default(step=self._step):
+                for key, value in sample.items():
+                    tf.summary.scalar(f"health/{key}", value)
+        self._check_thresholds(sample)
+        self._guard_disk(sample)
+        return sample
+
+    def _check_thresholds(self, sample: dict[str, float]) -> None:
+        limits = {"ram_percent": (self.ram_percent_max, "above")}
+        limits["disk_free_gb"] = (self.min_free_disk_gb, "below")
+        for key in sample:
+            if key.endswith("_memory_percent"):
+                limits[key] = (self.gpu_memory_percent_max, "above")
+            elif key.endswith("_temp_c"):
+                limits[key] = (self.gpu_temp_c_max, "above")
+        for key, (limit, direction) in limits.items():
+            value = sample[key]
+            crossed = value > limit if direction == "above" else value < limit
+            if crossed and key not in self._active_alerts:
+                self._active_alerts.add(key)  # alert once per crossing, not every sample
+                self.alert(key, value, limit, f"{key} = {value:.1f} is {direction} the threshold {limit}")
+            elif not crossed:
+                self._active_alerts.discard(key)
+
+    def _guard_disk(self, sample: dict[str, float]) -> None:
+        ckpt_bytes = self.checkpoint_bytes() if self.checkpoint_bytes else None
+        if self.stopped_for_disk or not ckpt_bytes or self.model is None:
+            return
+        free_bytes = sample["disk_free_gb"] * GIB
+        needed = ckpt_bytes * self.disk_safety_factor
+        if free_bytes >= needed:
+            return
+        self.stopped_for_disk = True
+        saved = "no final save was requested"
+        if self.final_save is not None and free_bytes >= ckpt_bytes:
+            try:
+                self.final_save()
+                saved = "a final checkpoint was requested"
+            except Exception as err:  # noqa: BLE001 - stopping cleanly matters more
+                saved = f"the final save failed ({err})"
+        elif self.final_save is not None:
+            saved = "there is no room for a final save; the last checkpoint is kept"
+        self.alert(
+            "disk_checkpoint",
+            free_bytes / GIB,
+            needed / GIB,
+            f"Free disk at {self.run_dir} is {free_bytes / MIB:.0f} MiB, below the {needed / MIB:.0f} MiB "
+            f"the next checkpoint needs ({ckpt_bytes / MIB:.1f} MiB x {self.disk_safety_factor}): "
+            f"stopping training; {saved}. Free some space and resume.",
+        )
+        self.model.stop_training = True
+
+    def alert(self, kind: str, value: float, threshold: float, message: str) -> None:
+        """Log a warning and append a JSON line to `alerts.jsonl`."""
+        logger.warning("HEALTH ALERT: %s", message)
+        record = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "kind": kind,
+            "value": value,
+            "threshold": threshold,
+            "epoch": self._epoch,
+            "step": self._step,
+            "message": message,
+        }
+        with open(self.alerts_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def format_sample(sample: dict[str, float]) -> str:
+    """One compact console line.
+
+    Example:
+
+    >>> format_sample({"ram_percent": 41.0, "process_rss_gb": 1.2, "disk_free_gb": 70.0})
+    'RAM 41% (process 1.20 GB) | disk 70.0 GB free'
+    """
+    parts = [
+        f"RAM {sample.get('ram_percent', float('nan')):.0f}% (process {sample.get('process_rss_gb', float('nan')):.2f} GB)",
+        f"disk {sample.get('disk_free_gb', float('nan')):.1f} GB free",
+    ]
+    index = 0
+    while f"gpu{index}_util_percent" in sample:
+        g = f"gpu{index}_"
+        parts.append(
+            f"GPU{index} {sample[g + 'util_percent']:.0f}% util, mem {sample[g + 'memory_percent']:.0f}%, "
+            f"{sample[g + 'temp_c']:.0f}C"
+        )
+        index += 1
+    return " | ".join(parts)
+
+
+def read_alerts(run_dir: str | Path) -> list[dict]:
+    """The alerts of a run, oldest first (empty if none).
+
+    Example:
+
+    >>> [a["kind"] for a in read_alerts("runs/x")]
+    ['ram_percent']
+    """
+    path = Path(run_dir) / ALERTS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+
+
+class NonFiniteLossGuard(keras.callbacks.Callback):
+    """Stops training on a NaN/Inf loss; the NaN weights are never saved.
+
+    Unlike `keras.callbacks.TerminateOnNaN`, it also tells the checkpoint
+    store to refuse every later save (so no epoch-end or final save can write
+    the broken weights) and reports which checkpoint is the last good one.
+
+    Args:
+        store: optional `VerifiedCheckpointStore` to lock and report from.
+        monitor: the log key to check.
+
+    Example:
+
+    >>> guard = NonFiniteLossGuard(store)
+    >>> model.fit(ds, callbacks=[guard, checkpoint_callback])
+    >>> guard.tripped_at   # (epoch, batch) or None
+    (1, 17)
+    """
+
+    def __init__(self, store: Any = None, monitor: str = "loss"):
+        super().__init__()
+        self.store = store
+        self.monitor = monitor
+        self.tripped_at: Optional[tuple[int, int]] = None
+        self.message = ""
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or self.tripped_at is not None:
+            return
+        value = float(np.asarray(value))
+        if math.isfinite(value):
+            return
+        self.tripped_at = (self._epoch, batch)
+        self.model.stop_training = True
+        last = "none"
+        if self.store is not None:
+            self.store.refuse_saves(f"the {self.monitor} became {value} at epoch {self._epoch}, batch {batch}")
+            try:
+                info = self.store.flush()
+            except Exception as err:  # noqa: BLE001 - report, the stop matters more
+                info = None
+                last = f"unknown (pending save failed: {err})"
+            if info is not None:
+                last = f"{info.path} (step {info.step})"
+        self.message = (
+            f"Training stopped: {self.monitor} became {value} at epoch {self._epoch + 1}, batch {batch + 1}. "
+            f"These weights were NOT saved. Last good checkpoint: {last}. "
+            "Lower the learning rate or enable clipping, then resume."
+        )
+        logger.error(self.message)
+        keras.utils.io_utils.print_msg(self.message)
