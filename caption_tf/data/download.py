@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import os
 import shutil
 import urllib.error
@@ -106,7 +107,7 @@ def download_file(url: str, dest: str | Path, sha256: Optional[str] = None, time
         if exc.code == 416 and offset:  # Range not satisfiable: the .part is already whole
             return _finalise(part, dest, url, sha256)
         raise DownloadError(f"Download of {url} failed: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         raise DownloadError(f"Download of {url} failed: {reason}") from None
     with response:
@@ -127,7 +128,7 @@ def _stream(response, part: Path, mode: str, offset: int, total: Optional[int], 
             for chunk in iter(lambda: response.read(CHUNK_BYTES), b""):
                 out.write(chunk)
                 bar.update(len(chunk))
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:
             raise DownloadError(
                 f"Download of {url} broke off ({exc}); {part} is kept and the next run resumes it"
             ) from None
