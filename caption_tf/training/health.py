@@ -193,7 +193,7 @@ class HealthMonitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         sample = self.sample()
-        keras.utils.io_utils.print_msg(f"health epoch {epoch + 1}: {format_sample(sample)}")
+        print(f"health epoch {epoch + 1}: {format_sample(sample)}", flush=True)
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
@@ -374,4 +374,4 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
             "Lower the learning rate or enable clipping, then resume."
         )
         logger.error(self.message)
-        keras.utils.io_utils.print_msg(self.message)
+        print(self.message, flush=True)

@@ -1,0 +1,153 @@
+"""Health monitor and NaN guard, inside real (tiny) `model.fit` runs."""
+
+import logging
+import shutil
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.util import event_pb2
+
+from caption_tf.training.health import (
+    GpuProbe,
+    HealthMonitor,
+    NonFiniteLossGuard,
+    format_sample,
+    read_alerts,
+    system_health,
+)
+from caption_tf.training.integrity import (
+    CheckpointCallback,
+    SaveRefusedError,
+    TrainingPosition,
+    VerifiedCheckpointStore,
+    all_finite,
+)
+
+BATCHES_PER_EPOCH = 8
+
+
+def tiny_model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(1e-2), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def data(inf_batch=None, batch=8):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch * BATCHES_PER_EPOCH, 4)).astype("float32")
+    if inf_batch is not None:
+        x[inf_batch * batch] = np.inf  # one poisoned sample makes that batch's loss NaN
+    y = x.sum(axis=1, keepdims=True)
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+
+
+def read_scalars(log_dir):
+    """{tag: [values]} from the TensorBoard event files under log_dir."""
+    scalars = {}
+    for path in tf.io.gfile.glob(f"{log_dir}/events.out.tfevents.*"):
+        for record in tf.data.TFRecordDataset(path):
+            event = event_pb2.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                tensor = tf.make_ndarray(value.tensor) if value.HasField("tensor") else value.simple_value
+                scalars.setdefault(value.tag, []).append(float(tensor))
+    return scalars
+
+
+def test_system_health_reads_real_values(tmp_path):
+    sample = system_health(tmp_path)
+    assert 0 < sample["ram_percent"] <= 100
+    assert sample["process_rss_gb"] > 0
+    assert sample["disk_free_gb"] == pytest.approx(shutil.disk_usage(tmp_path).free / 1024**3, rel=0.05)
+    assert "RAM" in format_sample(sample) and "disk" in format_sample(sample)
+
+
+def test_monitor_logs_ram_and_disk_to_tensorboard_and_alerts(tmp_path, caplog):
+    probe = GpuProbe()
+    monitor = HealthMonitor(
+        tmp_path,
+        log_dir=tmp_path / "logs",
+        every_n_batches=2,
+        ram_percent_max=0.0,  # always crossed: must alert once, not every sample
+        min_free_disk_gb=1e9,  # always crossed
+        gpu_probe=probe,
+    )
+    model = tiny_model()
+    with caplog.at_level(logging.WARNING):
+        model.fit(data(), epochs=2, callbacks=[monitor], verbose=0)
+
+    scalars = read_scalars(tmp_path / "logs")
+    # train begin + every 2 of 16 batches + 2 epoch ends
+    assert len(scalars["health/ram_percent"]) == 1 + 16 // 2 + 2
+    assert all(0 < v <= 100 for v in scalars["health/ram_percent"])
+    assert all(v > 0 for v in scalars["health/disk_free_gb"])
+    assert all(v > 0 for v in scalars["health/process_rss_gb"])
+    if not probe.available:  # this machine: no NVIDIA driver, no GPU scalars
+        assert not any(tag.startswith("health/gpu") for tag in scalars)
+    else:
+        assert "health/gpu0_memory_percent" in scalars
+
+    alerts = read_alerts(tmp_path)
+    assert sorted(a["kind"] for a in alerts) == ["disk_free_gb", "ram_percent"]
+    ram = next(a for a in alerts if a["kind"] == "ram_percent")
+    assert ram["threshold"] == 0.0 and 0 < ram["value"] <= 100
+    assert any("HEALTH ALERT" in r.getMessage() for r in caplog.records)
+    assert not monitor.stopped_for_disk
+
+
+def test_low_disk_for_next_checkpoint_saves_once_more_and_stops(tmp_path):
+    model = tiny_model()
+    position = TrainingPosition()
+    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, position=position)
+    store = VerifiedCheckpointStore(tmp_path / "ckpts", ckpt, async_save=False)
+    saver = CheckpointCallback(store, position, every_n_batches=3, save_at_epoch_end=False)
+    free = shutil.disk_usage(tmp_path).free
+    monitor = HealthMonitor(
+        tmp_path,
+        every_n_batches=1,
+        min_free_disk_gb=0.0,
+        checkpoint_bytes=lambda: store.last_checkpoint_bytes,
+        # Scale the safety margin so the real free space is "too little" once a
+        # checkpoint exists, while one more checkpoint still fits.
+        disk_safety_factor=10.0 * free / 1000,
+        final_save=saver.save_now,
+    )
+    # Checkpoints are ~1-2 KB here, so "needed" is far above the free space.
+    model.fit(data(), epochs=3, callbacks=[saver, monitor], verbose=0)
+    store.close()
+
+    assert monitor.stopped_for_disk
+    assert int(position.step) == 3  # stopped right after the first checkpoint made sizes known
+    alerts = read_alerts(tmp_path)
+    assert [a["kind"] for a in alerts] == ["disk_checkpoint"]
+    assert "stopping training" in alerts[0]["message"] and "final checkpoint was requested" in alerts[0]["message"]
+    assert store.latest_valid().step == 3
+
+
+def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    model = tiny_model()
+    position = TrainingPosition()
+    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, position=position)
+    store = VerifiedCheckpointStore(tmp_path / "ckpts", ckpt, keep=2)
+    # The checkpoint callback runs BEFORE the guard on each batch, so it must
+    # refuse the NaN state by itself; the guard then blocks epoch-end saves.
+    saver = CheckpointCallback(store, position, every_n_batches=1, save_at_epoch_end=True)
+    guard = NonFiniteLossGuard(store)
+    model.fit(data(inf_batch=4), epochs=2, callbacks=[saver, guard], verbose=0)
+    store.close()
+
+    assert guard.tripped_at == (0, 4)
+    assert not all_finite(model.weights)  # the in-memory weights really are broken
+    assert "NOT saved" in capsys.readouterr().out
+    assert "ckpt-4" in guard.message
+    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["ckpt-3", "ckpt-4"]
+    with pytest.raises(SaveRefusedError):
+        store.save(99)
+
+    fresh = VerifiedCheckpointStore(tmp_path / "ckpts", ckpt)
+    info = fresh.restore()
+    assert info.step == 4 and int(position.step) == 4
+    assert all_finite(model.weights) and all_finite(model.optimizer.variables)
