@@ -123,6 +123,8 @@ class EvalConfig:
     length_penalty: float = 0.7
     eval_batch_size: int = 64
     max_eval_images: Optional[int] = None
+    meteor: bool = True  # METEOR needs Java; ~8 s JVM start
+    word_vectors: Optional[str] = None  # GloVe/word2vec/.kv file for semantic similarity; None: train word2vec on training captions
 
 
 @dataclass
