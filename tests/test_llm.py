@@ -146,8 +146,9 @@ def test_unreadable_image_is_skipped_with_reason(vit_gpt2_dir, images, tmp_path)
 
 
 def test_normalize_caption_matches_reference_cleaning():
-    assert normalize_caption("  Arafed man, riding a HORSE's back.\n") == "arafed man riding a horses back"
-    assert normalize_caption("a dog-sled (two dogs)!") == "a dogsled two dogs"
+    # Same rule as the references: lowercase, each run of non-alphanumerics is one space.
+    assert normalize_caption("  Arafed man, riding a HORSE's back.\n") == "arafed man riding a horse s back"
+    assert normalize_caption("a dog-sled (two dogs)!\t") == "a dog sled two dogs"
 
 
 def test_missing_model_offline_names_model_and_fix():

@@ -33,7 +33,6 @@ Example:
 from __future__ import annotations
 
 import os
-import re
 import statistics
 import threading
 import time
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from caption_tf.data.images import BadImageError, open_rgb
+from caption_tf.data.text import clean_caption
 
 DEFAULT_LLM = "Salesforce/blip-image-captioning-base"
 
@@ -58,10 +58,6 @@ NETWORK_PROBE_TIMEOUT_S = 3.0
 RSS_SAMPLE_INTERVAL_S = 0.01
 BYTES_PER_MB = 1024.0 * 1024.0
 LATENCY_PERCENTILE = 95
-
-# Same characters as Keras TextVectorization's "lower_and_strip_punctuation", which
-# cleans our reference captions; an LLM caption must be compared on equal terms.
-PUNCTUATION_REGEX = re.compile(r'[!"#$%&()\*\+,\-\./:;<=>?@\[\\\]^_`{|}~\']')
 
 _TRUE_STRINGS = ("1", "true", "yes", "on")
 
@@ -104,16 +100,17 @@ def how_to_provide(model: str) -> str:
 
 
 def normalize_caption(text: str) -> str:
-    """Clean a generated caption like our references: lowercase, no punctuation, single spaces.
+    """Clean a generated caption exactly like our references (`caption_tf.data.text.clean_caption`).
 
-    Content is left alone (BLIP's habit of starting with "arafed" stays).
+    Lowercase, every non-alphanumeric run becomes one space. Content is left alone
+    (BLIP's habit of starting with "arafed" stays).
 
     Example:
 
-    >>> normalize_caption("  A dog, running on the GRASS.\\n")
+    >>> normalize_caption("  A dog, running on the GRASS.\n")
     'a dog running on the grass'
     """
-    return " ".join(PUNCTUATION_REGEX.sub("", text.lower()).split())
+    return clean_caption(text)
 
 
 def _env_flag(name: str) -> bool:
@@ -125,7 +122,7 @@ def hub_offline() -> bool:
 
     Example:
 
-    >>> os.environ["HF_HUB_OFFLINE"] = "1"; hub_offline()
+    >>> hub_offline()  # in a shell with `export HF_HUB_OFFLINE=1`
     True
     """
     if _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE"):
