@@ -185,8 +185,9 @@ def test_missing_folder_and_non_model_folder(tmp_path):
 
 def test_unsupported_model_family(tmp_path):
     transformers.BertConfig(**TINY_LAYERS).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedLLM, match="'bert'.*supported: blip, git, vision-encoder-decoder"):
+    with pytest.raises(UnsupportedLLM, match="'bert'.*supported: blip, git, vision-encoder-decoder") as info:
         LLMCaptioner.load(str(tmp_path))
+    assert str(tmp_path) in str(info.value)
 
 
 def test_llm_column_unavailable_offline(images):

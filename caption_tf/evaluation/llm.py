@@ -390,8 +390,8 @@ class LLMCaptioner:
             config = transformers.AutoConfig.from_pretrained(source, **kwargs)
             kind = detect_kind(config)
             loaded, image_processor, tokenizer = _load_parts(transformers, kind, source, torch_dtype, kwargs)
-        except LLMUnavailable:
-            raise
+        except UnsupportedLLM as exc:
+            raise UnsupportedLLM(f"LLM model {model!r}: {exc}") from None
         except (OSError, ValueError, KeyError) as exc:  # missing files, bad ids, unknown configs
             raise _unavailable(model, origin, exc) from exc
         loaded.to(resolved_device)
