@@ -186,6 +186,7 @@ def test_offline_error_names_url_and_expected_layout(tmp_path, monkeypatch):
         load_dataset(DataConfig(dataset="flickr8k", data_dir=str(root), download=True))
     message = str(exc.value)
     assert f"http://127.0.0.1:{port}/files/Flickr8k_Dataset.zip" in message
+    assert f"http://127.0.0.1:{port}/files/Flickr8k_text.zip" in message
     assert str(root) in message and "Flicker8k_Dataset/" in message and "Flickr8k.token.txt" in message
 
 

@@ -221,7 +221,10 @@ def ensure_flickr8k(cfg: DataConfig) -> DataConfig:
         try:
             archive = download_file(url, downloads / name, sha256)
         except DownloadError as exc:
-            raise DownloadError(f"{exc}\n{FLICKR8K_MANUAL_LAYOUT.format(root=root)}") from None
+            urls = "\n".join(f"  {base}{n}" for n in FLICKR8K_ARCHIVES)
+            raise DownloadError(
+                f"{exc}\nThe archives are:\n{urls}\n{FLICKR8K_MANUAL_LAYOUT.format(root=root)}"
+            ) from None
         extract_zip(archive, root)
         done.touch()
     if not flickr8k_present(root):
