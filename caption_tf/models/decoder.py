@@ -50,6 +50,7 @@ class CaptionDecoder(keras.Model):
         luong_score: str = "general",
         attention_units: int | None = None,
         dropout: float = 0.0,
+        recompute_grad: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -58,6 +59,9 @@ class CaptionDecoder(keras.Model):
         self.vocab_size, self.embedding_dim, self.units = vocab_size, embedding_dim, units
         self.decoder, self.attention_kind, self.luong_score = decoder, attention, luong_score
         self.attention_units, self.dropout_rate = attention_units, dropout
+        # Gradient checkpointing: keep only each step's inputs for the backward pass and
+        # recompute the attention/cell activations from them (less memory, ~1 extra forward).
+        self.recompute_grad = recompute_grad
 
         self.encoder = keras.layers.Dense(units, activation="relu", name="encoder")
         self.init_h = keras.layers.Dense(units, activation="tanh", name="init_h")
@@ -85,7 +89,14 @@ class CaptionDecoder(keras.Model):
 
     def step(self, tokens, state, values, keys, training=False):
         """One word: (logits [B, V] float32, new state, attention weights [B, cells])."""
-        embedded = self.embedding(tokens)
+        features, state, weights = self.step_features(self.embedding(tokens), state, values, keys, training)
+        return self.to_logits(self.dropout(features, training=training)), state, weights
+
+    def step_features(self, embedded, state, values, keys, training=False):
+        """Attention + cell for one embedded word: (features, new state list, weights).
+
+        Deterministic (no dropout here), so `tf.recompute_grad` can replay it exactly.
+        """
         if self.combine is None:  # Bahdanau
             context, weights = self.attention(state[0], values, keys)
             output, state = self.cell(ops.concatenate([embedded, context], -1), state, training=training)
@@ -94,17 +105,35 @@ class CaptionDecoder(keras.Model):
             output, state = self.cell(embedded, state, training=training)
             context, weights = self.attention(output, values, keys)
             features = self.combine(ops.concatenate([output, context], -1))
-        logits = self.to_logits(self.dropout(features, training=training))
-        return logits, list(state) if isinstance(state, (list, tuple)) else [state], weights
+        return features, list(state) if isinstance(state, (list, tuple)) else [state], weights
+
+    def _recomputed_step(self, training):
+        """`step_features` wrapped in `tf.recompute_grad` (tensors in, tensors out)."""
+
+        @tf.recompute_grad
+        def features_fn(embedded, values, keys, *state):
+            features, new_state, weights = self.step_features(embedded, list(state), values, keys, training)
+            return (features, weights, *new_state)
+
+        def step(tokens, state, values, keys):
+            features, weights, *new_state = features_fn(self.embedding(tokens), values, keys, *state)
+            # Dropout stays outside the recomputed function: a replay would draw a new mask.
+            return self.to_logits(self.dropout(features, training=training)), list(new_state), weights
+
+        return step
 
     def call(self, inputs, training=False, return_attention=False):
         grid, tokens = inputs
         values, keys, state = self.encode(grid, training)
         logits, weights = [], []
+        if self.recompute_grad and training:
+            step = self._recomputed_step(training)
+        else:
+            step = lambda tok, st, val, key: self.step(tok, st, val, key, training)  # noqa: E731
         # Python-unrolled over the static caption length: Keras 3 runs train_step without
         # autograph, and a fixed length is what XLA wants anyway.
         for t in range(tokens.shape[1]):
-            step_logits, state, step_weights = self.step(tokens[:, t], state, values, keys, training)
+            step_logits, state, step_weights = step(tokens[:, t], state, values, keys)
             logits.append(step_logits)
             weights.append(step_weights)
         logits = ops.stack(logits, axis=1)
@@ -149,11 +178,17 @@ class CaptionDecoder(keras.Model):
             "luong_score": self.luong_score,
             "attention_units": self.attention_units,
             "dropout": self.dropout_rate,
+            "recompute_grad": self.recompute_grad,
         }
 
 
-def build_decoder(model_cfg, vocab_size: int, grid_shape: tuple[int, int], max_length: int) -> CaptionDecoder:
-    """A CaptionDecoder from a `ModelConfig`, built (weights created) for the given grid."""
+def build_decoder(
+    model_cfg, vocab_size: int, grid_shape: tuple[int, int], max_length: int, recompute_grad: bool = False
+) -> CaptionDecoder:
+    """A CaptionDecoder from a `ModelConfig`, built (weights created) for the given grid.
+
+    `recompute_grad` (from `TrainConfig.recompute_grad`) turns on gradient checkpointing.
+    """
     model = CaptionDecoder(
         vocab_size=vocab_size,
         embedding_dim=model_cfg.embedding_dim,
@@ -163,6 +198,7 @@ def build_decoder(model_cfg, vocab_size: int, grid_shape: tuple[int, int], max_l
         luong_score=model_cfg.luong_score,
         attention_units=model_cfg.attention_units,
         dropout=model_cfg.dropout,
+        recompute_grad=recompute_grad,
         name="caption_decoder",
     )
     model((ops.zeros((1, *grid_shape)), ops.zeros((1, max_length - 1), "int32")))
