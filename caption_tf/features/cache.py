@@ -38,7 +38,7 @@ from caption_tf.config import FeatureConfig
 from caption_tf.data.images import BadImageError, load_rgb
 from caption_tf.data.records import SPLITS, CaptionDataset, ImageRecord
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -62,6 +62,9 @@ class FeatureCache:
 
     def image_ids(self, split: str) -> list[str]:
         return list(self.manifest["splits"][split]["image_ids"])
+
+    def normalizer(self) -> FeatureNormalizer:
+        return FeatureNormalizer.load(self.directory / NORMALIZER_FILE)
 
     def skipped(self) -> list[dict]:
         return list(self.manifest.get("skipped", []))
@@ -149,8 +152,8 @@ def open_cache(directory: Path, request: dict) -> FeatureCache | None:
         return None
     if any(manifest.get(k) != v for k, v in request.items()):
         return None
-    shards = [directory / s for split in manifest["splits"].values() for s in split["shards"]]
-    if not all(s.exists() for s in shards):
+    files = [directory / s for split in manifest["splits"].values() for s in split["shards"]]
+    if not all(f.exists() for f in [*files, directory / NORMALIZER_FILE]):
         return None
     return FeatureCache(directory, manifest)
 
@@ -203,26 +206,77 @@ class _ShardWriter:
             self._writer = None
 
 
-def extract_split(extractor, records, out_dir, split, cfg: FeatureConfig, skipped: list[dict]) -> dict:
+NORMALIZER_SAMPLE = 256  # training images used to fit the per-channel standardisation
+NORMALIZER_FILE = "normalizer.npz"
+
+
+@dataclass
+class FeatureNormalizer:
+    """Per-channel standardisation of grid features, fitted on training images.
+
+    Backbone activations can be tiny (random-init InceptionV3: ~1e-4), which
+    float16 storage and the decoder's first layer both handle badly; stored
+    features are standardised, and the same statistics apply to new images.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, grids: np.ndarray) -> "FeatureNormalizer":
+        flat = grids.reshape(-1, grids.shape[-1]).astype(np.float64)
+        std = flat.std(0)
+        # Dead channels (constant everywhere) stay zero instead of dividing by zero.
+        std = np.where(std > 1e-12, std, 1.0)
+        return cls(flat.mean(0).astype(np.float32), std.astype(np.float32))
+
+    def __call__(self, grid: np.ndarray) -> np.ndarray:
+        return (grid - self.mean) / self.std
+
+    def save(self, path: Path) -> None:
+        np.savez(path, mean=self.mean, std=self.std)
+
+    @classmethod
+    def load(cls, path: Path) -> "FeatureNormalizer":
+        with np.load(path) as f:
+            return cls(f["mean"], f["std"])
+
+
+def extract_split(extractor, records, out_dir, split, cfg: FeatureConfig, skipped: list[dict], normalizer=None):
+    """Extract and write one split; the normalizer is fitted on the first training images."""
     writer = _ShardWriter(out_dir, split, cfg.shard_size)
-    image_ids, grid_shape = [], None
+    image_ids, grid_shape, pending = [], None, []
+
+    def flush():
+        for rec, grid in pending:
+            grid = normalizer(grid)
+            writer.write(serialize_example(len(image_ids), rec.image_id, grid, grid.mean(0)))
+            image_ids.append(rec.image_id)
+        pending.clear()
+
     batches = image_batches(records, extractor.input_size, cfg.extract_batch_size)
     infer = tf.function(lambda images: extractor(images, training=False), reduce_retracing=True)
     with tqdm(total=len(records), desc=f"features {split}", unit="img") as bar:
         for index, images, ok in batches:
-            grid, pooled = infer(images)
-            grid, pooled, ok = grid.numpy(), pooled.numpy(), ok.numpy()
+            grid, _ = infer(images)
+            grid, ok = grid.numpy(), ok.numpy()
             grid_shape = grid.shape[1:]
             for j, i in enumerate(index.numpy()):
                 rec = records[int(i)]
-                if not ok[j]:
+                if ok[j]:
+                    pending.append((rec, grid[j]))
+                else:
                     skipped.append({"image_id": rec.image_id, "path": rec.path, "reason": "could not decode image"})
-                    continue
-                writer.write(serialize_example(len(image_ids), rec.image_id, grid[j], pooled[j]))
-                image_ids.append(rec.image_id)
+            if normalizer is None and len(pending) >= NORMALIZER_SAMPLE:
+                normalizer = FeatureNormalizer.fit(np.stack([g for _, g in pending]))
+            if normalizer is not None:
+                flush()
             bar.update(len(ok))
+    if pending:
+        normalizer = normalizer or FeatureNormalizer.fit(np.stack([g for _, g in pending]))
+        flush()
     writer.close()
-    return {"shards": writer.shards, "image_ids": image_ids, "count": len(image_ids)}, grid_shape
+    return {"shards": writer.shards, "image_ids": image_ids, "count": len(image_ids)}, grid_shape, normalizer
 
 
 def build_feature_cache(dataset: CaptionDataset, cfg: FeatureConfig, force: bool = False) -> FeatureCache:
@@ -240,13 +294,14 @@ def build_feature_cache(dataset: CaptionDataset, cfg: FeatureConfig, force: bool
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    started, skipped, splits, grid_shape = time.time(), [], {}, None
-    for split in SPLITS:
+    started, skipped, splits, grid_shape, normalizer = time.time(), [], {}, None, None
+    for split in SPLITS:  # train first: its images fit the normalizer
         records = dataset.split(split)
-        splits[split], shape = extract_split(extractor, records, tmp, split, cfg, skipped)
+        splits[split], shape, normalizer = extract_split(extractor, records, tmp, split, cfg, skipped, normalizer)
         grid_shape = grid_shape or shape
-    if grid_shape is None:
+    if grid_shape is None or normalizer is None:
         raise ValueError(f"Dataset {dataset.name!r}: no image could be decoded; nothing to cache")
+    normalizer.save(tmp / NORMALIZER_FILE)
     manifest = {
         **request,
         "key": directory.name,
@@ -262,3 +317,23 @@ def build_feature_cache(dataset: CaptionDataset, cfg: FeatureConfig, force: bool
     if skipped:
         print(f"Feature cache: skipped {len(skipped)} unreadable images (listed in {directory / MANIFEST})", flush=True)
     return FeatureCache(directory, manifest)
+
+
+def encode_images(paths: list[str], cfg: FeatureConfig, normalizer: FeatureNormalizer, batch_size: int = 16):
+    """Grid features of arbitrary image files, standardised like the cache they must match.
+
+    Returns (grids float32 [N, cells, C], ok bool [N]); unreadable files give ok=False.
+    Use it to caption user images with a trained run:
+
+    >>> grids, ok = encode_images(["a.jpg"], run.config.features, cache.normalizer())
+    """
+    from caption_tf.features.backbones import build_extractor
+
+    extractor = build_extractor(cfg.backbone, cfg.weights, cfg.input_size)
+    records = [ImageRecord(image_id=str(i), path=str(p), captions=[], split="test") for i, p in enumerate(paths)]
+    grids, oks = [], []
+    for _, images, ok in image_batches(records, extractor.input_size, batch_size):
+        grid, _ = extractor(images, training=False)
+        grids.append(normalizer(grid.numpy()).astype(np.float32))
+        oks.append(ok.numpy())
+    return np.concatenate(grids), np.concatenate(oks)

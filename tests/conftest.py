@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny configs that really train, on data the tests make themselves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+FLICKR8K_SAMPLE = SHARED_DIR / "data" / "flickr8k_sample"
+
+
+def tiny_overrides(tmp: Path, **extra) -> dict:
+    """A config small enough to extract, train and decode in seconds on 2 cores."""
+    return {
+        "data_root": str(tmp / "data"),
+        "cache_dir": str(tmp / "cache"),
+        "runs_dir": str(tmp / "runs"),
+        "num_images": 40,
+        "scene_size": 64,
+        "backbone": "mobilenet_v3_small",
+        "weights": "none",
+        "input_size": 64,
+        "embedding_dim": 16,
+        "units": 32,
+        "vocab_size": 100,
+        "max_length": 12,
+        "epochs": 1,
+        "batch_size": 16,
+        "checkpoint_every": 0,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny trained run shared by tests that only read it: (config, run_dir)."""
+    from caption_tf.config import load_config
+    from caption_tf.training.trainer import train
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    cfg = load_config("minimal", tiny_overrides(tmp, epochs=2))
+    return cfg, train(cfg)
