@@ -106,3 +106,82 @@ def test_ptb_tokenizer_and_meteor_with_java():
     assert m["per_image"]["img2"]["meteor"] < 0.5
     assert 0.0 < m["meteor"]["score"] < 1.0
     assert headline(m)["meteor"] == m["meteor"]["score"]
+
+
+# ---- semantic similarity (gensim) --------------------------------------------------------------
+
+import numpy as np  # noqa: E402
+
+from caption_tf.evaluation.semantic import (  # noqa: E402
+    load_word_vectors,
+    semantic_similarity,
+    train_word_vectors,
+    wmd_status,
+    word_vectors_for,
+)
+
+# Hand-made 3-d vectors: colours along x, shapes along y, animals along z.
+HAND_VECTORS = {
+    "a": [0.1, 0.1, 0.1],
+    "red": [1.0, 0.2, 0.0],
+    "crimson": [0.9, 0.3, 0.0],
+    "circle": [0.2, 1.0, 0.0],
+    "ring": [0.3, 0.9, 0.1],
+    "dog": [0.0, 0.0, 1.0],
+    "barking": [0.0, 0.1, 0.9],
+}
+
+
+def _write_glove(path):
+    path.write_text("".join(f"{w} {' '.join(map(str, v))}\n" for w, v in HAND_VECTORS.items()))
+    return path
+
+
+def test_word_vector_files_in_every_format_load_the_same_vectors(tmp_path):
+    glove = load_word_vectors(_write_glove(tmp_path / "glove.txt"))
+    np.testing.assert_allclose(glove["red"], HAND_VECTORS["red"], rtol=1e-6)
+    glove.save_word2vec_format(str(tmp_path / "w2v.txt"), binary=False)
+    glove.save_word2vec_format(str(tmp_path / "w2v.bin"), binary=True)
+    glove.save(str(tmp_path / "vectors.kv"))
+    for name in ("w2v.txt", "w2v.bin", "vectors.kv"):
+        kv = load_word_vectors(tmp_path / name)
+        assert kv.index_to_key == list(HAND_VECTORS), name
+        np.testing.assert_allclose(kv["dog"], HAND_VECTORS["dog"], rtol=1e-6)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        load_word_vectors(tmp_path / "missing.txt")
+    (tmp_path / "broken.txt").write_text("red 1.0 0.2\ncircle notanumber 1.0\n")
+    with pytest.raises(ValueError, match="broken.txt"):
+        load_word_vectors(tmp_path / "broken.txt")
+
+
+def test_semantic_similarity_identical_similar_unrelated_and_oov(tmp_path):
+    path = _write_glove(tmp_path / "glove.txt")
+    kv, source = word_vectors_for(str(path), training_captions=[])
+    assert str(path) in source and "7 words" in source
+    refs = {"same": ["a red circle"], "similar": ["a red circle"], "unrelated": ["a red circle"]}
+    hyps = {"same": "a red circle", "similar": "a crimson ring zzz", "unrelated": "a barking dog"}
+    sim = semantic_similarity(refs, hyps, kv, source, wmd=True)
+    per = sim["per_image"]
+    assert per["same"]["cosine_max"] == pytest.approx(1.0)
+    assert 1.0 > per["similar"]["cosine_max"] > per["unrelated"]["cosine_max"]
+    assert sim["oov"]["oov_hypothesis"] == 1 and sim["oov"]["top"] == [("zzz", 1)]
+    assert sim["oov"]["hypothesis_tokens"] == 10 and sim["oov"]["oov_reference"] == 0
+    assert sim["cosine_max"] == pytest.approx(np.mean([p["cosine_max"] for p in per.values()]))
+    if sim["wmd"]["available"]:
+        assert per["same"]["wmd_min"] == pytest.approx(0.0, abs=1e-6)
+        assert 0.0 < per["similar"]["wmd_min"] < per["unrelated"]["wmd_min"]
+    else:
+        assert "POT" in sim["wmd"]["reason"] and not wmd_status()["available"]
+
+
+def test_semantic_similarity_with_word2vec_trained_on_captions():
+    captions = ["a small red circle above a large blue square", "there is a green triangle on the left"] * 15
+    kv, source = word_vectors_for(None, captions)
+    assert source == "word2vec trained on 30 training captions"
+    np.testing.assert_array_equal(kv["circle"], train_word_vectors(captions)["circle"])  # deterministic
+    refs = {"a": [captions[0], captions[1]], "b": [captions[1]]}
+    sim = semantic_similarity(refs, {"a": captions[0], "b": "unicorn"}, kv, source, wmd=False)
+    assert sim["per_image"]["a"]["cosine_max"] == pytest.approx(1.0, abs=1e-6)
+    assert sim["per_image"]["a"]["cosine_mean"] < sim["per_image"]["a"]["cosine_max"]
+    assert sim["per_image"]["b"]["cosine_max"] == 0.0 and sim["unscorable_images"] == 1
+    assert sim["wmd"]["available"] is False
