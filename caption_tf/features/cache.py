@@ -242,6 +242,16 @@ class FeatureNormalizer:
             return cls(f["mean"], f["std"])
 
 
+def compiled_extractor(extractor):
+    """One traced graph per extractor (not per split); batch size may vary."""
+    if not hasattr(extractor, "_compiled"):
+        extractor._compiled = tf.function(
+            lambda images: extractor(images, training=False),
+            input_signature=[tf.TensorSpec((None, extractor.input_size, extractor.input_size, 3), tf.uint8)],
+        )
+    return extractor._compiled
+
+
 def extract_split(extractor, records, out_dir, split, cfg: FeatureConfig, skipped: list[dict], normalizer=None):
     """Extract and write one split; the normalizer is fitted on the first training images."""
     writer = _ShardWriter(out_dir, split, cfg.shard_size)
@@ -255,7 +265,7 @@ def extract_split(extractor, records, out_dir, split, cfg: FeatureConfig, skippe
         pending.clear()
 
     batches = image_batches(records, extractor.input_size, cfg.extract_batch_size)
-    infer = tf.function(lambda images: extractor(images, training=False), reduce_retracing=True)
+    infer = compiled_extractor(extractor)
     with tqdm(total=len(records), desc=f"features {split}", unit="img") as bar:
         for index, images, ok in batches:
             grid, _ = infer(images)
@@ -332,8 +342,9 @@ def encode_images(paths: list[str], cfg: FeatureConfig, normalizer: FeatureNorma
     extractor = build_extractor(cfg.backbone, cfg.weights, cfg.input_size)
     records = [ImageRecord(image_id=str(i), path=str(p), captions=[], split="test") for i, p in enumerate(paths)]
     grids, oks = [], []
+    infer = compiled_extractor(extractor)
     for _, images, ok in image_batches(records, extractor.input_size, batch_size):
-        grid, _ = extractor(images, training=False)
+        grid, _ = infer(images)
         grids.append(normalizer(grid.numpy()).astype(np.float32))
         oks.append(ok.numpy())
     return np.concatenate(grids), np.concatenate(oks)

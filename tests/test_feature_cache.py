@@ -1,0 +1,125 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from caption_tf.config import DataConfig, FeatureConfig
+from caption_tf.data.datasets import load_dataset
+from caption_tf.data.pipeline import caption_batches, captions_table
+from caption_tf.features.backbones import BACKBONES, BackboneWeightsError, build_backbone, build_extractor
+from caption_tf.features.cache import build_feature_cache, encode_images
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    return load_dataset(DataConfig(data_root=str(root), num_images=20, scene_size=48))
+
+
+def _features(tmp_path, **kw):
+    return FeatureConfig(**{"backbone": "mobilenet_v3_small", "weights": "none", "input_size": 48,
+                            "cache_dir": str(tmp_path / "cache"), "shard_size": 6, **kw})
+
+
+def test_cache_is_written_in_shards_with_a_manifest(dataset, tmp_path):
+    cache = build_feature_cache(dataset, _features(tmp_path))
+    manifest = json.loads((cache.directory / "manifest.json").read_text())
+    assert manifest["backbone"] == "mobilenet_v3_small" and manifest["weights"] == "none"
+    assert manifest["input_size"] == 48 and manifest["dataset_fingerprint"] == dataset.fingerprint()
+    assert sum(manifest["splits"][s]["count"] for s in ("train", "val", "test")) == 20
+    assert len(cache.shards("train")) == -(-manifest["splits"]["train"]["count"] // 6)
+    split = cache.load_split("train")
+    assert split["grid"].dtype == np.float16 and split["grid"].shape[1:] == cache.grid_shape
+    # Standardised with statistics of the training images.
+    grid = split["grid"].astype(np.float32)
+    assert abs(grid.mean()) < 0.1 and 0.5 < grid.std() < 1.5
+    np.testing.assert_allclose(split["pooled"], grid.mean(1), atol=2e-2)
+
+
+def test_cache_is_reused_when_the_manifest_matches_and_rebuilt_when_not(dataset, tmp_path):
+    cfg = _features(tmp_path)
+    first = build_feature_cache(dataset, cfg)
+    stamp = os.stat(first.directory / "manifest.json").st_mtime_ns
+    again = build_feature_cache(dataset, cfg)
+    assert again.directory == first.directory
+    assert os.stat(again.directory / "manifest.json").st_mtime_ns == stamp  # not re-extracted
+    # A stale manifest (e.g. written by an older version) is rebuilt in place.
+    manifest = json.loads((first.directory / "manifest.json").read_text())
+    manifest["format_version"] = -1
+    (first.directory / "manifest.json").write_text(json.dumps(manifest))
+    rebuilt = build_feature_cache(dataset, cfg)
+    assert rebuilt.manifest["format_version"] != -1
+    # Another input size is another cache entry.
+    other = build_feature_cache(dataset, _features(tmp_path, input_size=96))
+    assert other.directory != first.directory and other.grid_shape != first.grid_shape
+
+
+def test_unreadable_images_are_skipped_and_listed(dataset, tmp_path):
+    import copy
+
+    broken = copy.deepcopy(dataset)
+    bad = broken.split("train")[0]
+    bad.path = str(tmp_path / "broken.png")
+    open(bad.path, "wb").write(b"\x89PNG\r\n\x1a\n not really a png")
+    cache = build_feature_cache(broken, _features(tmp_path))
+    assert bad.image_id not in cache.image_ids("train")
+    assert [s["image_id"] for s in cache.skipped()] == [bad.image_id]
+    assert "could not decode" in cache.skipped()[0]["reason"]
+
+
+def test_pipeline_pairs_every_reference_with_its_image(dataset, tmp_path):
+    cache = build_feature_cache(dataset, _features(tmp_path))
+    ids = cache.image_ids("val")
+    rows = [np.full((2 + i % 2, 5), i + 1, np.int32) for i in range(len(ids))]  # 2 or 3 refs, token = image no.
+    ds = caption_batches(cache.shards("val"), cache.grid_shape, captions_table(rows, 5), batch_size=4)
+    grids = cache.load_split("val")["grid"]
+    seen = []
+    for (grid, inputs), targets in ds:
+        assert inputs.shape[1] == targets.shape[1] == 4
+        for g, t in zip(grid.numpy(), inputs.numpy()):
+            image = int(t[0]) - 1
+            np.testing.assert_array_equal(g, grids[image])
+            seen.append(image)
+    assert sorted(seen) == sorted(i for i, r in enumerate(rows) for _ in range(len(r)))
+
+
+def test_backbones_give_grids_and_pooled_vectors():
+    for name in ("inception_v3", "densenet121"):
+        assert name in BACKBONES
+    extractor = build_extractor("densenet121", "none", 64)
+    grid, pooled = extractor(np.zeros((2, 64, 64, 3), "float32"))
+    assert tuple(grid.shape) == (2, 4, 1024) and tuple(pooled.shape) == (2, 1024)
+
+
+def test_weights_from_a_local_file_round_trip(tmp_path):
+    model = build_backbone("mobilenet_v3_small", "none", 48)
+    path = tmp_path / "backbone.weights.h5"
+    model.save_weights(path)
+    loaded = build_backbone("mobilenet_v3_small", str(path), 48)
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(BackboneWeightsError, match="no such file"):
+        build_backbone("mobilenet_v3_small", str(tmp_path / "missing.weights.h5"), 48)
+
+
+def test_imagenet_offline_fails_with_the_way_out(monkeypatch):
+    # The real download path, pointed at an address that refuses connections.
+    import keras.src.utils.file_utils as file_utils
+
+    monkeypatch.setattr(file_utils, "urlretrieve", lambda *a, **k: (_ for _ in ()).throw(OSError("URL fetch failure")))
+    monkeypatch.setenv("KERAS_HOME", "/nonexistent-keras-home")
+    with pytest.raises(BackboneWeightsError, match="--weights none"):
+        build_backbone("mobilenet_v3_small", "imagenet", 48)
+
+
+def test_user_images_of_any_mode_are_encoded(dataset, tmp_path):
+    cfg = _features(tmp_path)
+    cache = build_feature_cache(dataset, cfg)
+    Image.new("L", (30, 50), 128).save(tmp_path / "gray.png")
+    Image.new("RGBA", (80, 40), (255, 0, 0, 100)).save(tmp_path / "rgba.png")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    grids, ok = encode_images([str(tmp_path / n) for n in ("gray.png", "rgba.png", "empty.jpg")], cfg, cache.normalizer())
+    assert ok.tolist() == [True, True, False]
+    assert grids.shape == (3, *cache.grid_shape)
