@@ -71,6 +71,8 @@ def weights_tag(weights: str) -> str:
     """A short, cache-safe identity of a weights setting (a file is identified by content)."""
     if weights in ("imagenet", "none"):
         return weights
+    if not Path(weights).is_file():
+        raise BackboneWeightsError(f"--weights {weights}: no such file (expected 'imagenet', 'none' or a .weights.h5 path)")
     digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:12]
     return f"file-{digest}"
 

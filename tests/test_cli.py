@@ -1,0 +1,47 @@
+"""The two commands a user runs, end to end, as subprocesses."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+from conftest import REPO_ROOT, tiny_overrides
+
+
+def _flags(overrides: dict) -> list[str]:
+    return [item for k, v in overrides.items() for item in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def _run(args, cwd):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_train_then_evaluate_end_to_end(tmp_path):
+    overrides = tiny_overrides(tmp_path, epochs=1, decoder="gru", attention="luong", run_name="e2e")
+    done = _run([str(REPO_ROOT / "train.py"), "--preset", "minimal", *_flags(overrides)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "e2e"
+    for name in ("config.yaml", "vocab.json", "run.json", "model.weights.h5", "history.csv", "metrics.json", "skips.json"):
+        assert (run_dir / name).exists(), name
+    assert any((run_dir / "logs").rglob("events.out.tfevents*"))
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert cfg["model"]["decoder"] == "gru" and cfg["model"]["attention"] == "luong" and cfg["preset"] == "minimal"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["greedy"]) >= {"bleu1", "bleu2", "bleu3", "bleu4"}
+    assert "Test metrics" in done.stdout
+
+    evaluated = _run([str(REPO_ROOT / "evaluate.py"), "--run", str(run_dir)], tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    again = json.loads((run_dir / "metrics.json").read_text())
+    assert again["greedy"] == metrics["greedy"]  # reloading the run reproduces its test metrics
+
+
+def test_bad_flags_and_missing_weights_give_one_clear_line(tmp_path):
+    bad = _run([str(REPO_ROOT / "train.py"), "--decoder", "transformer"], tmp_path)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    missing = _run([str(REPO_ROOT / "train.py"), *_flags(tiny_overrides(tmp_path, weights=tmp_path / "nope.weights.h5"))], tmp_path)
+    assert missing.returncode == 2
+    assert "nope.weights.h5: no such file" in missing.stderr and "Traceback" not in missing.stderr
+    no_run = _run([str(REPO_ROOT / "evaluate.py"), "--run", str(tmp_path / "nothing")], tmp_path)
+    assert no_run.returncode == 2 and "config.yaml: missing" in no_run.stderr
