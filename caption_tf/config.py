@@ -49,8 +49,8 @@ class DataConfig:
 class TextConfig:
     """Caption vocabulary and length."""
 
-    vocab_size: int = 3000
-    max_length: int = 15  # tokens per caption including <start> and <end>
+    vocab_size: Optional[int] = 3000  # auto/None: words seen >= k times (training.autoconfig)
+    max_length: Optional[int] = 15  # tokens incl. <start>/<end>; auto/None: 95th percentile
     min_word_count: int = 1
 
 
@@ -85,8 +85,8 @@ class TrainConfig:
     """Optimisation and runtime."""
 
     epochs: int = 5
-    batch_size: int = 64
-    learning_rate: float = 1e-3
+    batch_size: Optional[int] = 64  # per replica; auto/None: from the number of training pairs
+    learning_rate: Optional[float] = 1e-3  # auto/None: from the batch size
     lr_schedule: str = "constant"  # constant | warmup_cosine | plateau
     warmup_epochs: float = 1.0
     clipnorm: Optional[float] = 5.0
@@ -102,6 +102,9 @@ class TrainConfig:
     run_name: Optional[str] = None
     tune: bool = False
     trials: int = 10
+    fine_tune_epochs: int = 2  # phase 2 (--fine-tune-layers > 0): end-to-end epochs on images
+    fine_tune_learning_rate: float = 1e-5
+    fine_tune_batch_size: int = 16  # images per step (each with all its captions)
 
 
 @dataclass
@@ -172,7 +175,7 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
     """Convert a YAML or CLI value to the field's type, with a clear error."""
     optional = type(None) in typing.get_args(tp)
     base = _base_type(tp)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "", "auto")):
         if optional:
             return None
         raise ValueError(f"Config field {name!r} cannot be empty")
@@ -254,6 +257,7 @@ CHOICES = {
     "jit": ("auto", "on", "off"),
     "resume": ("auto", "never"),
     "lr_schedule": ("constant", "warmup_cosine", "plateau"),
+    "early_stopping_monitor": ("val_loss", "val_bleu4"),
     "distribute": ("auto", "default", "mirrored", "multiworker"),
 }
 
@@ -265,9 +269,9 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {value!r}")
-    if cfg.text.max_length < 3:
+    if cfg.text.max_length is not None and cfg.text.max_length < 3:
         raise ValueError("--max-length must be at least 3 (<start>, a word, <end>)")
-    if cfg.train.batch_size < 1 or cfg.train.epochs < 0:
+    if (cfg.train.batch_size is not None and cfg.train.batch_size < 1) or cfg.train.epochs < 0:
         raise ValueError("--batch-size must be >= 1 and --epochs >= 0")
 
 
