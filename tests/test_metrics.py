@@ -185,3 +185,14 @@ def test_semantic_similarity_with_word2vec_trained_on_captions():
     assert sim["per_image"]["a"]["cosine_mean"] < sim["per_image"]["a"]["cosine_max"]
     assert sim["per_image"]["b"]["cosine_max"] == 0.0 and sim["unscorable_images"] == 1
     assert sim["wmd"]["available"] is False
+
+
+def test_default_tokenizer_splits_words_like_the_model_vocabulary():
+    from caption_tf.data.text import clean_caption
+
+    refs = {"a": ["A boy in a T-shirt plays by the pool's edge ."], "b": ["two dogs run on the grass"]}
+    hyps = {k: clean_caption(v[0]) for k, v in refs.items()}  # what a perfect model would write
+    m = caption_metrics(refs, hyps, meteor=False)
+    assert m["tokenizer"] == "simple" and m["bleu4"] == pytest.approx(1.0)
+    if java_available():
+        assert caption_metrics(refs, hyps, meteor=False, tokenizer="ptb")["bleu4"] < 1.0

@@ -239,7 +239,7 @@ def caption_metrics(
     references: dict[str, list[str]],
     hypotheses: dict[str, str],
     meteor: bool = True,
-    tokenizer: str = "ptb",
+    tokenizer: str = "simple",
 ) -> dict:
     """All caption metrics for the images in `hypotheses`, corpus-level and per image.
 
@@ -248,7 +248,10 @@ def caption_metrics(
     "spice" as {"available": bool, "score" | "reason"}, "tokenizer" (which one
     was used), "num_images" and "per_image": {id: {"bleu4", "cider", "rouge_l"
     (and "meteor" when computed)}}. References of images without a hypothesis
-    are ignored.
+    are ignored. The default tokenizer "simple" splits words exactly where
+    `data.text.clean_caption` (the model's vocabulary) does; "ptb" gives
+    COCO-comparable numbers but keeps "t-shirt", which a generated "t shirt"
+    then never matches.
 
     Example:
 
