@@ -1,31 +1,96 @@
-"""Caption generation: batched greedy decoding compiled as a `tf.function`.
+"""Caption generation: batched greedy and beam search, compiled as `tf.function`s.
 
-The loop is unrolled over a fixed maximum length (what XLA needs); finished
-captions keep emitting padding, so a whole batch decodes in one call.
+Both loops are unrolled over a fixed maximum length (what XLA needs); finished
+captions keep emitting padding (id 0), so a whole batch decodes in one call.
+Beam search flattens batch x beam into one decoder batch, and each step keeps
+the `beam_size` best continuations of every image, gathering the decoder state
+of each survivor from its parent beam. Candidates are ranked by GNMT's
+length-normalised score, log p / ((5 + length) / 6) ** length_penalty
+(Wu et al., 2016); a finished beam keeps its score and only extends with padding.
 
 Example:
 
 >>> generator = CaptionGenerator(model, start_id=2, end_id=3, max_length=15)
->>> tokens, attention = generator.greedy(grid)   # [B, 14], [B, 14, cells]
+>>> tokens, attention = generator.greedy(grid)            # [B, 14], [B, 14, cells]
+>>> tokens, scores, attention = generator.beam(grid, 3, 0.7)  # [B, 14], [B], [B, 14, cells]
+>>> total, count = generator.log_likelihood(grid, captions)  # captions [B, L] start with <start>
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
+PAD_ID = 0
+# Stands in for log(0): finite, so sums and differences of "impossible" scores never give NaN.
+NEG_INF = -1e9
+GNMT_LENGTH_BASE = 5.0  # lp(len) = ((GNMT_LENGTH_BASE + len) / (GNMT_LENGTH_BASE + 1)) ** alpha
+
+
+def gnmt_length_penalty(length, alpha):
+    """((5 + length) / 6) ** alpha; alpha = 0 ranks by raw log-probability.
+
+    Example:
+
+    >>> float(gnmt_length_penalty(tf.constant(1.0), 0.7))
+    1.0
+    """
+    return tf.pow((GNMT_LENGTH_BASE + length) / (GNMT_LENGTH_BASE + 1.0), alpha)
+
+
+def _gather_beams(tensor, parents):
+    """Rows of `tensor` [B*K, ...] reordered by `parents` [B, K] (beam indices per image)."""
+    batch, beams = tf.shape(parents)[0], tf.shape(parents)[1]
+    shaped = tf.reshape(tensor, tf.concat([[batch, beams], tf.shape(tensor)[1:]], 0))
+    return tf.reshape(tf.gather(shaped, parents, batch_dims=1), tf.shape(tensor))
+
 
 class CaptionGenerator:
-    """Compiled decoding functions for one trained `CaptionDecoder`."""
+    """Compiled decoding functions for one trained `CaptionDecoder`.
+
+    Example:
+
+    >>> generator = CaptionGenerator(model, start_id=2, end_id=3, max_length=15, jit_compile=True)
+    >>> tokens, attention = generator.greedy(grid)
+    """
 
     def __init__(self, model, start_id: int, end_id: int, max_length: int, jit_compile: bool = False):
         self.model, self.start_id, self.end_id = model, start_id, end_id
         self.steps = max_length - 1  # <start> is given, not generated
+        self.jit_compile = jit_compile
         self._greedy = tf.function(self._greedy_impl, jit_compile=jit_compile, reduce_retracing=True)
+        self._log_likelihood = tf.function(self._log_likelihood_impl, jit_compile=jit_compile, reduce_retracing=True)
+        self._beams: dict[tuple[int, float], tf.types.experimental.GenericFunction] = {}
 
     def greedy(self, grid):
         """(tokens int32 [B, steps], attention float32 [B, steps, cells]); 0 after <end>."""
         return self._greedy(tf.convert_to_tensor(grid))
 
+    def beam(self, grid, beam_size: int = 3, length_penalty: float = 0.7):
+        """Best beam per image: (tokens int32 [B, steps], score float32 [B], attention [B, steps, cells]).
+
+        `score` is the length-normalised log-probability of the returned caption
+        (its plain log-probability when `length_penalty` is 0). `beam_size=1`
+        gives the greedy caption.
+        """
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        key = (int(beam_size), float(length_penalty))
+        if key not in self._beams:  # one compiled loop per (beam size, penalty)
+            self._beams[key] = tf.function(
+                lambda grid: self._beam_impl(grid, *key), jit_compile=self.jit_compile, reduce_retracing=True
+            )
+        return self._beams[key](tf.convert_to_tensor(grid))
+
+    def log_likelihood(self, grid, tokens):
+        """Teacher-forced log p(caption | image): (sum over tokens [B], token count [B]).
+
+        `tokens` [B, L] are encoded captions starting with <start>, padded with 0;
+        every token after <start> up to the padding counts (<end> included).
+        The mean log-probability per token is `total / count`.
+        """
+        return self._log_likelihood(tf.convert_to_tensor(grid), tf.cast(tokens, tf.int32))
+
+    # -- implementations (traced once per input signature) ----------------------------------
     def _greedy_impl(self, grid):
         values, keys, state = self.model.encode(grid)
         batch = tf.shape(grid)[0]
@@ -34,8 +99,57 @@ class CaptionGenerator:
         tokens, weights = [], []
         for _ in range(self.steps):
             logits, state, step_weights = self.model.step(token, state, values, keys)
-            token = tf.where(done, 0, tf.argmax(logits, -1, output_type=tf.int32))
+            token = tf.where(done, PAD_ID, tf.argmax(logits, -1, output_type=tf.int32))
             done = done | tf.equal(token, self.end_id)
             tokens.append(token)
             weights.append(tf.cast(step_weights, tf.float32))
         return tf.stack(tokens, 1), tf.stack(weights, 1)
+
+    def _beam_impl(self, grid, beam_size: int, alpha: float):
+        batch = tf.shape(grid)[0]
+        # Every image's encoding repeated beam_size times: one decoder batch of B*K rows.
+        values, keys, state = self.model.encode(grid)
+        values, keys = tf.repeat(values, beam_size, axis=0), tf.repeat(keys, beam_size, axis=0)
+        state = [tf.repeat(s, beam_size, axis=0) for s in state]
+        token = tf.fill([batch * beam_size], self.start_id)
+        # Only beam 0 is alive at the start, so the first step does not pick K copies of one word.
+        scores = tf.tile(tf.concat([[0.0], tf.fill([beam_size - 1], NEG_INF)], 0)[None], [batch, 1])
+        lengths = tf.zeros([batch, beam_size])
+        finished = tf.zeros([batch, beam_size], tf.bool)
+        history = []  # per step: (chosen words [B, K], parent beams [B, K], attention [B, K, cells])
+        for _ in range(self.steps):
+            logits, state, step_weights = self.model.step(token, state, values, keys)
+            vocab = tf.shape(logits)[-1]
+            log_probs = tf.reshape(tf.nn.log_softmax(tf.cast(logits, tf.float32)), [batch, beam_size, -1])
+            # A finished beam has one continuation, padding, at no cost: it keeps its score.
+            pad_only = tf.one_hot(PAD_ID, vocab, on_value=0.0, off_value=NEG_INF)
+            log_probs = tf.where(finished[..., None], pad_only, log_probs)
+            totals = scores[..., None] + log_probs
+            new_lengths = lengths + tf.cast(~finished, tf.float32)
+            ranked = totals / gnmt_length_penalty(new_lengths, alpha)[..., None]
+            _, flat = tf.math.top_k(tf.reshape(ranked, [batch, -1]), k=beam_size)
+            parents, words = flat // vocab, tf.cast(flat % vocab, tf.int32)
+            scores = tf.gather(tf.reshape(totals, [batch, -1]), flat, batch_dims=1)
+            lengths = tf.gather(new_lengths, parents, batch_dims=1)
+            finished = tf.gather(finished, parents, batch_dims=1) | tf.equal(words, self.end_id)
+            state = [_gather_beams(s, parents) for s in state]
+            token = tf.reshape(words, [-1])
+            weights = tf.reshape(tf.cast(step_weights, tf.float32), [batch, beam_size, -1])
+            history.append((words, parents, weights))
+        # top_k sorts, so beam 0 holds the best normalised score; walk its parents back.
+        best = tf.zeros([batch], tf.int32)
+        score = scores[:, 0] / gnmt_length_penalty(lengths[:, 0], alpha)
+        tokens, attention = [], []
+        for words, parents, weights in reversed(history):
+            tokens.append(tf.gather(words, best, batch_dims=1))
+            attention.append(tf.gather(weights, tf.gather(parents, best, batch_dims=1), batch_dims=1))
+            best = tf.gather(parents, best, batch_dims=1)
+        return tf.stack(tokens[::-1], 1), score, tf.stack(attention[::-1], 1)
+
+    def _log_likelihood_impl(self, grid, tokens):
+        logits = self.model((grid, tokens[:, :-1]), training=False)
+        targets = tokens[:, 1:]
+        log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float32))
+        picked = tf.gather(log_probs, targets, batch_dims=2)
+        mask = tf.cast(tf.not_equal(targets, PAD_ID), tf.float32)
+        return tf.reduce_sum(picked * mask, 1), tf.reduce_sum(mask, 1)

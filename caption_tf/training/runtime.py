@@ -1,4 +1,9 @@
-"""Runtime setup: seeds, precision policy, XLA, distribution strategy.
+"""Runtime setup: seeds, precision policy, XLA, distribution strategy, memory.
+
+Under `mixed_float16`, `model.compile` wraps the optimizer in a Keras
+`LossScaleOptimizer` (the decoder's dtype policy is the global one), and
+`CaptionDecoder.train_step` scales the loss with `optimizer.scale_loss`.
+Attention scores, softmax, logits and the loss stay float32.
 
 Example:
 
@@ -11,14 +16,20 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import keras
+import psutil
 import tensorflow as tf
 
 from caption_tf.config import TrainConfig
 
 MIN_FP16_COMPUTE_CAPABILITY = (7, 0)  # tensor cores: Volta and newer
+# Keep cached features below this share of the RAM available when the pipeline is built:
+# the rest is for the model, the shuffle buffer, prefetching and the other processes.
+MEMORY_CACHE_FRACTION = 0.5
+FEATURE_BYTES = 2  # the cache stores float16 grids
 
 
 @dataclass
@@ -49,13 +60,78 @@ def resolve_precision(requested: str) -> str:
     return "mixed_float16" if caps and min(caps) >= MIN_FP16_COMPUTE_CAPABILITY else "float32"
 
 
+def _replicas_on_cpu(strategy: tf.distribute.Strategy) -> bool:
+    if strategy.num_replicas_in_sync <= 1:  # the default strategy has no worker_devices
+        return False
+    return any("CPU" in device.upper() for device in strategy.extended.worker_devices)
+
+
 def resolve_jit(requested: str, strategy: tf.distribute.Strategy) -> bool:
-    """auto: XLA on GPUs; off on CPU, where it gave no consistent gain and fails under MirroredStrategy."""
-    if requested == "on":
-        return True
+    """Whether to XLA-compile the train step and decoding loops.
+
+    auto: on with GPUs, off on CPU (no consistent gain measured there). on/off are
+    obeyed, except that XLA under a multi-replica strategy on CPU devices fails
+    ("Trying to access resource ... located in device CPU:1", an XLA limitation),
+    so it is turned off there with a warning.
+
+    Example:
+
+    >>> resolve_jit("auto", tf.distribute.get_strategy())   # on a CPU-only machine
+    False
+    """
+    if requested not in ("auto", "on", "off"):
+        raise ValueError(f"--jit must be auto, on or off, got {requested!r}")
     if requested == "off":
         return False
-    return bool(tf.config.list_physical_devices("GPU"))
+    if _replicas_on_cpu(strategy):
+        if requested == "on":
+            warnings.warn("--jit on ignored: XLA fails under a multi-replica strategy on CPU devices; running without XLA")
+        return False
+    return requested == "on" or bool(tf.config.list_physical_devices("GPU"))
+
+
+def per_replica_clipnorm(clipnorm: float | None, replicas: int) -> float | None:
+    """Clip norm to give the optimizer so clipping means the same on any number of replicas.
+
+    Keras clips each replica's gradient before the cross-replica sum, and each replica's
+    loss is divided by the replica count; clipping that share at clipnorm / replicas
+    clips every replica's own mean gradient at `clipnorm`.
+
+    Example:
+
+    >>> per_replica_clipnorm(5.0, 4)
+    1.25
+    """
+    return None if clipnorm is None else clipnorm / replicas
+
+
+def feature_bytes(num_images: int, grid_shape: tuple[int, int]) -> int:
+    """Bytes the float16 feature grids of `num_images` images take in memory."""
+    cells, dim = grid_shape
+    return num_images * cells * dim * FEATURE_BYTES
+
+
+def fits_in_memory(num_bytes: int, fraction: float = MEMORY_CACHE_FRACTION) -> bool:
+    """Whether `num_bytes` fit in `fraction` of the RAM available now (psutil).
+
+    Example:
+
+    >>> fits_in_memory(feature_bytes(1000, (64, 2048)))   # 262 MB
+    True
+    """
+    return num_bytes <= fraction * psutil.virtual_memory().available
+
+
+def dataset_options(strategy: tf.distribute.Strategy) -> tf.data.Options:
+    """tf.data options for `strategy`: multi-worker runs shard by data, not by file.
+
+    The feature cache may have fewer shard files than workers (and the pipeline caches
+    and expands images into caption pairs), so each worker keeps every N-th batch.
+    """
+    options = tf.data.Options()
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return options
 
 
 def select_strategy(requested: str) -> tf.distribute.Strategy:
@@ -71,12 +147,19 @@ def select_strategy(requested: str) -> tf.distribute.Strategy:
         return tf.distribute.MultiWorkerMirroredStrategy()
     if requested == "mirrored":
         return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
+    if requested == "default":
+        return tf.distribute.get_strategy()
+    raise ValueError(f"--distribute must be auto, default, mirrored or multiworker, got {requested!r}")
 
 
 def setup_runtime(cfg: TrainConfig) -> Runtime:
+    """Seeds, global dtype policy and strategy; call before building any model.
+
+    The strategy is created first: MultiWorkerMirroredStrategy must exist before
+    TensorFlow initialises its devices.
+    """
+    strategy = select_strategy(cfg.distribute)
     keras.utils.set_random_seed(cfg.seed)
     precision = resolve_precision(cfg.precision)
     keras.mixed_precision.set_global_policy(precision)
-    strategy = select_strategy(cfg.distribute)
     return Runtime(strategy=strategy, precision=precision, jit_compile=resolve_jit(cfg.jit, strategy))

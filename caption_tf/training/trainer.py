@@ -26,7 +26,14 @@ from caption_tf.data.text import CaptionVocabulary
 from caption_tf.features.cache import FeatureCache, build_feature_cache
 from caption_tf.models.decoder import build_decoder
 from caption_tf.training import run as run_files
-from caption_tf.training.runtime import Runtime, setup_runtime
+from caption_tf.training.runtime import (
+    Runtime,
+    dataset_options,
+    feature_bytes,
+    fits_in_memory,
+    per_replica_clipnorm,
+    setup_runtime,
+)
 
 
 @dataclass
@@ -68,17 +75,22 @@ def make_split_dataset(data: PreparedData, split: str, cfg: Config, runtime: Run
         shuffle=training,
         seed=cfg.train.seed,
         shuffle_buffer=cfg.train.shuffle_buffer,
-    )
+        # Keep the decoded features in RAM when they fit; otherwise re-read the shards each epoch.
+        cache=fits_in_memory(feature_bytes(len(data.cache.image_ids(split)), data.cache.grid_shape)),
+    ).with_options(dataset_options(runtime.strategy))
     # Known length: progress bars show totals and schedules know the step count.
     return ds.apply(tf.data.experimental.assert_cardinality(math.ceil(data.pair_count(split) / global_batch)))
 
 
 def build_model(cfg: Config, data: PreparedData, runtime: Runtime, steps_per_epoch: int):
     with runtime.strategy.scope():
-        model = build_decoder(cfg.model, data.vocab.size, data.cache.grid_shape, cfg.text.max_length)
+        model = build_decoder(
+            cfg.model, data.vocab.size, data.cache.grid_shape, cfg.text.max_length, recompute_grad=cfg.train.recompute_grad
+        )
         # Linear scaling rule: the global batch grows with the replicas, so does the step size.
         learning_rate = cfg.train.learning_rate * runtime.replicas
-        optimizer = keras.optimizers.Adam(learning_rate, clipnorm=cfg.train.clipnorm)
+        optimizer = keras.optimizers.Adam(learning_rate, clipnorm=per_replica_clipnorm(cfg.train.clipnorm, runtime.replicas))
+        # Under mixed_float16, compile wraps the optimizer in a LossScaleOptimizer.
         model.compile(optimizer=optimizer, jit_compile=runtime.jit_compile)
     return model
 
