@@ -22,10 +22,11 @@ from caption_tf.config import Config
 from caption_tf.data.datasets import load_dataset
 from caption_tf.data.pipeline import caption_batches, captions_table
 from caption_tf.data.records import CaptionDataset
-from caption_tf.data.text import CaptionVocabulary
+from caption_tf.data.text import CaptionVocabulary, clean_caption
 from caption_tf.features.cache import FeatureCache, build_feature_cache
 from caption_tf.models.decoder import build_decoder
 from caption_tf.training import run as run_files
+from caption_tf.training.autoconfig import resolve_auto_settings
 from caption_tf.training.runtime import (
     Runtime,
     dataset_options,
@@ -34,6 +35,7 @@ from caption_tf.training.runtime import (
     per_replica_clipnorm,
     setup_runtime,
 )
+from caption_tf.training.schedules import BleuFunction, early_stopping, learning_rate_for, schedule_callbacks, validation_bleu_callback
 
 
 @dataclass
@@ -53,7 +55,8 @@ class PreparedData:
         return sum(len(records[i].captions) for i in self.cache.image_ids(split))
 
 
-def prepare_data(cfg: Config) -> PreparedData:
+def prepare_data(cfg: Config, replicas: int = 1) -> PreparedData:
+    """Dataset, feature cache and vocabulary; `auto` settings in `cfg` are resolved here."""
     dataset = load_dataset(cfg.data)
     print(dataset.summary(), flush=True)
     cache = build_feature_cache(dataset, cfg.features)
@@ -61,6 +64,7 @@ def prepare_data(cfg: Config) -> PreparedData:
     train_captions = [c for i in cache.image_ids("train") for c in records[i].captions]
     if not train_captions:
         raise ValueError(f"Dataset {dataset.name!r} has no training image with captions")
+    resolve_auto_settings(cfg, train_captions, len(cache.image_ids("train")), replicas)
     vocab = CaptionVocabulary.build(train_captions, cfg.text)
     return PreparedData(dataset, cache, vocab)
 
@@ -88,7 +92,7 @@ def build_model(cfg: Config, data: PreparedData, runtime: Runtime, steps_per_epo
             cfg.model, data.vocab.size, data.cache.grid_shape, cfg.text.max_length, recompute_grad=cfg.train.recompute_grad
         )
         # Linear scaling rule: the global batch grows with the replicas, so does the step size.
-        learning_rate = cfg.train.learning_rate * runtime.replicas
+        learning_rate = learning_rate_for(cfg.train, steps_per_epoch, runtime.replicas)
         optimizer = keras.optimizers.Adam(learning_rate, clipnorm=per_replica_clipnorm(cfg.train.clipnorm, runtime.replicas))
         # Under mixed_float16, compile wraps the optimizer in a LossScaleOptimizer.
         model.compile(optimizer=optimizer, jit_compile=runtime.jit_compile)
@@ -100,16 +104,17 @@ def make_callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]
         keras.callbacks.TensorBoard(str(run_dir / run_files.LOG_DIR), update_freq="epoch"),
         keras.callbacks.CSVLogger(str(run_dir / run_files.HISTORY_FILE), append=True),
     ]
-    if cfg.train.early_stopping_patience > 0:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor=cfg.train.early_stopping_monitor,
-                patience=cfg.train.early_stopping_patience,
-                restore_best_weights=True,
-                verbose=1,
-            )
-        )
-    return callbacks
+    return callbacks + early_stopping(cfg.train)
+
+
+def validation_bleu(data: PreparedData, cfg: Config, bleu: BleuFunction | None):
+    """The per-epoch val_bleu4 callback, or None without a scorer or validation split."""
+    if bleu is None or not data.cache.image_ids("val"):
+        return None
+    records = data.dataset.by_id()
+    references = [[clean_caption(c) for c in records[i].captions] for i in data.cache.image_ids("val")]
+    grids = data.cache.load_split("val")["grid"]
+    return validation_bleu_callback(grids, references, data.vocab, bleu, cfg.eval.eval_batch_size)
 
 
 def save_weights_atomically(model: keras.Model, path: Path) -> None:
@@ -118,11 +123,15 @@ def save_weights_atomically(model: keras.Model, path: Path) -> None:
     tmp.replace(path)
 
 
-def train(cfg: Config) -> Path:
-    """Train a decoder as configured; returns the run folder."""
+def train(cfg: Config, bleu: BleuFunction | None = None) -> Path:
+    """Train a decoder as configured; returns the run folder.
+
+    `bleu` (e.g. `caption_tf.evaluation.metrics.corpus_bleu_scores`) enables the
+    per-epoch `val_bleu4` (needed by `--early-stopping-monitor val_bleu4`).
+    """
     runtime = setup_runtime(cfg.train)
     print(f"Runtime: {runtime.replicas} replica(s), precision {runtime.precision}, XLA {'on' if runtime.jit_compile else 'off'}")
-    data = prepare_data(cfg)
+    data = prepare_data(cfg, runtime.replicas)
     run_dir = run_files.run_directory(cfg)
     run_files.save_run_files(
         run_dir,
@@ -150,9 +159,8 @@ def train(cfg: Config) -> Path:
 
     started = time.time()
     # The pipeline shuffles (seeded, checkpointable); Keras must not try to.
-    history = model.fit(
-        train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=make_callbacks(cfg, run_dir), shuffle=False
-    )
+    callbacks = schedule_callbacks(cfg.train, validation_bleu(data, cfg, bleu), val_ds is not None) + make_callbacks(cfg, run_dir)
+    history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=callbacks, shuffle=False)
     save_weights_atomically(model, run_dir / run_files.WEIGHTS_FILE)
     info = {**run_files.load_run(run_dir, with_model=False).info, "status": "complete"}
     info["train_seconds"] = round(time.time() - started, 1)
