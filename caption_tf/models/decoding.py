@@ -44,6 +44,12 @@ def _gather_beams(tensor, parents):
     return tf.reshape(tf.gather(shaped, parents, batch_dims=1), tf.shape(tensor))
 
 
+def _without_padding(scores):
+    """`scores` [N, V] with padding made impossible: it ends a caption only after <end>."""
+    pad = tf.one_hot(PAD_ID, tf.shape(scores)[-1], on_value=NEG_INF, off_value=0.0)
+    return tf.cast(scores, tf.float32) + pad
+
+
 class CaptionGenerator:
     """Compiled decoding functions for one trained `CaptionDecoder`.
 
@@ -99,7 +105,7 @@ class CaptionGenerator:
         tokens, weights = [], []
         for _ in range(self.steps):
             logits, state, step_weights = self.model.step(token, state, values, keys)
-            token = tf.where(done, PAD_ID, tf.argmax(logits, -1, output_type=tf.int32))
+            token = tf.where(done, PAD_ID, tf.argmax(_without_padding(logits), -1, output_type=tf.int32))
             done = done | tf.equal(token, self.end_id)
             tokens.append(token)
             weights.append(tf.cast(step_weights, tf.float32))
@@ -120,7 +126,8 @@ class CaptionGenerator:
         for _ in range(self.steps):
             logits, state, step_weights = self.model.step(token, state, values, keys)
             vocab = tf.shape(logits)[-1]
-            log_probs = tf.reshape(tf.nn.log_softmax(tf.cast(logits, tf.float32)), [batch, beam_size, -1])
+            log_probs = _without_padding(tf.nn.log_softmax(tf.cast(logits, tf.float32)))
+            log_probs = tf.reshape(log_probs, [batch, beam_size, -1])
             # A finished beam has one continuation, padding, at no cost: it keeps its score.
             pad_only = tf.one_hot(PAD_ID, vocab, on_value=0.0, off_value=NEG_INF)
             log_probs = tf.where(finished[..., None], pad_only, log_probs)
