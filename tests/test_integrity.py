@@ -3,8 +3,6 @@
 import errno
 import json
 import logging
-import os
-import threading
 import time
 
 import keras

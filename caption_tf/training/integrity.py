@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import errno as errno_lib
 import hashlib
 import json
