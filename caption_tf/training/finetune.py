@@ -1,0 +1,359 @@
+"""Two-phase training: decoder on cached features, then backbone + decoder end to end.
+
+Phase 1 (`decoder`) is the ordinary trainer: the decoder learns on frozen,
+cached backbone features. Phase 2 (`fine_tune`, when `--fine-tune-layers N`
+> 0) unfreezes the last N layers of the backbone (BatchNormalization layers
+stay frozen: their running statistics would drift on small batches) and
+trains backbone + decoder on images with teacher forcing at
+`--fine-tune-learning-rate` for `--fine-tune-epochs`. Each image passes the
+backbone once per step and its grid is shared by all its reference captions.
+
+Phase 2 writes into the run folder:
+
+    backbone.weights.h5          the fine-tuned backbone (include_top=False)
+    decoder_phase1.weights.h5    the decoder after phase 1 (phase 2 restarts from it)
+    model.weights.h5             the decoder after phase 2
+    history_fine_tune.csv        per-epoch phase-2 metrics; TensorBoard in logs/fine_tune
+
+and re-extracts the feature cache with the fine-tuned backbone (standardised
+with the phase-1 statistics the decoder was trained with), then points the
+run's `config.yaml` (`features.weights`) and `run.json` (`feature_cache`) at
+it, so `evaluate.py` scores the fine-tuned model unchanged.
+
+Each phase has its own completion marker in `run.json` (`phases`), keyed by a
+hash of the requested configuration: rerunning the same command after a
+crash skips a completed phase 1 and resumes phase 2 (from its last finished
+epoch, via `keras.callbacks.BackupAndRestore`).
+
+Example:
+
+>>> run_dir = train_in_phases(load_config("optimized", {"weights": "none"}))
+>>> (run_dir / "backbone.weights.h5").exists()
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from caption_tf.config import Config, save_config
+from caption_tf.data.datasets import load_dataset
+from caption_tf.data.images import load_rgb
+from caption_tf.data.pipeline import captions_table
+from caption_tf.data.records import SPLITS
+from caption_tf.features.backbones import FeatureExtractor, build_extractor
+from caption_tf.features.cache import (
+    MANIFEST,
+    NORMALIZER_FILE,
+    FeatureCache,
+    FeatureNormalizer,
+    cache_directory,
+    cache_request,
+    extract_split,
+    open_cache,
+)
+from caption_tf.models.decoder import masked_loss
+from caption_tf.training import run as run_files
+from caption_tf.training.runtime import setup_runtime
+from caption_tf.training.schedules import BleuFunction, LearningRateLogger
+
+BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
+PHASE1_WEIGHTS_FILE = "decoder_phase1.weights.h5"
+FINE_TUNE_HISTORY_FILE = "history_fine_tune.csv"
+FINE_TUNE_LOG_DIR = "fine_tune"  # under logs/
+FINE_TUNE_BACKUP_DIR = "fine_tune_backup"
+PHASE_DECODER, PHASE_FINE_TUNE = "decoder", "fine_tune"
+
+
+# ------------------------------------------------------------------ freezing
+
+
+def unfreeze_last_layers(backbone: keras.Model, count: int) -> list[str]:
+    """Make only the last `count` layers trainable, BatchNormalization excluded; returns their names.
+
+    Example:
+
+    >>> names = unfreeze_last_layers(build_backbone("mobilenet_v3_small", "none", 32), 10)
+    """
+    if count < 0:
+        raise ValueError(f"--fine-tune-layers must be >= 0, got {count}")
+    backbone.trainable = True
+    first = max(len(backbone.layers) - count, 0)
+    unfrozen = []
+    for i, layer in enumerate(backbone.layers):
+        # Frozen BatchNormalization runs in inference mode in Keras 3: statistics stay put.
+        layer.trainable = i >= first and not isinstance(layer, keras.layers.BatchNormalization)
+        if layer.trainable and layer.weights:
+            unfrozen.append(layer.name)
+    return unfrozen
+
+
+# ------------------------------------------------------------------ the model
+
+
+class EndToEndCaptioner(keras.Model):
+    """Images -> backbone grid -> standardisation -> decoder, trained with teacher forcing.
+
+    A batch is `(images uint8 [B, S, S, 3], tokens int32 [B, refs, max_length])`;
+    reference slots without a caption are all padding and drop out of the loss.
+
+    Example:
+
+    >>> model = EndToEndCaptioner(extractor, decoder, normalizer.mean, normalizer.std)
+    >>> model.compile(keras.optimizers.Adam(1e-5)); model.fit(image_caption_batches(...))
+    """
+
+    def __init__(self, extractor: FeatureExtractor, decoder: keras.Model, mean: np.ndarray, std: np.ndarray, **kwargs):
+        super().__init__(**kwargs)
+        self.extractor, self.decoder = extractor, decoder
+        self.mean = ops.convert_to_tensor(np.asarray(mean, np.float32))
+        self.std = ops.convert_to_tensor(np.asarray(std, np.float32))
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+
+    def grid(self, images, training=False):
+        grid, _ = self.extractor(images, training=training)
+        return (ops.cast(grid, "float32") - self.mean) / self.std
+
+    def call(self, inputs, training=False):
+        images, tokens = inputs
+        grid = self.grid(images, training)
+        refs = tokens.shape[1]
+        flat = ops.reshape(tokens, (-1, tokens.shape[2]))
+        return self.decoder((ops.repeat(grid, refs, axis=0), flat[:, :-1]), training=training), flat[:, 1:]
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker]
+
+    def train_step(self, data):
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            logits, targets = self(data, training=True)
+            loss = masked_loss(targets, logits)
+            scaled = self.optimizer.scale_loss(loss / replicas)
+        variables = self.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+        self.loss_tracker.update_state(loss)
+        return {"loss": self.loss_tracker.result()}
+
+    def test_step(self, data):
+        logits, targets = self(data, training=False)
+        self.loss_tracker.update_state(masked_loss(targets, logits))
+        return {"loss": self.loss_tracker.result()}
+
+
+# ------------------------------------------------------------------ data
+
+
+def image_caption_batches(
+    paths: list[str], tokens: np.ndarray, size: int, batch_size: int, shuffle: bool = False, seed: int = 0
+) -> tf.data.Dataset:
+    """(images uint8, tokens [refs, max_length]) batches; images read like the feature cache reads them.
+
+    Example:
+
+    >>> ds = image_caption_batches(["a.jpg"], table[:1], size=224, batch_size=16)
+    """
+
+    def load(path: bytes):
+        return load_rgb(path.decode(), size=(size, size))
+
+    def decode(path, caption_tokens):
+        image = tf.numpy_function(load, [path], tf.uint8, stateful=False)
+        image.set_shape((size, size, 3))
+        return image, caption_tokens
+
+    ds = tf.data.Dataset.from_tensor_slices((list(paths), tokens))
+    if shuffle:
+        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch_size)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def split_batches(dataset, cache: FeatureCache, vocab, split: str, size: int, batch_size: int, shuffle: bool, seed: int):
+    """Image-caption batches of the images the cache could decode, in cache order."""
+    records = dataset.by_id()
+    ids = cache.image_ids(split)
+    if not ids:
+        return None
+    table, _ = captions_table([vocab.encode(records[i].captions) for i in ids], vocab.max_length)
+    return image_caption_batches([records[i].path for i in ids], table, size, batch_size, shuffle, seed)
+
+
+# ------------------------------------------------------------------ phase markers
+
+
+def config_hash(cfg: Config) -> str:
+    """Identity of a requested configuration (before `auto` settings are resolved)."""
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_info(run_dir: Path) -> dict:
+    path = run_dir / run_files.RUN_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def phase_complete(run_dir: Path, phase: str, requested: str) -> bool:
+    """True when `phase` finished for the same requested configuration."""
+    marker = read_info(run_dir).get("phases", {}).get(phase, {})
+    return marker.get("status") == "complete" and marker.get("config_hash") == requested
+
+
+def mark_phase(run_dir: Path, phase: str, requested: str, **details) -> None:
+    info = read_info(run_dir)
+    info.setdefault("phases", {})[phase] = {"status": "complete", "config_hash": requested, **details}
+    run_files.write_json(run_dir / run_files.RUN_FILE, info)
+
+
+# ------------------------------------------------------------------ cache of the fine-tuned backbone
+
+
+def build_fine_tuned_cache(dataset, features_cfg, extractor: FeatureExtractor, normalizer: FeatureNormalizer) -> FeatureCache:
+    """Extract every split with the fine-tuned `extractor`, standardised with the phase-1 statistics.
+
+    `features_cfg.weights` must be the saved fine-tuned backbone file: it keys the cache entry.
+    """
+    request = cache_request(dataset, features_cfg)
+    directory = cache_directory(request, features_cfg)
+    existing = open_cache(directory, request)
+    if existing is not None:
+        return existing
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    started, skipped, splits, grid_shape = time.time(), [], {}, None
+    for split in SPLITS:
+        splits[split], shape, _ = extract_split(extractor, dataset.split(split), tmp, split, features_cfg, skipped, normalizer)
+        grid_shape = grid_shape or shape
+    normalizer.save(tmp / NORMALIZER_FILE)
+    manifest = {
+        **request,
+        "key": directory.name,
+        "grid_shape": [int(d) for d in grid_shape],
+        "splits": splits,
+        "skipped": skipped,
+        "seconds": round(time.time() - started, 2),
+        "normalizer": "phase-1 statistics (fine-tuned backbone)",
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return FeatureCache(directory, manifest)
+
+
+# ------------------------------------------------------------------ phase 2
+
+
+def fine_tune(cfg: Config, run_dir: Path) -> Path:
+    """Phase 2 on a run whose phase 1 is complete; `cfg` is the requested configuration.
+
+    Example:
+
+    >>> fine_tune(cfg, Path("runs/optimized-shapes-inception_v3-lstm-bahdanau"))
+    """
+    run = run_files.load_run(run_dir, with_model=False)
+    phase1 = read_info(run_dir)["phases"][PHASE_DECODER]
+    saved = run.config  # resolved `auto` settings
+    features_cfg = dataclasses.replace(saved.features, weights=cfg.features.weights)
+    dataset = load_dataset(saved.data)
+    cache = open_cache(Path(phase1["feature_cache"]), cache_request(dataset, features_cfg))
+    if cache is None:
+        raise FileNotFoundError(f"{phase1['feature_cache']}: the phase-1 feature cache is missing; rerun without it to rebuild")
+    runtime = setup_runtime(saved.train)
+    batch = saved.train.fine_tune_batch_size * runtime.replicas
+    with runtime.strategy.scope():
+        extractor = build_extractor(features_cfg.backbone, features_cfg.weights, features_cfg.input_size)
+        unfrozen = unfreeze_last_layers(extractor.backbone, saved.features.fine_tune_layers)
+        from caption_tf.models.decoder import build_decoder
+
+        decoder = build_decoder(saved.model, run.vocab.size, cache.grid_shape, run.vocab.max_length)
+        decoder.load_weights(run_dir / PHASE1_WEIGHTS_FILE)
+        normalizer = cache.normalizer()
+        model = EndToEndCaptioner(extractor, decoder, normalizer.mean, normalizer.std, name="end_to_end")
+        # Built before fit: BackupAndRestore restores into an existing model.
+        model((np.zeros((1, extractor.input_size, extractor.input_size, 3), np.uint8), np.zeros((1, 1, run.vocab.max_length), np.int32)))
+        optimizer = keras.optimizers.Adam(saved.train.fine_tune_learning_rate * runtime.replicas, clipnorm=saved.train.clipnorm)
+        model.compile(optimizer=optimizer, jit_compile=False)  # a whole CNN under XLA: long compiles, no gain measured
+    print(
+        f"Phase 2: fine-tuning {len(unfrozen)} weighted layers of the last {saved.features.fine_tune_layers} "
+        f"of {features_cfg.backbone} + decoder, lr {saved.train.fine_tune_learning_rate:g}, "
+        f"{saved.train.fine_tune_epochs} epoch(s), batch {batch} images",
+        flush=True,
+    )
+    size = extractor.input_size
+    train_ds = split_batches(dataset, cache, run.vocab, "train", size, batch, True, saved.train.seed)
+    val_ds = split_batches(dataset, cache, run.vocab, "val", size, batch, False, 0)
+    callbacks = [
+        LearningRateLogger(),
+        keras.callbacks.BackupAndRestore(str(run_dir / FINE_TUNE_BACKUP_DIR), save_freq="epoch"),
+        keras.callbacks.CSVLogger(str(run_dir / FINE_TUNE_HISTORY_FILE), append=True),
+        keras.callbacks.TensorBoard(str(run_dir / run_files.LOG_DIR / FINE_TUNE_LOG_DIR), update_freq="epoch"),
+    ]
+    started = time.time()
+    model.fit(train_ds, validation_data=val_ds, epochs=saved.train.fine_tune_epochs, callbacks=callbacks, shuffle=False)
+
+    # Publish: backbone, cache, decoder, then config and run.json; the marker is written last.
+    backbone_path = (run_dir / BACKBONE_WEIGHTS_FILE).resolve()
+    tmp = backbone_path.with_name("partial-" + backbone_path.name)
+    extractor.backbone.save_weights(tmp)
+    tmp.replace(backbone_path)
+    tuned_features = dataclasses.replace(saved.features, weights=str(backbone_path))
+    tuned_cache = build_fine_tuned_cache(dataset, tuned_features, extractor, normalizer)
+    tmp = run_dir / ("partial-" + run_files.WEIGHTS_FILE)
+    decoder.save_weights(tmp)
+    tmp.replace(run_dir / run_files.WEIGHTS_FILE)
+    tuned_config = copy.deepcopy(saved)
+    tuned_config.features = tuned_features
+    save_config(tuned_config, run_dir / run_files.CONFIG_FILE)
+    info = read_info(run_dir)
+    info.update(feature_cache=str(tuned_cache.directory), feature_fingerprint=tuned_cache.fingerprint)
+    run_files.write_json(run_dir / run_files.RUN_FILE, info)
+    mark_phase(
+        run_dir,
+        PHASE_FINE_TUNE,
+        config_hash(cfg),
+        unfrozen_layers=unfrozen,
+        seconds=round(time.time() - started, 1),
+        feature_cache=str(tuned_cache.directory),
+    )
+    return run_dir
+
+
+def train_in_phases(cfg: Config, bleu: Optional[BleuFunction] = None) -> Path:
+    """Phase 1 (skipped when already complete for this config), then phase 2 if requested.
+
+    Example:
+
+    >>> run_dir = train_in_phases(load_config("optimized"), bleu=corpus_bleu_scores)
+    """
+    from caption_tf.training.trainer import train
+
+    requested = config_hash(cfg)
+    run_dir = run_files.run_directory(cfg)
+    if phase_complete(run_dir, PHASE_DECODER, requested) and (run_dir / PHASE1_WEIGHTS_FILE).exists():
+        print(f"Phase 1 (decoder) already complete in {run_dir}: skipping it", flush=True)
+    else:
+        # A (re)trained decoder invalidates any half-finished phase 2.
+        shutil.rmtree(run_dir / FINE_TUNE_BACKUP_DIR, ignore_errors=True)
+        run_dir = train(copy.deepcopy(cfg), bleu)
+        shutil.copyfile(run_dir / run_files.WEIGHTS_FILE, run_dir / PHASE1_WEIGHTS_FILE)
+        mark_phase(run_dir, PHASE_DECODER, requested, feature_cache=read_info(run_dir)["feature_cache"])
+    if cfg.features.fine_tune_layers <= 0:
+        return run_dir
+    if phase_complete(run_dir, PHASE_FINE_TUNE, requested):
+        print(f"Phase 2 (fine-tune) already complete in {run_dir}", flush=True)
+        return run_dir
+    return fine_tune(cfg, run_dir)
