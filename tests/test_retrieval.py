@@ -1,0 +1,73 @@
+"""Retrieval Recall@K on hand-made score matrices and on a tiny trained model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from caption_tf.evaluation.retrieval import chance_recall_at_k, pair_scores, recall_at_k, retrieval_scores
+
+
+def test_recall_at_k_on_a_hand_made_matrix():
+    # 3 images x 6 captions, captions 2i and 2i+1 belong to image i.
+    positives = np.repeat(np.eye(3, dtype=bool), 2, axis=1)
+    scores = np.array(
+        [
+            [0.9, 0.1, 0.8, 0.7, 0.2, 0.3],  # own caption ranked 1st -> hit at 1
+            [0.9, 0.8, 0.1, 0.7, 0.2, 0.3],  # best own caption (0.7) behind 2 negatives -> hit at 3
+            [0.5, 0.5, 0.5, 0.5, 0.5, 0.4],  # best own (0.5) ties 4 negatives: behind them -> hit at 5
+        ]
+    )
+    assert recall_at_k(scores, positives, ks=(1, 2, 3, 4, 5)) == {"R@1": 1 / 3, "R@2": 1 / 3, "R@3": 2 / 3, "R@4": 2 / 3, "R@5": 1.0}
+    # Text -> image: each caption against the 3 images.
+    t2i = recall_at_k(scores.T, positives.T, ks=(1, 2, 3))
+    # Column-wise: caption 0 (image 0): 0.9 vs 0.9 tie -> rank 1; caption 1: 0.1 < 0.8, 0.5 -> rank 2;
+    # caption 2 (image 1): 0.1 < 0.8, 0.5 -> rank 2; caption 3: 0.7 ties image 0 -> rank 1;
+    # caption 4 (image 2): 0.5 > 0.2, 0.2 -> rank 0; caption 5: 0.4 > 0.3 -> rank 0.
+    assert t2i == {"R@1": 2 / 6, "R@2": 4 / 6, "R@3": 1.0}
+    with pytest.raises(ValueError, match="same 2-D shape"):
+        recall_at_k(scores, positives[:, :5])
+    with pytest.raises(ValueError, match="no positive"):
+        recall_at_k(scores, np.zeros_like(positives))
+
+
+def test_chance_baseline_matches_simulated_random_rankings():
+    positives = np.repeat(np.eye(4, dtype=bool), 3, axis=1)  # 4 images, 3 captions each
+    rng = np.random.default_rng(0)
+    simulated = np.mean([recall_at_k(rng.random(positives.shape), positives, ks=(1, 5))["R@5"] for _ in range(3000)])
+    exact = chance_recall_at_k(positives, ks=(1, 5))
+    assert exact["R@1"] == pytest.approx(3 / 12)
+    assert exact["R@5"] == pytest.approx(1 - (9 * 8 * 7 * 6 * 5) / (12 * 11 * 10 * 9 * 8))
+    assert simulated == pytest.approx(exact["R@5"], abs=0.03)
+    assert chance_recall_at_k(np.eye(3, dtype=bool), ks=(10,)) == {"R@10": 1.0}
+
+
+def test_retrieval_on_a_tiny_trained_run(tiny_run):
+    from caption_tf.evaluation.captioning import open_run_cache
+    from caption_tf.training.run import load_run
+
+    _, run_dir = tiny_run
+    run = load_run(run_dir)
+    cache = open_run_cache(run)
+    result = retrieval_scores(run, cache, "test", ks=(1, 5, 10))
+    n_images = len(cache.image_ids("test"))
+    assert result["images"] == n_images and result["captions"] >= n_images
+    for direction in ("image_to_text", "text_to_image"):
+        assert set(result[direction]) == {"R@1", "R@5", "R@10"}
+        assert all(0.0 <= v <= 1.0 for v in result[direction].values())
+        assert all(0.0 < v <= 1.0 for v in result["chance"][direction].values())
+        values = list(result[direction].values())
+        assert values == sorted(values)  # recall never drops as K grows
+
+    # The batched score matrix equals per-pair teacher-forced log-likelihoods from the decoder itself.
+    grids = cache.load_split("test")["grid"][:2]
+    tokens = run.vocab.encode(["a red circle", "a blue square on the left"])
+    matrix = pair_scores(run.generator(), grids, tokens)
+    for i in range(2):
+        for j in range(2):
+            logits = run.model((grids[i : i + 1].astype("float32"), tokens[j : j + 1, :-1])).numpy()[0]
+            targets = tokens[j, 1:]
+            log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+            real = targets != 0
+            expected = log_probs[np.arange(len(targets)), targets][real].mean()
+            assert matrix[i, j] == pytest.approx(expected, abs=1e-3)
