@@ -24,13 +24,19 @@ def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
     cfg = load_config(args.preset, overrides_from_args(args))
     from caption_tf.evaluation.captioning import evaluate_run
+    from caption_tf.evaluation.metrics import corpus_bleu_scores
     from caption_tf.training.trainer import train
 
-    run_dir = train(cfg)
+    run_dir = train(cfg, bleu=corpus_bleu_scores)  # enables the per-epoch val_bleu4
     metrics = evaluate_run(run_dir)
     print(f"\nRun folder: {run_dir}")
-    print(f"Test metrics ({metrics['images']} images, greedy): " + json.dumps(metrics["greedy"]))
+    print(f"Test metrics ({metrics['images']} images, greedy): " + _bleu_line(metrics["greedy"]))
+    print(f"Blind baseline (one caption for every image, {metrics['blind_baseline']['caption']!r}): " + _bleu_line(metrics["blind_baseline"]))
     return 0
+
+
+def _bleu_line(scores: dict) -> str:
+    return " ".join(f"BLEU-{n}={scores[f'bleu{n}']:.3f}" for n in range(1, 5))
 
 
 def evaluate_parser() -> argparse.ArgumentParser:

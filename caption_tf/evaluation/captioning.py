@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,17 +65,27 @@ def references_for(dataset, image_ids: list[str]) -> list[list[str]]:
     return [[clean_caption(c) for c in records[i].captions] for i in image_ids]
 
 
+def blind_caption(dataset) -> str:
+    """The most frequent training caption: what a model that ignores the image would say."""
+    counts = collections.Counter(clean_caption(c) for r in dataset.split("train") for c in r.captions)
+    return counts.most_common(1)[0][0] if counts else ""
+
+
 def evaluate_run(run_dir: str | Path, split: str = "test") -> dict:
     """Greedy-decode `split`, score BLEU-1..4 against all references, write metrics.json."""
     run = load_run(run_dir)
     dataset = load_dataset(run.config.data)
     cache = open_run_cache(run, dataset)
     generated = caption_split(run, cache, split, run.config.eval.eval_batch_size)
-    scores = corpus_bleu_scores(references_for(dataset, generated.image_ids), generated.captions)
+    references = references_for(dataset, generated.image_ids)
+    scores = corpus_bleu_scores(references, generated.captions)
+    blind = blind_caption(dataset)
     metrics = {
         "split": split,
         "images": len(generated.image_ids),
         "greedy": scores,
+        # Baseline for honesty: the same metric for one fixed caption on every image.
+        "blind_baseline": {"caption": blind, **corpus_bleu_scores(references, [blind] * len(references))},
         "captions_per_second": round(len(generated.image_ids) / max(generated.seconds, 1e-9), 1),
         "examples": [{"image_id": i, "caption": c} for i, c in list(zip(generated.image_ids, generated.captions))[:10]],
     }
