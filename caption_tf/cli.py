@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from caption_tf.config import add_config_arguments, load_config, overrides_from_args
 
@@ -25,9 +26,16 @@ def train_main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.preset, overrides_from_args(args))
     from caption_tf.evaluation.captioning import evaluate_run
     from caption_tf.evaluation.metrics import corpus_bleu_scores
-    from caption_tf.training.trainer import train
+    from caption_tf.training.finetune import train_in_phases
 
-    run_dir = train(cfg, bleu=corpus_bleu_scores)  # enables the per-epoch val_bleu4
+    if cfg.train.tune:
+        from caption_tf.training.tuning import tune
+
+        result = tune(cfg, bleu=corpus_bleu_scores)
+        print(f"\nBest preset: {result.best_preset} (train with: python train.py --preset {result.best_preset})")
+        return 0
+    # Phase 1 (decoder on cached features), then phase 2 when --fine-tune-layers > 0.
+    run_dir = train_in_phases(cfg, bleu=corpus_bleu_scores)  # bleu enables the per-epoch val_bleu4
     metrics = evaluate_run(run_dir)
     print(f"\nRun folder: {run_dir}")
     print(f"Test metrics ({metrics['images']} images, greedy): " + _bleu_line(metrics["greedy"]))
@@ -40,19 +48,56 @@ def _bleu_line(scores: dict) -> str:
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evaluate.py", description="Evaluate trained runs and write a report.")
-    parser.add_argument("--run", action="append", required=True, help="a run folder (repeat to compare runs)")
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description="Evaluate trained runs (greedy and beam search) and write an HTML report comparing them.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--run", action="append", required=True, help="a run folder (repeat to compare runs side by side)")
+    parser.add_argument("--out", default=None, help="report folder (default: reports/<run>[_vs_<run>...])")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    parser.add_argument("--beam-size", type=int, default=None, help="override eval.beam_size of every run")
+    parser.add_argument("--length-penalty", type=float, default=None, help="override eval.length_penalty (GNMT alpha)")
+    parser.add_argument("--max-eval-images", type=int, default=None, help="override eval.max_eval_images")
+    parser.add_argument("--word-vectors", default=None, help="GloVe/word2vec/.kv file (default: word2vec on training captions)")
+    parser.add_argument("--meteor", action=argparse.BooleanOptionalAction, default=None, help="override eval.meteor")
+    parser.add_argument("--llm", default=None, help="a transformers image-to-text model (hub id or folder) for the LLM column")
+    parser.add_argument("--images", nargs="+", default=(), help="caption these image files too (attention maps in the report)")
+    parser.add_argument("--full", action="store_true", help="with --images: also evaluate the split (default: a small report)")
+    parser.add_argument("--no-resources", dest="resources", action="store_false", help="skip the latency/memory benchmark")
+    parser.add_argument("--no-embeddings", dest="embeddings", action="store_false", help="skip the PCA/t-SNE plots")
+    parser.add_argument("--resource-batch-sizes", type=int, nargs="+", default=None, help="batch sizes timed (default 1 8 32)")
     return parser
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     args = evaluate_parser().parse_args(argv)
-    from caption_tf.evaluation.captioning import evaluate_run
+    from caption_tf.evaluation.report import REPORT_FILE, ReportOptions, build_report, default_out_dir
+    from caption_tf.evaluation.resources import RESOURCE_BATCH_SIZES
 
-    for run_dir in args.run:
-        metrics = evaluate_run(run_dir, args.split)
-        print(f"{run_dir}: {args.split} ({metrics['images']} images, greedy) " + json.dumps(metrics["greedy"]))
+    options = ReportOptions(
+        out_dir=str(args.out or default_out_dir(args.run)),
+        split=args.split,
+        beam_size=args.beam_size,
+        length_penalty=args.length_penalty,
+        max_eval_images=args.max_eval_images,
+        word_vectors=args.word_vectors,
+        meteor=args.meteor,
+        llm=args.llm,
+        images=tuple(args.images),
+        evaluate_split=args.full or not args.images,
+        resources=args.resources,
+        embeddings=args.embeddings,
+        resource_batch_sizes=tuple(args.resource_batch_sizes or RESOURCE_BATCH_SIZES),
+    )
+    summary = build_report(args.run, options)
+    for decoding, columns in summary.get("comparison", {}).items():
+        for column, row in columns.items():
+            print(f"{column} [{decoding}]: " + " ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)))
+    for column, items in summary.get("user_images", {}).items():
+        for item in items:
+            print(f"{column}: {item['path']}: " + (item.get("beam") or f"error: {item.get('error')}"))
+    print(f"Report: {Path(options.out_dir) / REPORT_FILE}")
     return 0
 
 
