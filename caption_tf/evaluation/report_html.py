@@ -1,0 +1,244 @@
+"""Render the report summary (the content of metrics.json) as one self-contained HTML page.
+
+The page has inline CSS, no scripts and no network references; figures are
+PNG files in `figures/` beside it, referenced by relative paths, so the
+folder can be zipped, moved or opened straight from disk.
+
+Example:
+
+>>> html_text = render_report(json.load(open("reports/x/metrics.json")))
+>>> html_text.startswith("<!DOCTYPE html>")
+True
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any, Iterable, Optional, Sequence
+
+METRIC_NAMES = {
+    "bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "cider": "CIDEr-D",
+    "rouge_l": "ROUGE-L", "meteor": "METEOR", "cosine_max": "word-vector cosine (max over refs)",
+    "wmd": "WMD (min over refs, lower is better)", "object_accuracy": "object accuracy (whole scene right)",
+    "colour_accuracy": "colour accuracy", "shape_accuracy": "shape accuracy", "relation_accuracy": "relation accuracy",
+    "attention_in_box_colour": "attention in box: colour words", "attention_in_box_shape": "attention in box: shape words",
+    "attention_in_box_size": "attention in box: size words",
+}
+DIGITS = 3
+STYLE = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1300px;color:#222;padding:0 16px}
+h1{font-size:1.6em}h2{border-bottom:2px solid #3b75af;padding-bottom:4px;margin-top:2em}h3{margin-top:1.4em}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:0.9em}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#eef3f8}td.num{text-align:right;font-variant-numeric:tabular-nums}
+img{max-width:100%;border:1px solid #ddd;margin:4px 0}
+.note{color:#666;font-size:0.9em}.bad{color:#a33}.figs img{max-width:48%;margin-right:1%}
+nav a{margin-right:12px}code{background:#f4f4f4;padding:1px 4px}
+"""
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def fmt(value: Any) -> str:
+    """Numbers to 3 decimals, None as an en dash, everything else as text.
+
+    Example:
+
+    >>> fmt(0.12345), fmt(None), fmt(7)
+    ('0.123', '–', '7')
+    """
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{DIGITS}f}"
+    return str(value)
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """An HTML table; numeric cells are right-aligned.
+
+    Example:
+
+    >>> table(["a"], [[1.0]])
+    '<table><tr><th>a</th></tr><tr><td class="num">1.000</td></tr></table>'
+    """
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = ""
+    for row in rows:
+        cells = "".join(
+            f'<td class="num">{esc(fmt(c))}</td>' if isinstance(c, (int, float)) or c is None else f"<td>{esc(c)}</td>"
+            for c in row
+        )
+        body += f"<tr>{cells}</tr>"
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def images(paths: Iterable[str], alt: str, cls: str = "") -> str:
+    tags = "".join(f'<img src="{esc(p)}" alt="{esc(alt)}">' for p in paths)
+    return f'<div class="{cls}">{tags}</div>' if cls else tags
+
+
+def section(anchor: str, title: str, body: str) -> str:
+    return f'<h2 id="{esc(anchor)}">{esc(title)}</h2>\n{body}\n'
+
+
+def _comparison(summary: dict) -> str:
+    body = ""
+    for decoding, columns in summary.get("comparison", {}).items():
+        names = list(columns)
+        metrics = [m for m in METRIC_NAMES if any(m in columns[c] for c in names)]
+        rows = [[METRIC_NAMES[m]] + [columns[c].get(m) for c in names] for m in metrics]
+        label = "greedy decoding" if decoding == "greedy" else "beam search"
+        body += f"<h3>{esc(label)}</h3>" + table(["metric", *names], rows)
+    runs = summary["runs"]
+    body += table(["run", "what it is", "images", "beam size", "length penalty"],
+                  [[n, r["label"], r.get("images"), r.get("decoding", {}).get("beam_size"), r.get("decoding", {}).get("length_penalty")]
+                   for n, r in runs.items()])
+    body += images(summary["figures"].get("comparison", []), "metric comparison", "figs")
+    llm = summary.get("llm")
+    if llm is not None:
+        if llm.get("available"):
+            body += f'<p class="note">LLM column: <code>{esc(llm["model"])}</code> captioned the same images ' \
+                    f"(its captions are the same for both tables; decoding settings from the first run).</p>"
+        else:
+            body += f'<p class="bad">LLM column unavailable: {esc(llm.get("reason"))}</p>'
+    first = next(iter(runs.values()), {})
+    scores = first.get("beam", {}).get("scores", {})
+    if scores:
+        meteor = scores.get("meteor", {})
+        body += f'<p class="note">Tokenizer: {esc(scores.get("tokenizer"))}. BLEU smoothing: {esc(scores.get("bleu_smoothing"))}. ' \
+                f'METEOR: {esc("computed" if meteor.get("available") else meteor.get("reason"))}. ' \
+                f'SPICE: {esc(scores.get("spice", {}).get("reason", ""))}</p>'
+    return section("comparison", "Comparison", body)
+
+
+def _semantic(summary: dict) -> str:
+    rows = []
+    for name, r in summary["runs"].items():
+        for decoding in ("greedy", "beam"):
+            s = r.get(decoding, {}).get("semantic")
+            if s:
+                wmd = s["wmd"].get("mean_min_distance") if s["wmd"].get("available") else s["wmd"].get("reason")
+                oov = s["oov"]
+                rows.append([name, decoding, s["cosine_max"], s["cosine_mean"], wmd, s["unscorable_images"],
+                             f"{oov['oov_hypothesis']}/{oov['hypothesis_tokens']}", s["vectors"]])
+    body = table(["run", "decoding", "cosine max", "cosine mean", "WMD", "unscorable images", "OOV generated tokens", "word vectors"], rows)
+    return section("semantic", "Semantic similarity", body)
+
+
+def _errors(name: str, run: dict) -> str:
+    body = f"<h3>{esc(name)}</h3>" + images(run["figures"].get("histograms", []), "score histogram", "figs")
+    for decoding in ("greedy", "beam"):
+        errors = run.get(decoding, {}).get("errors")
+        if not errors:
+            continue
+        dist, words, lengths = errors["score_distribution"], errors["words"], errors["lengths"]
+        body += f"<h4>{esc(decoding)}</h4>"
+        body += table(["per-image " + dist["metric"], "mean", "std", "min", "median", "max"],
+                      [["", dist["mean"], dist["std"], dist["min"], dist["percentiles"]["50"], dist["max"]]])
+        for which in ("worst", "best"):
+            entries = errors["best_and_worst"][which]
+            body += f"<p><b>{esc(which)} captions</b></p>" + table(
+                ["image", dist["metric"], "generated", "references"],
+                [[e["image_id"], e[dist["metric"]], e["generated"], " | ".join(e["references"])] for e in entries])
+        body += table(["most hallucinated words (images)", "most missed words (images)"],
+                      [[", ".join(f"{w} ({c})" for w, c in words["hallucinated"]) or "none",
+                        ", ".join(f"{w} ({c})" for w, c in words["missed"]) or "none"]])
+        body += table(["length (words)", "mean", "std", "min", "max"],
+                      [[k, lengths[k].get("mean"), lengths[k].get("std"), lengths[k].get("min"), lengths[k].get("max")]
+                       for k in ("generated", "reference")])
+        objects = errors.get("objects")
+        if objects:
+            keys = ("object_accuracy", "colour_accuracy", "shape_accuracy", "size_accuracy", "object_precision",
+                    "object_recall", "count_accuracy", "relation_accuracy")
+            body += table(["object-level (shapes)", *[k.replace("_", " ") for k in keys]],
+                          [["", *[objects[k] for k in keys]]])
+    body += images(run["figures"].get("confusion", []), "confusion", "figs")
+    return body
+
+
+def _localisation(summary: dict) -> str:
+    rows = []
+    for name, r in summary["runs"].items():
+        for decoding in ("greedy", "beam"):
+            loc = r.get(decoding, {}).get("localisation")
+            if not loc:
+                continue
+            for kind, v in loc["by_type"].items():
+                rows.append([name, decoding, f"{kind} words", v["count"], v["mass_in_box"], v["uniform_baseline"], v["ratio"]])
+            for word, v in loc["by_word"].items():
+                rows.append([name, decoding, word, v["count"], v["mass_in_box"], v["uniform_baseline"], v["ratio"]])
+            rows.append([name, decoding, "unresolved words (no unique named object)", loc["unresolved"], None, None, None])
+    if not rows:
+        return section("localisation", "Attention localisation",
+                       '<p class="note">Not computed: the evaluated dataset has no ground-truth object boxes (shapes dataset only).</p>')
+    body = '<p class="note">Share of a step\'s attention mass inside the box of the object the generated word names; ' \
+           "uniform attention would score the box area (baseline). Ratio &gt; 1: the model looks at the object.</p>"
+    body += table(["run", "decoding", "word", "count", "attention in box", "uniform baseline", "ratio"], rows)
+    return section("localisation", "Attention localisation", body)
+
+
+def _user_images(summary: dict) -> str:
+    body = ""
+    for name, items in summary.get("user_images", {}).items():
+        body += f"<h3>{esc(name)}</h3>"
+        body += table(["image", "greedy", "beam", "problem"],
+                      [[i["path"], i.get("greedy", ""), i.get("beam", ""), i.get("error", "")] for i in items])
+        body += images([i["figure"] for i in items if "figure" in i], "attention on user image")
+    return section("user-images", "Your images", body)
+
+
+def _resources(summary: dict) -> str:
+    rows = []
+    for name, r in summary["runs"].items():
+        usage = r.get("resources")
+        if not usage:
+            continue
+        for t in sorted(usage["throughput"].values(), key=lambda x: x["batch_size"]):
+            rows.append([name, usage["device"], usage["backbone_parameters"], usage["decoder_parameters"],
+                         usage.get("peak_device_memory_mb", usage["peak_rss_mb"]), t["batch_size"],
+                         t["latency_ms_per_image"], t["images_per_second"]])
+    body = '<p class="note">Full inference path (backbone + greedy decoder) on random images, median of timed calls ' \
+           "after one warm-up per batch size. Memory: peak process RSS on CPU, TensorFlow peak on GPU.</p>"
+    body += table(["run", "device", "backbone params", "decoder params", "peak memory (MB)", "batch size",
+                   "latency (ms/image)", "throughput (images/s)"], rows)
+    llm = summary.get("llm_resources")
+    if llm:
+        body += "<p>LLM: " + esc(", ".join(f"{k}={fmt(v)}" for k, v in llm.items() if not isinstance(v, (dict, list)))) + "</p>"
+    body += images(summary["figures"].get("resources", []), "resources")
+    return section("resources", "Resource usage", body)
+
+
+def render_report(summary: dict, title: Optional[str] = None) -> str:
+    """The whole report page for a `build_report` summary."""
+    runs = summary["runs"]
+    title = title or "Caption evaluation: " + ", ".join(runs)
+    parts = [f"<h1>{esc(title)}</h1>",
+             f'<p class="note">Generated {esc(summary["generated"])}; split <b>{esc(summary["split"])}</b>; '
+             f"numbers in <code>metrics.json</code> beside this page.</p>"]
+    nav = []
+    if "comparison" in summary:
+        parts.append(_comparison(summary))
+        parts.append(_semantic(summary))
+        parts.append(section("errors", "Error analysis", "".join(_errors(n, r) for n, r in runs.items())))
+        parts.append(_localisation(summary))
+        attention = "".join(f"<h3>{esc(n)}</h3>" + images(r["figures"].get("attention", []), "attention map") for n, r in runs.items())
+        parts.append(section("attention", "Attention maps (greedy, one panel per generated word)", attention))
+        examples = "".join(f"<h3>{esc(n)}</h3>" + images(r["figures"].get("examples", []), "examples") for n, r in runs.items())
+        parts.append(section("examples", "Examples: references and generated captions", examples))
+        if summary["figures"].get("embeddings"):
+            parts.append(section("embeddings", "Backbone embeddings (PCA and t-SNE)", images(summary["figures"]["embeddings"], "embeddings")))
+        if any(r.get("resources") for r in runs.values()):
+            parts.append(_resources(summary))
+        nav = ["comparison", "semantic", "errors", "localisation", "attention", "examples", "embeddings", "resources"]
+    if "user_images" in summary:
+        parts.append(_user_images(summary))
+        nav.append("user-images")
+    links = "".join(f'<a href="#{a}">{a.replace("-", " ")}</a>' for a in nav if f'id="{a}"' in "".join(parts))
+    body = f"<nav>{links}</nav>\n" + "\n".join(parts)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{esc(title)}</title>\n'
+            f"<style>{STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
