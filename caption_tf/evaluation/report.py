@@ -224,6 +224,9 @@ def evaluate_split(result: RunResult, options: ReportOptions, vectors: _WordVect
         path = figures / f"{name}-attention-{k}.png"
         plots.attention_grid(image, caps["words"][k], caps["attention"][k], path, f"{result.name}, {ids[k]} (greedy)")
         result.figures.setdefault("attention", []).append(_rel(path, figures))
+    from caption_tf.evaluation.retrieval import retrieval_scores
+
+    metrics["retrieval"] = retrieval_scores(run, cache, options.split, max_images=len(ids), dataset=dataset)
     result.metrics.update(metrics)
 
 
@@ -276,6 +279,8 @@ def comparison_table(results: list[RunResult], llm: Optional[dict]) -> dict:
             loc = m.get("localisation", {}).get("by_type", {})
             for kind, values in loc.items():
                 row[f"attention_in_box_{kind}"] = values["mass_in_box"]
+            for k, value in r.metrics.get("retrieval", {}).get("image_to_text", {}).items():
+                row[f"image_to_text_{k}"] = value
             table[decoding][r.name] = row
         if llm and llm.get("available"):
             row = dict(llm["headline"])

@@ -23,6 +23,7 @@ METRIC_NAMES = {
     "colour_accuracy": "colour accuracy", "shape_accuracy": "shape accuracy", "relation_accuracy": "relation accuracy",
     "attention_in_box_colour": "attention in box: colour words", "attention_in_box_shape": "attention in box: shape words",
     "attention_in_box_size": "attention in box: size words",
+    "image_to_text_R@1": "image→text Recall@1", "image_to_text_R@5": "image→text Recall@5",
 }
 DIGITS = 3
 STYLE = """
@@ -182,6 +183,21 @@ def _localisation(summary: dict) -> str:
     return section("localisation", "Attention localisation", body)
 
 
+def _retrieval(summary: dict) -> str:
+    rows = []
+    for name, r in summary["runs"].items():
+        ret = r.get("retrieval")
+        if not ret:
+            continue
+        for direction in ("image_to_text", "text_to_image"):
+            for k, value in ret[direction].items():
+                rows.append([name, direction.replace("_", " "), k, value, ret["chance"][direction][k], ret["images"], ret["captions"]])
+    body = '<p class="note">The captioner as a retrieval scorer: every (image, caption) pair of the split is scored by the ' \
+           "model's mean token log-probability of the caption given the image. Recall@K: share of queries whose match is " \
+           "among the K best; chance: a random ranking.</p>"
+    return section("retrieval", "Image-text retrieval", body + table(["run", "direction", "K", "recall", "chance", "images", "captions"], rows))
+
+
 def _user_images(summary: dict) -> str:
     body = ""
     for name, items in summary.get("user_images", {}).items():
@@ -226,6 +242,7 @@ def render_report(summary: dict, title: Optional[str] = None) -> str:
         parts.append(_semantic(summary))
         parts.append(section("errors", "Error analysis", "".join(_errors(n, r) for n, r in runs.items())))
         parts.append(_localisation(summary))
+        parts.append(_retrieval(summary))
         attention = "".join(f"<h3>{esc(n)}</h3>" + images(r["figures"].get("attention", []), "attention map") for n, r in runs.items())
         parts.append(section("attention", "Attention maps (greedy, one panel per generated word)", attention))
         examples = "".join(f"<h3>{esc(n)}</h3>" + images(r["figures"].get("examples", []), "examples") for n, r in runs.items())
@@ -234,7 +251,7 @@ def render_report(summary: dict, title: Optional[str] = None) -> str:
             parts.append(section("embeddings", "Backbone embeddings (PCA and t-SNE)", images(summary["figures"]["embeddings"], "embeddings")))
         if any(r.get("resources") for r in runs.values()):
             parts.append(_resources(summary))
-        nav = ["comparison", "semantic", "errors", "localisation", "attention", "examples", "embeddings", "resources"]
+        nav = ["comparison", "semantic", "errors", "localisation", "retrieval", "attention", "examples", "embeddings", "resources"]
     if "user_images" in summary:
         parts.append(_user_images(summary))
         nav.append("user-images")

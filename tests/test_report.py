@@ -1,0 +1,154 @@
+"""evaluate.py's report, built from two tiny really-trained runs (LSTM and GRU)."""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from caption_tf.cli import evaluate_main
+from caption_tf.evaluation.report import DECODINGS, ReportOptions, build_report
+from tests.conftest import tiny_overrides
+
+VOID_TAGS = {"meta", "img", "br", "hr", "link", "input", "source", "col", "area", "base", "wbr"}
+HEADLINE = {"bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l", "meteor"}
+
+
+class TagChecker(HTMLParser):
+    """Checks that tags nest and close properly, and collects every referenced file."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors, self.sources = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        for key in ("src", "href"):
+            if attrs.get(key) and not attrs[key].startswith("#"):
+                self.sources.append(attrs[key])
+        if tag not in VOID_TAGS:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes <{self.stack[-1] if self.stack else None}>")
+        else:
+            self.stack.pop()
+
+
+def check_html(path: Path) -> TagChecker:
+    checker = TagChecker()
+    checker.feed(path.read_text(encoding="utf-8"))
+    checker.close()
+    assert not checker.errors, checker.errors[:5]
+    assert not checker.stack, f"unclosed tags: {checker.stack}"
+    return checker
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """An LSTM+Bahdanau and a GRU+Luong run sharing one tiny dataset and feature cache."""
+    from caption_tf.config import load_config
+    from caption_tf.training.trainer import train
+
+    tmp = tmp_path_factory.mktemp("report_runs")
+    runs = []
+    for decoder, attention in (("lstm", "bahdanau"), ("gru", "luong")):
+        cfg = load_config("minimal", tiny_overrides(tmp, decoder=decoder, attention=attention, run_name=f"{decoder}-{attention}", epochs=2))
+        runs.append(train(cfg))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def user_images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("user_images")
+    rng = np.random.default_rng(0)
+    gray = folder / "gray.png"
+    Image.fromarray(rng.integers(0, 256, (50, 70), dtype=np.uint8), mode="L").save(gray)
+    rgba = folder / "rgba.png"
+    Image.fromarray(rng.integers(0, 256, (90, 40, 4), dtype=np.uint8), mode="RGBA").save(rgba)
+    broken = folder / "broken.png"
+    broken.write_bytes(b"not an image")
+    return [gray, rgba, broken]
+
+
+@pytest.fixture(scope="module")
+def report(two_runs, user_images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    options = ReportOptions(out_dir=str(out), meteor=False, beam_size=2, resource_batch_sizes=(1, 2),
+                            images=[str(p) for p in user_images], llm="caption-tf-tests/no-such-captioner")
+    summary = build_report([str(r) for r in two_runs], options)
+    return out, summary
+
+
+def test_metrics_json_has_every_section_for_both_decodings(report, two_runs):
+    out, summary = report
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved["runs"]) == {r.name for r in two_runs}
+    for run in saved["runs"].values():
+        assert run["images"] > 0 and run["decoding"]["beam_size"] == 2
+        for decoding in DECODINGS:
+            entry = run[decoding]
+            assert set(entry["headline"]) == HEADLINE
+            assert entry["headline"]["meteor"] is None  # turned off: unavailable with its reason
+            assert entry["scores"]["meteor"]["reason"]
+            assert 0.0 <= entry["headline"]["bleu4"] <= 1.0
+            assert set(entry["captions"]) == set(entry["per_image"])
+            assert entry["semantic"]["vectors"].startswith("word2vec trained on")
+            assert {"score_distribution", "best_and_worst", "words", "lengths", "objects"} <= set(entry["errors"])
+            loc = entry["localisation"]
+            for values in loc["by_type"].values():
+                assert 0.0 <= values["mass_in_box"] <= 1.0 and 0.0 < values["uniform_baseline"] < 1.0
+        assert set(run["retrieval"]["image_to_text"]) == {"R@1", "R@5", "R@10"}
+        usage = run["resources"]
+        assert usage["decoder_parameters"] > 0 and usage["backbone_parameters"] > 0 and usage["peak_rss_mb"] > 0
+        assert set(usage["throughput"]) == {"1", "2"}
+    # The LLM model does not exist offline: the column says why, the rest of the report is there.
+    assert saved["llm"]["available"] is False and "no-such-captioner" in saved["llm"]["reason"]
+
+
+def test_two_runs_give_a_two_column_comparison(report, two_runs):
+    out, summary = report
+    for decoding in DECODINGS:
+        assert list(summary["comparison"][decoding]) == [r.name for r in two_runs]
+    html_text = (out / "report.html").read_text()
+    header = html_text.split('id="comparison"')[1].split("</tr>")[0]
+    assert header.count("<th>") == 3  # metric + one column per run
+    assert all(r.name in header for r in two_runs)
+
+
+def test_html_is_balanced_and_references_only_existing_files(report):
+    out, summary = report
+    checker = check_html(out / "report.html")
+    assert checker.sources, "the report shows no figures"
+    for source in checker.sources:
+        assert not source.startswith(("http:", "https:", "/")), source
+        assert (out / source).is_file(), source
+    figures = {p.name for p in (out / "figures").glob("*.png")}
+    assert "embeddings.png" in figures and "resources.png" in figures
+    assert any("attention" in f for f in figures) and any("confusion" in f for f in figures)
+
+
+def test_user_images_of_any_mode_are_captioned(report, user_images):
+    out, summary = report
+    for items in summary["user_images"].values():
+        by_name = {Path(i["path"]).name: i for i in items}
+        for name in ("gray.png", "rgba.png"):
+            assert isinstance(by_name[name]["greedy"], str) and isinstance(by_name[name]["beam"], str)
+            assert (out / by_name[name]["figure"]).is_file()
+        assert "broken.png" in by_name["broken.png"]["error"]
+
+
+def test_cli_images_only_writes_a_small_report(two_runs, user_images, tmp_path, capsys):
+    out = tmp_path / "small"
+    assert evaluate_main(["--run", str(two_runs[0]), "--images", str(user_images[0]), str(user_images[1]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "gray.png" in printed and "rgba.png" in printed
+    saved = json.loads((out / "metrics.json").read_text())
+    assert "comparison" not in saved and len(saved["user_images"][two_runs[0].name]) == 2
+    checker = check_html(out / "report.html")
+    assert all((out / s).is_file() for s in checker.sources)
