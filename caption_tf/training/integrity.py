@@ -678,6 +678,9 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.save_at_epoch_end = save_at_epoch_end
         self.metadata_fn = metadata_fn or dict
         self.failure: Optional[BaseException] = None
+        # Batches of the current epoch done before this `fit` began (a resumed
+        # mid-epoch run): Keras counts that partial epoch's batches from 0.
+        self.batch_offset = 0
         self._epoch = 0
         self._last_loss: Optional[float] = None
 
@@ -685,7 +688,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        self.position.advance(self._epoch, batch)
+        self.position.advance(self._epoch, batch + self.batch_offset)
         self._last_loss = _scalar((logs or {}).get("loss"))
         if self.every_n_batches and int(self.position.step) % self.every_n_batches == 0:
             self.save_now(logs)
@@ -693,6 +696,7 @@ class CheckpointCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.save_at_epoch_end:
             self.save_now(logs)
+        self.batch_offset = 0  # only the first (resumed) epoch is partial
 
     def on_train_end(self, logs=None):
         try:

@@ -25,6 +25,7 @@ from caption_tf.data.records import CaptionDataset
 from caption_tf.data.text import CaptionVocabulary, clean_caption
 from caption_tf.features.cache import FeatureCache, build_feature_cache
 from caption_tf.models.decoder import build_decoder
+from caption_tf.training import recovery
 from caption_tf.training import run as run_files
 from caption_tf.training.autoconfig import resolve_auto_settings
 from caption_tf.training.runtime import (
@@ -69,15 +70,22 @@ def prepare_data(cfg: Config, replicas: int = 1) -> PreparedData:
     return PreparedData(dataset, cache, vocab)
 
 
-def make_split_dataset(data: PreparedData, split: str, cfg: Config, runtime: Runtime, training: bool) -> tf.data.Dataset:
+def make_split_dataset(
+    data: PreparedData, split: str, cfg: Config, runtime: Runtime, training: bool, seed=None, captions=None
+) -> tf.data.Dataset:
+    """Batches of one split; `seed` (int or int64 tensor) defaults to `cfg.train.seed`.
+
+    `captions` (`data.captions(split)`) may be passed in precomputed, e.g. when
+    this is called inside a `tf.data` function (`recovery.epoch_feed`).
+    """
     global_batch = cfg.train.batch_size * runtime.replicas
     ds = caption_batches(
         data.cache.shards(split),
         data.cache.grid_shape,
-        data.captions(split),
+        data.captions(split) if captions is None else captions,
         batch_size=global_batch,
         shuffle=training,
-        seed=cfg.train.seed,
+        seed=cfg.train.seed if seed is None else seed,
         shuffle_buffer=cfg.train.shuffle_buffer,
         # Keep the decoded features in RAM when they fit; otherwise re-read the shards each epoch.
         cache=fits_in_memory(feature_bytes(len(data.cache.image_ids(split)), data.cache.grid_shape)),
@@ -133,6 +141,13 @@ def train(cfg: Config, bleu: BleuFunction | None = None) -> Path:
     print(f"Runtime: {runtime.replicas} replica(s), precision {runtime.precision}, XLA {'on' if runtime.jit_compile else 'off'}")
     data = prepare_data(cfg, runtime.replicas)
     run_dir = run_files.run_directory(cfg)
+    # Resume, refuse (different settings), or report a completed run: before any file is rewritten.
+    identity = recovery.RunIdentity.of(cfg, data.vocab.fingerprint(), data.cache.fingerprint)
+    plan = recovery.plan_run(cfg, run_dir, identity, recovery.read_run_info(run_dir))
+    if plan.message:
+        print(plan.message, flush=True)
+    if plan.complete:
+        return run_dir
     run_files.save_run_files(
         run_dir,
         cfg,
@@ -147,23 +162,43 @@ def train(cfg: Config, bleu: BleuFunction | None = None) -> Path:
             "precision": runtime.precision,
             "replicas": runtime.replicas,
             "status": "training",
+            "epochs_target": cfg.train.epochs,
+            **identity.metadata(),
         },
     )
     data.dataset.skips.skipped_images.extend(data.cache.skipped())
     data.dataset.skips.save(run_dir / run_files.SKIPS_FILE)
 
-    train_ds = make_split_dataset(data, "train", cfg, runtime, training=True)
+    steps_per_epoch = math.ceil(data.pair_count("train") / (cfg.train.batch_size * runtime.replicas))
     val_ds = make_split_dataset(data, "val", cfg, runtime, training=False) if data.cache.image_ids("val") else None
-    model = build_model(cfg, data, runtime, steps_per_epoch=int(train_ds.cardinality()))
+    model = build_model(cfg, data, runtime, steps_per_epoch=steps_per_epoch)
     print(f"Decoder: {cfg.model.decoder} + {cfg.model.attention}, {model.count_params():,} parameters, vocabulary {data.vocab.size}")
 
+    # Checkpoints (every --checkpoint-every batches and each epoch), NaN guard, health monitor.
+    session = recovery.RecoverySession(model, run_dir, cfg, identity, steps_per_epoch, run_dir / run_files.LOG_DIR)
+    start = session.restore()
+    recovery.trim_history(run_dir / run_files.HISTORY_FILE, start[0])  # epochs trained again
     started = time.time()
-    # The pipeline shuffles (seeded, checkpointable); Keras must not try to.
     callbacks = schedule_callbacks(cfg.train, validation_bleu(data, cfg, bleu), val_ds is not None) + make_callbacks(cfg, run_dir)
-    history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=callbacks, shuffle=False)
+
+    train_captions = data.captions("train")
+
+    def make_epoch(epoch_seed):  # epoch e is shuffled with seed + e: a resumed run replays it exactly
+        return make_split_dataset(data, "train", cfg, runtime, True, seed=cfg.train.seed + epoch_seed, captions=train_captions)
+
+    try:
+        recovery.fit_from_position(
+            model, make_epoch, start, steps_per_epoch, cfg.train.epochs, val_ds,
+            session.callbacks(callbacks), session.checkpoint_callback, dataset_options=dataset_options(runtime.strategy),
+        )
+    finally:
+        stopped = session.finish_status()
+    if stopped is not None:
+        run_files.write_json(run_dir / run_files.RUN_FILE, {**recovery.read_run_info(run_dir), "status": stopped.status})
+        raise stopped
     save_weights_atomically(model, run_dir / run_files.WEIGHTS_FILE)
     info = {**run_files.load_run(run_dir, with_model=False).info, "status": "complete"}
     info["train_seconds"] = round(time.time() - started, 1)
-    info["epochs_run"] = len(history.history.get("loss", []))
+    info["epochs_run"] = session.epochs_done
     run_files.write_json(run_dir / run_files.RUN_FILE, info)
     return run_dir
