@@ -23,6 +23,10 @@ def train_parser() -> argparse.ArgumentParser:
 def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
     cfg = load_config(args.preset, overrides_from_args(args))
+    from caption_tf.training.supervisor import TrainingStopped, supervise, supervising
+
+    if supervising(cfg.checkpoint.max_restarts):  # rerun training in a child process after a crash
+        return supervise(sys.argv[1:] if argv is None else argv, cfg.checkpoint.max_restarts)
     from caption_tf.evaluation.captioning import evaluate_run
     from caption_tf.evaluation.metrics import corpus_bleu_scores
     from caption_tf.training.finetune import train_in_phases
@@ -34,7 +38,11 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"\nBest preset: {result.best_preset} (train with: python train.py --preset {result.best_preset})")
         return 0
     # Phase 1 (decoder on cached features), then phase 2 when --fine-tune-layers > 0.
-    run_dir = train_in_phases(cfg, bleu=corpus_bleu_scores)  # bleu enables the per-epoch val_bleu4
+    try:
+        run_dir = train_in_phases(cfg, bleu=corpus_bleu_scores)  # bleu enables the per-epoch val_bleu4
+    except TrainingStopped as stop:  # NaN loss, disk full: clean stop, last good checkpoint kept
+        print(f"error: {stop}", file=sys.stderr)
+        return stop.exit_code
     metrics = evaluate_run(run_dir)
     print(f"\nRun folder: {run_dir}")
     print(f"Test metrics ({metrics['images']} images, greedy): " + _bleu_line(metrics["greedy"]))

@@ -31,8 +31,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -42,6 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from caption_tf.config import Config
+from caption_tf.training.supervisor import EXIT_CHECKPOINT_FAILED, EXIT_NON_FINITE, OLD_RUN_SUFFIX, TrainingStopped
 from caption_tf.training.health import HealthMonitor, NonFiniteLossGuard
 from caption_tf.training.integrity import (
     CheckpointCallback,
@@ -56,7 +55,6 @@ from caption_tf.training.integrity import (
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-OLD_RUN_SUFFIX = ".old-"  # --resume never moves runs/<name> to runs/<name>.old-<time>
 EPOCH_SEED_STRIDE = 1  # epoch e shuffles with seed + e * stride
 
 # Config fields that do not change the training maths: they may differ between
@@ -73,30 +71,9 @@ NEUTRAL_FIELDS = frozenset(
 )
 NEUTRAL_SECTIONS = frozenset({"eval", "preset"})
 
-# Exit codes of train.py for a clean stop that a restart would not fix.
-EXIT_USER_ERROR = 2  # bad flag, config/vocabulary mismatch (cli.main_guard)
-EXIT_NON_FINITE = 3  # the loss became NaN/Inf
-EXIT_CHECKPOINT_FAILED = 4  # disk full / checkpoint write failed / low disk stop
-NO_RESTART_EXIT_CODES = frozenset({0, EXIT_USER_ERROR, EXIT_NON_FINITE, EXIT_CHECKPOINT_FAILED})
-
-SUPERVISED_ENV = "CAPTION_TF_SUPERVISED"  # set in the child of `supervise`
 # Test hooks (documented in docs/recovery.md), honoured only when set:
 CRASH_AFTER_BATCHES_ENV = "CAPTION_TF_CRASH_AFTER_BATCHES"  # SIGKILL itself after N batches of this process
 NAN_AT_STEP_ENV = "CAPTION_TF_NAN_AT_STEP"  # poison a weight with NaN after global step N
-
-
-class TrainingStopped(RuntimeError):
-    """Training stopped cleanly before the end (NaN loss, disk full); `exit_code` for train.py.
-
-    Example:
-
-    >>> raise TrainingStopped("loss became nan ...", EXIT_NON_FINITE)
-    """
-
-    def __init__(self, message: str, exit_code: int, status: str = "stopped"):
-        super().__init__(message)
-        self.exit_code = exit_code
-        self.status = status  # written to run.json
 
 
 # ------------------------------------------------------------------ identity of a run
@@ -600,61 +577,3 @@ class FaultInjection(keras.callbacks.Callback):
         if self.crash_after is not None and self._batches >= self.crash_after:
             print(f"{CRASH_AFTER_BATCHES_ENV}: killing this process after {self._batches} batches", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-# ------------------------------------------------------------------ supervisor
-
-
-def child_command(argv: Sequence[str]) -> list[str]:
-    """The command that reruns the training CLI with `argv` in a child process."""
-    return [sys.executable, "-c", "from caption_tf.cli import main_guard, train_main; main_guard(train_main)", *argv]
-
-
-def describe_exit(code: int) -> str:
-    """'exit code 1' or 'killed by SIGKILL' for a `Popen.returncode`."""
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
-def supervise(argv: Sequence[str], max_restarts: int, command: Optional[Callable[[Sequence[str]], list[str]]] = None) -> int:
-    """Run training in a child process; rerun it after a crash, up to `max_restarts` times.
-
-    A crash is a non-zero exit or a signal, except the clean stops a rerun would
-    not fix (bad arguments/mismatch: 2, NaN loss: 3, checkpoint/disk failure: 4).
-    Each rerun resumes from the newest valid checkpoint. Returns the last exit code.
-
-    Example:
-
-    >>> supervise(["--preset", "minimal"], max_restarts=3)
-    0
-    """
-    make_command = command or child_command
-    env = {**os.environ, SUPERVISED_ENV: "1"}
-    restarts = 0
-    while True:
-        child = subprocess.Popen(make_command(argv), env=env)
-        try:
-            code = child.wait()
-        except KeyboardInterrupt:
-            child.send_signal(signal.SIGINT)
-            child.wait()
-            raise
-        if code in NO_RESTART_EXIT_CODES:
-            return code
-        if restarts >= max_restarts:
-            print(f"supervisor: training crashed ({describe_exit(code)}); no restarts left (--max-restarts {max_restarts})", flush=True)
-            return code if code > 0 else 128 - code
-        restarts += 1
-        print(
-            f"supervisor: training crashed ({describe_exit(code)}); restart {restarts}/{max_restarts}, resuming from the last checkpoint",
-            flush=True,
-        )
-
-
-def supervising(max_restarts: int) -> bool:
-    """True when this process should supervise (restarts asked, not already a supervised child)."""
-    return max_restarts > 0 and os.environ.get(SUPERVISED_ENV) != "1"
