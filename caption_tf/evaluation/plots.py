@@ -49,6 +49,7 @@ def score_histogram(values: Sequence[float], metric: str, path: str | Path, titl
     """
     fig, ax = plt.subplots(figsize=(5, 3.2))
     sns.histplot(np.asarray(values, dtype=float), bins=min(20, max(len(values), 1)), ax=ax, color="#3b75af")
+    title = textwrap.shorten(title, 50)
     ax.set_xlabel(f"per-image {metric}")
     ax.set_ylabel("images")
     ax.set_title(title)
@@ -138,6 +139,14 @@ def project_2d(pooled: np.ndarray, method: str) -> np.ndarray:
     raise ValueError(f"unknown projection {method!r}; expected 'pca' or 'tsne'")
 
 
+def _palette(labels: Sequence[str]):
+    """Colour-name labels (shapes: "red", "blue", ...) drawn in their own colour; others in tab10."""
+    from matplotlib.colors import CSS4_COLORS
+
+    names = sorted(set(labels))
+    return {n: n for n in names} if all(n in CSS4_COLORS for n in names) else "tab10"
+
+
 def embedding_plots(groups: Sequence[dict], path: str | Path) -> str:
     """PCA and t-SNE side by side, one row per backbone, points coloured by label.
 
@@ -148,7 +157,7 @@ def embedding_plots(groups: Sequence[dict], path: str | Path) -> str:
         for ax, method in ((ax_pca, "pca"), (ax_tsne, "tsne")):
             points = project_2d(group["pooled"], method)
             sns.scatterplot(x=points[:, 0], y=points[:, 1], hue=group["labels"], style=group.get("markers"),
-                            s=22, ax=ax, palette="tab10")
+                            s=22, ax=ax, palette=_palette(group["labels"]))
             ax.set_title(f"{group['name']}: {method.upper()} of pooled features", fontsize=10)
             ax.set_xticks([])
             ax.set_yticks([])
