@@ -16,11 +16,14 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import keras
 import tensorflow as tf
 from keras import ops
 
 from caption_tf.models.attention import build_attention
+from caption_tf.models.recompute import recompute_grad
 
 
 def masked_loss(targets, logits):
@@ -107,33 +110,45 @@ class CaptionDecoder(keras.Model):
             features = self.combine(ops.concatenate([output, context], -1))
         return features, list(state) if isinstance(state, (list, tuple)) else [state], weights
 
-    def _recomputed_step(self, training):
-        """`step_features` wrapped in `tf.recompute_grad` (tensors in, tensors out)."""
+    def _recomputed_blocks(self, embedded, state, values, keys, training):
+        """Steps in blocks of ~sqrt(T), each replayed in the backward pass: (features, weights) lists, state.
 
-        @tf.recompute_grad
-        def features_fn(embedded, values, keys, *state):
-            features, new_state, weights = self.step_features(embedded, list(state), values, keys, training)
-            return (features, weights, *new_state)
+        Per-step blocks save nothing at long lengths: the backward pass then holds one
+        gradient of the shared `values`/`keys` per step until their final sum. A block
+        sums its own contributions, so ~sqrt(T) of them are alive at once.
+        """
 
-        def step(tokens, state, values, keys):
-            features, weights, *new_state = features_fn(self.embedding(tokens), values, keys, *state)
-            # Dropout stays outside the recomputed function: a replay would draw a new mask.
-            return self.to_logits(self.dropout(features, training=training)), list(new_state), weights
+        @recompute_grad
+        def block_fn(block_embedded, values, keys, *state):
+            state, features, weights = list(state), [], []
+            for t in range(block_embedded.shape[1]):
+                step_features, state, step_weights = self.step_features(block_embedded[:, t], state, values, keys, training)
+                features.append(step_features)
+                weights.append(step_weights)
+            return (ops.stack(features, 1), ops.stack(weights, 1), *state)
 
-        return step
+        steps = embedded.shape[1]
+        size = max(1, math.ceil(math.sqrt(steps)))
+        features, weights = [], []
+        for start in range(0, steps, size):
+            block_features, block_weights, *state = block_fn(embedded[:, start : start + size], values, keys, *state)
+            features += [block_features[:, t] for t in range(block_features.shape[1])]
+            weights += [block_weights[:, t] for t in range(block_weights.shape[1])]
+        return features, weights, state
 
     def call(self, inputs, training=False, return_attention=False):
         grid, tokens = inputs
         values, keys, state = self.encode(grid, training)
-        logits, weights = [], []
         if self.recompute_grad and training:
-            step = self._recomputed_step(training)
-        else:
-            step = lambda tok, st, val, key: self.step(tok, st, val, key, training)  # noqa: E731
+            features, weights, state = self._recomputed_blocks(self.embedding(tokens), state, values, keys, training)
+            # Dropout stays outside the recomputed blocks: a replay would draw new masks.
+            logits = ops.stack([self.to_logits(self.dropout(f, training=training)) for f in features], axis=1)
+            return (logits, ops.stack(weights, axis=1)) if return_attention else logits
+        logits, weights = [], []
         # Python-unrolled over the static caption length: Keras 3 runs train_step without
         # autograph, and a fixed length is what XLA wants anyway.
         for t in range(tokens.shape[1]):
-            step_logits, state, step_weights = step(tokens[:, t], state, values, keys)
+            step_logits, state, step_weights = self.step(tokens[:, t], state, values, keys, training)
             logits.append(step_logits)
             weights.append(step_weights)
         logits = ops.stack(logits, axis=1)
