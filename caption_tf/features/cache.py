@@ -289,8 +289,19 @@ def extract_split(extractor, records, out_dir, split, cfg: FeatureConfig, skippe
     return {"shards": writer.shards, "image_ids": image_ids, "count": len(image_ids)}, grid_shape, normalizer
 
 
-def build_feature_cache(dataset: CaptionDataset, cfg: FeatureConfig, force: bool = False) -> FeatureCache:
-    """Reuse the matching cache entry or extract features into a new one."""
+def build_feature_cache(
+    dataset: CaptionDataset,
+    cfg: FeatureConfig,
+    force: bool = False,
+    extractor=None,
+    normalizer: FeatureNormalizer | None = None,
+) -> FeatureCache:
+    """Reuse the matching cache entry or extract features into a new one.
+
+    `extractor` defaults to the configured backbone; a given `normalizer` is
+    used as is (e.g. the phase-1 statistics for a fine-tuned backbone) instead
+    of being fitted on the training images.
+    """
     from caption_tf.features.backbones import build_extractor
 
     request = cache_request(dataset, cfg)
@@ -300,11 +311,12 @@ def build_feature_cache(dataset: CaptionDataset, cfg: FeatureConfig, force: bool
         print(f"Feature cache: reusing {directory}", flush=True)
         return cached
     print(f"Feature cache: extracting {cfg.backbone} features ({request['weights']}, {request['input_size']}px) into {directory}", flush=True)
-    extractor = build_extractor(cfg.backbone, cfg.weights, cfg.input_size)
+    extractor = extractor or build_extractor(cfg.backbone, cfg.weights, cfg.input_size)
+    fitted_here = normalizer is None
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    started, skipped, splits, grid_shape, normalizer = time.time(), [], {}, None, None
+    started, skipped, splits, grid_shape = time.time(), [], {}, None
     for split in SPLITS:  # train first: its images fit the normalizer
         records = dataset.split(split)
         splits[split], shape, normalizer = extract_split(extractor, records, tmp, split, cfg, skipped, normalizer)
@@ -312,14 +324,16 @@ def build_feature_cache(dataset: CaptionDataset, cfg: FeatureConfig, force: bool
     if grid_shape is None or normalizer is None:
         raise ValueError(f"Dataset {dataset.name!r}: no image could be decoded; nothing to cache")
     normalizer.save(tmp / NORMALIZER_FILE)
+    seconds = max(time.time() - started, 1e-9)
     manifest = {
         **request,
         "key": directory.name,
         "grid_shape": [int(d) for d in grid_shape],
         "splits": splits,
         "skipped": skipped,
-        "seconds": round(time.time() - started, 2),
-        "images_per_second": round(sum(s["count"] for s in splits.values()) / max(time.time() - started, 1e-9), 2),
+        "normalizer": "fitted on the training images" if fitted_here else "given (statistics of an earlier cache)",
+        "seconds": round(seconds, 2),
+        "images_per_second": round(sum(s["count"] for s in splits.values()) / seconds, 2),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     shutil.rmtree(directory, ignore_errors=True)  # a stale entry with the same key

@@ -38,7 +38,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -53,16 +52,11 @@ from caption_tf.config import Config, save_config
 from caption_tf.data.datasets import load_dataset
 from caption_tf.data.images import load_rgb
 from caption_tf.data.pipeline import captions_table
-from caption_tf.data.records import SPLITS
 from caption_tf.features.backbones import FeatureExtractor, build_extractor
 from caption_tf.features.cache import (
-    MANIFEST,
-    NORMALIZER_FILE,
     FeatureCache,
-    FeatureNormalizer,
-    cache_directory,
+    build_feature_cache,
     cache_request,
-    extract_split,
     open_cache,
 )
 from caption_tf.models.decoder import masked_loss
@@ -218,45 +212,6 @@ def mark_phase(run_dir: Path, phase: str, requested: str, **details) -> None:
     run_files.write_json(run_dir / run_files.RUN_FILE, info)
 
 
-# ------------------------------------------------------------------ cache of the fine-tuned backbone
-
-
-def build_fine_tuned_cache(dataset, features_cfg, extractor: FeatureExtractor, normalizer: FeatureNormalizer) -> FeatureCache:
-    """Extract every split with the fine-tuned `extractor`, standardised with the phase-1 statistics.
-
-    `features_cfg.weights` must be the saved fine-tuned backbone file: it keys the cache entry.
-    """
-    request = cache_request(dataset, features_cfg)
-    directory = cache_directory(request, features_cfg)
-    existing = open_cache(directory, request)
-    if existing is not None:
-        return existing
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    started, skipped, splits, grid_shape = time.time(), [], {}, None
-    for split in SPLITS:
-        splits[split], shape, _ = extract_split(extractor, dataset.split(split), tmp, split, features_cfg, skipped, normalizer)
-        grid_shape = grid_shape or shape
-    normalizer.save(tmp / NORMALIZER_FILE)
-    manifest = {
-        **request,
-        "key": directory.name,
-        "grid_shape": [int(d) for d in grid_shape],
-        "splits": splits,
-        "skipped": skipped,
-        "seconds": round(time.time() - started, 2),
-        "normalizer": "phase-1 statistics (fine-tuned backbone)",
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
-    return FeatureCache(directory, manifest)
-
-
-# ------------------------------------------------------------------ phase 2
-
-
 def fine_tune(cfg: Config, run_dir: Path) -> Path:
     """Phase 2 on a run whose phase 1 is complete; `cfg` is the requested configuration.
 
@@ -311,7 +266,7 @@ def fine_tune(cfg: Config, run_dir: Path) -> Path:
     extractor.backbone.save_weights(tmp)
     tmp.replace(backbone_path)
     tuned_features = dataclasses.replace(saved.features, weights=str(backbone_path))
-    tuned_cache = build_fine_tuned_cache(dataset, tuned_features, extractor, normalizer)
+    tuned_cache = build_feature_cache(dataset, tuned_features, extractor=extractor, normalizer=normalizer)
     tmp = run_dir / ("partial-" + run_files.WEIGHTS_FILE)
     decoder.save_weights(tmp)
     tmp.replace(run_dir / run_files.WEIGHTS_FILE)
