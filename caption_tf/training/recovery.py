@@ -55,6 +55,7 @@ from caption_tf.training.integrity import (
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+EPOCH_SECONDS_KEY = "epoch_seconds"
 EPOCH_SEED_STRIDE = 1  # epoch e shuffles with seed + e * stride
 
 # Config fields that do not change the training maths: they may differ between
@@ -298,6 +299,25 @@ class CallbackStates(keras.callbacks.Callback):
         self.pending = self.capture()  # for the next fit call of the same run
 
 
+class EpochTimer(keras.callbacks.Callback):
+    """Adds `epoch_seconds` (training + validation wall time) to the epoch logs.
+
+    Placed before CSVLogger/TensorBoard so they record it; it measures the
+    cost of mid-epoch checkpoints (docs/recovery.md).
+
+    Example:
+
+    >>> model.fit(ds, callbacks=[EpochTimer(), keras.callbacks.CSVLogger("history.csv")])
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs[EPOCH_SECONDS_KEY] = time.perf_counter() - self._started
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, (np.generic, np.ndarray)):
         return value.item()
@@ -360,7 +380,7 @@ class TrainingState:
 class RecoverySession:
     """The crash-safety callbacks of one training process and how it ends.
 
-    Order in `callbacks(...)`: NaN guard first; then the caller's callbacks
+    Order in `callbacks(...)`: NaN guard and `EpochTimer` first; then the caller's callbacks
     (validation BLEU, schedules, TensorBoard, CSVLogger, EarlyStopping);
     then `CallbackStates` (restores EarlyStopping/plateau counters after their
     `on_train_begin` reset); then the checkpoint callback, so an epoch-end save
@@ -373,7 +393,7 @@ class RecoverySession:
     >>> start = session.restore()
     >>> history = fit_from_position(model, make_epoch, start, 40, cfg.train.epochs, val_ds,
     ...                             session.callbacks(callbacks), session.checkpoint_callback)
-    >>> session.finish()   # raises TrainingStopped after a NaN or a failed/low-disk save
+    >>> stopped = session.finish_status()   # a TrainingStopped after a NaN or a failed/low-disk save
     """
 
     def __init__(self, model: keras.Model, run_dir: Path, cfg: Config, identity: RunIdentity, steps_per_epoch: int, log_dir: Path):
@@ -407,7 +427,7 @@ class RecoverySession:
     def callbacks(self, others: Sequence[keras.callbacks.Callback]) -> list[keras.callbacks.Callback]:
         saved = self.state.restored.metadata.get("callbacks") if self.state.restored else None
         self.callback_states = CallbackStates(others, saved)
-        ordered = [self.guard, *others, self.callback_states, self.checkpoint_callback, self.monitor]
+        ordered = [self.guard, EpochTimer(), *others, self.callback_states, self.checkpoint_callback, self.monitor]
         return ordered + ([self.faults] if self.faults else [])
 
     @property

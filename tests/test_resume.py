@@ -1,0 +1,197 @@
+"""Resume behaviour of real training runs: --resume never, completed runs, mismatches,
+corrupt checkpoints, NaN stop, --max-restarts supervision, health metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+from tensorflow.core.util import event_pb2
+
+from caption_tf.cli import train_main
+from caption_tf.config import load_config
+from caption_tf.training import recovery, supervisor
+from caption_tf.training.integrity import CheckpointMismatchError, VerifiedCheckpointStore, file_sha256
+from caption_tf.training.trainer import train
+from conftest import REPO_ROOT, tiny_overrides
+
+# 32 training images x 5 captions / batch 16 = 10 batches per epoch.
+STEPS_PER_EPOCH = 10
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A tmp folder whose data and feature cache every test reuses, and one completed 1-epoch run."""
+    tmp = tmp_path_factory.mktemp("resume")
+    cfg = load_config("minimal", tiny_overrides(tmp, checkpoint_every=3))
+    return tmp, train(cfg)
+
+
+def config_for(shared_tmp, runs, **extra):
+    overrides = tiny_overrides(shared_tmp, checkpoint_every=3, **extra)
+    overrides["runs_dir"] = str(runs)
+    return load_config("minimal", overrides)
+
+
+def copy_run(run_dir, runs):
+    target = runs / run_dir.name
+    shutil.copytree(run_dir, target)
+    return target
+
+
+def checkpoint_steps(run_dir):
+    return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("ckpt-*") if p.name.split("-")[1].isdigit())
+
+
+def history_epochs(run_dir):
+    lines = (run_dir / "history.csv").read_text().splitlines()
+    return [int(line.split(",")[0]) for line in lines[1:]]
+
+
+def cli_flags(cfg_overrides: dict) -> list[str]:
+    return [f"--{k.replace('_', '-')}={v}" for k, v in cfg_overrides.items()]
+
+
+def read_scalars(log_dir):
+    """{tag: [values]} from the TensorBoard event files directly in log_dir."""
+    scalars = {}
+    for path in tf.io.gfile.glob(f"{log_dir}/events.out.tfevents.*"):
+        for record in tf.data.TFRecordDataset(path):
+            event = event_pb2.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                tensor = tf.make_ndarray(value.tensor) if value.HasField("tensor") else value.simple_value
+                scalars.setdefault(value.tag, []).append(float(tensor))
+    return scalars
+
+
+def test_completed_run_is_not_retrained_and_more_epochs_resume(shared, tmp_path, capsys):
+    shared_tmp, finished = shared
+    run_dir = copy_run(finished, tmp_path / "runs")
+    weights_hash = file_sha256(run_dir / "model.weights.h5")
+    capsys.readouterr()
+
+    assert train(config_for(shared_tmp, tmp_path / "runs")) == run_dir
+    out = capsys.readouterr().out
+    assert "already complete" in out and "--resume never" in out and "--epochs" in out
+    assert file_sha256(run_dir / "model.weights.h5") == weights_hash  # not retrained
+
+    train(config_for(shared_tmp, tmp_path / "runs", epochs=2))  # train longer: resumes at epoch 2
+    out = capsys.readouterr().out
+    assert f"ckpt-{STEPS_PER_EPOCH}: epoch 1, {STEPS_PER_EPOCH} batch(es) done" in out
+    assert history_epochs(run_dir) == [0, 1]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "complete" and info["epochs_run"] == 2
+    assert checkpoint_steps(run_dir)[-1] == 2 * STEPS_PER_EPOCH
+
+
+def test_resume_never_moves_the_old_run_aside(shared, tmp_path, capsys):
+    shared_tmp, finished = shared
+    run_dir = copy_run(finished, tmp_path / "runs")
+    old_hash = file_sha256(run_dir / "model.weights.h5")
+
+    train(config_for(shared_tmp, tmp_path / "runs", resume="never"))
+    moved = list((tmp_path / "runs").glob(f"{run_dir.name}.old-*"))
+    assert len(moved) == 1 and f"moved the existing run to {moved[0]}" in capsys.readouterr().out
+    assert file_sha256(moved[0] / "model.weights.h5") == old_hash  # the old run is intact
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
+    assert history_epochs(run_dir) == [0]
+
+
+def test_changed_settings_refuse_to_resume_and_say_what_differs(shared, tmp_path):
+    shared_tmp, finished = shared
+    run_dir = copy_run(finished, tmp_path / "runs")
+    config_before = (run_dir / "config.yaml").read_text()
+    with pytest.raises(CheckpointMismatchError) as err:
+        train(config_for(shared_tmp, tmp_path / "runs", vocab_size=20, units=48))
+    message = str(err.value)
+    for expected in ("Refusing to resume", "config_hash", "vocab_hash", "--units 32 -> 48", "--vocab-size 100 -> 20", "--resume never"):
+        assert expected in message
+    assert (run_dir / "config.yaml").read_text() == config_before  # nothing was overwritten
+
+
+def test_corrupt_newest_checkpoint_is_quarantined_and_the_previous_one_used(shared, tmp_path, capsys):
+    shared_tmp, finished = shared
+    run_dir = copy_run(finished, tmp_path / "runs")
+    assert checkpoint_steps(run_dir) == [6, 9, 10]
+    data_file = next((run_dir / "checkpoints" / "ckpt-10").glob("ckpt.data-*"))
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped bit pattern in the middle of the weights
+    data_file.write_bytes(bytes(raw))
+    capsys.readouterr()
+
+    train(config_for(shared_tmp, tmp_path / "runs", epochs=2))
+    out = capsys.readouterr().out
+    assert "Checkpoint quarantined" in out and "SHA-256 mismatch" in out
+    assert "ckpt-9: epoch 1, 9 batch(es) done" in out  # the previous checkpoint was used
+    quarantined = list((run_dir / "checkpoints" / "quarantine").glob("ckpt-10-*"))
+    assert len(quarantined) == 1 and "SHA-256" in (quarantined[0] / "REASON.txt").read_text()
+    assert history_epochs(run_dir) == [0, 1]  # epoch 0 was finished again, then epoch 1
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
+
+
+def test_nan_loss_stops_cleanly_keeps_last_good_checkpoint_and_exits_nonzero(shared, tmp_path, monkeypatch, capsys):
+    shared_tmp, _ = shared
+    overrides = tiny_overrides(shared_tmp, checkpoint_every=3, epochs=2)
+    overrides["runs_dir"] = str(tmp_path / "runs")
+    monkeypatch.setenv(recovery.NAN_AT_STEP_ENV, "7")  # weights become NaN after step 7: step 8's loss is NaN
+
+    code = train_main(cli_flags(overrides))
+    assert code == supervisor.EXIT_NON_FINITE
+    err = capsys.readouterr().err
+    assert "became nan at epoch 1, batch 8" in err and "Last good checkpoint" in err and "ckpt-6" in err
+    run_dir = next((tmp_path / "runs").iterdir())
+    store = VerifiedCheckpointStore(run_dir / "checkpoints", checkpoint=None)
+    assert store.latest_valid().step == 6 and checkpoint_steps(run_dir) == [3, 6]
+    assert not (run_dir / "model.weights.h5").exists()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "stopped: non-finite loss"
+
+
+def test_supervisor_restarts_a_crashing_training_child_until_it_finishes(shared, tmp_path, monkeypatch, capsys):
+    shared_tmp, _ = shared
+    # Synchronous saves: a checkpoint is published before the next batch, so the crashes below
+    # below always leave the checkpoint they just made (asynchronous ones may still be in flight).
+    overrides = tiny_overrides(shared_tmp, checkpoint_every=3, epochs=2, async_checkpoint=False)
+    overrides["runs_dir"] = str(tmp_path / "runs")
+    child = (
+        "import sys, json; sys.path.insert(0, sys.argv[1]);"
+        "from caption_tf.config import load_config; from caption_tf.training.trainer import train;"
+        "train(load_config('minimal', json.loads(sys.argv[2])))"
+    )
+    # A child SIGKILLs itself after 14 of its own batches (step 14, ckpt-12 saved): the restarted
+    # child resumes from step 12 and finishes the 20 batches in 8.
+    monkeypatch.setenv(recovery.CRASH_AFTER_BATCHES_ENV, "14")
+    command = lambda argv: [sys.executable, "-c", child, str(REPO_ROOT), json.dumps(overrides)]  # noqa: E731
+    assert supervisor.supervise([], max_restarts=2, command=command) == 0
+    out = capsys.readouterr().out
+    assert "killed by SIGKILL); restart 1/2" in out and "restart 2/2" not in out
+    run_dir = next((tmp_path / "runs").iterdir())
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "complete" and info["epochs_run"] == 2
+
+
+def test_supervisor_gives_up_after_max_restarts_and_never_restarts_a_clean_stop(capsys):
+    crash = lambda argv: [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]  # noqa: E731
+    assert supervisor.supervise([], max_restarts=1, command=crash) == 128 + 9
+    out = capsys.readouterr().out
+    assert out.count("restart 1/1") == 1 and "no restarts left (--max-restarts 1)" in out
+    nan_stop = lambda argv: [sys.executable, "-c", f"raise SystemExit({supervisor.EXIT_NON_FINITE})"]  # noqa: E731
+    assert supervisor.supervise([], max_restarts=3, command=nan_stop) == supervisor.EXIT_NON_FINITE
+    assert "restart" not in capsys.readouterr().out
+
+
+def test_supervised_child_command_runs_the_training_cli():
+    env = {**os.environ, supervisor.SUPERVISED_ENV: "1", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(supervisor.child_command(["--help"]), env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--max-restarts" in result.stdout and "--checkpoint-every" in result.stdout
+
+
+def test_health_monitor_records_ram_and_disk_of_a_real_run(shared):
+    _, finished = shared
+    scalars = read_scalars(finished / "logs")
+    assert 0 < scalars["health/ram_percent"][-1] <= 100
+    assert scalars["health/disk_free_gb"][-1] > 0 and scalars["health/process_rss_gb"][-1] > 0
