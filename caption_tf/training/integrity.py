@@ -681,6 +681,7 @@ class CheckpointCallback(keras.callbacks.Callback):
         # Batches of the current epoch done before this `fit` began (a resumed
         # mid-epoch run): Keras counts that partial epoch's batches from 0.
         self.batch_offset = 0
+        self.blocking_seconds = 0.0  # time training waited in `store.save` (snapshot, or all when sync)
         self._epoch = 0
         self._last_loss: Optional[float] = None
 
@@ -716,11 +717,14 @@ class CheckpointCallback(keras.callbacks.Callback):
             return None
         metrics = {k: _scalar(v) for k, v in (logs or {}).items()}
         metadata = {**self.position.as_dict(), "metrics": metrics, **metrics, **dict(self.metadata_fn())}
+        started = time.perf_counter()
         try:
             return self.store.save(int(self.position.step), metadata)
         except (BackgroundWriteError, OSError, tf.errors.OpError) as err:
             self._fail(err)
             return None
+        finally:
+            self.blocking_seconds += time.perf_counter() - started
 
     def _variables(self) -> list:
         variables = list(self.model.weights)

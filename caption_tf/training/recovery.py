@@ -29,7 +29,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -56,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 EPOCH_SECONDS_KEY = "epoch_seconds"
+CHECKPOINT_SECONDS_KEY = "checkpoint_seconds"
 EPOCH_SEED_STRIDE = 1  # epoch e shuffles with seed + e * stride
 
 # Config fields that do not change the training maths: they may differ between
@@ -300,22 +300,33 @@ class CallbackStates(keras.callbacks.Callback):
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Adds `epoch_seconds` (training + validation wall time) to the epoch logs.
+    """Adds `epoch_seconds` and `checkpoint_seconds` to the epoch logs.
 
-    Placed before CSVLogger/TensorBoard so they record it; it measures the
-    cost of mid-epoch checkpoints (docs/recovery.md).
+    `epoch_seconds`: training batches, mid-epoch saves and the Keras validation
+    pass. `checkpoint_seconds`: how long the mid-epoch saves of this epoch
+    blocked training. Placed before CSVLogger/TensorBoard so they record both
+    (the checkpoint overhead in docs/recovery.md comes from them).
 
     Example:
 
-    >>> model.fit(ds, callbacks=[EpochTimer(), keras.callbacks.CSVLogger("history.csv")])
+    >>> model.fit(ds, callbacks=[EpochTimer(checkpoint_callback), keras.callbacks.CSVLogger("history.csv")])
     """
+
+    def __init__(self, checkpoint_callback: Optional[CheckpointCallback] = None):
+        super().__init__()
+        self.checkpoint_callback = checkpoint_callback
+
+    def _blocked(self) -> float:
+        return self.checkpoint_callback.blocking_seconds if self.checkpoint_callback else 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._started = time.perf_counter()
+        self._blocked_at_start = self._blocked()
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs[EPOCH_SECONDS_KEY] = time.perf_counter() - self._started
+            logs[CHECKPOINT_SECONDS_KEY] = self._blocked() - self._blocked_at_start
 
 
 def _plain(value: Any) -> Any:
@@ -427,7 +438,7 @@ class RecoverySession:
     def callbacks(self, others: Sequence[keras.callbacks.Callback]) -> list[keras.callbacks.Callback]:
         saved = self.state.restored.metadata.get("callbacks") if self.state.restored else None
         self.callback_states = CallbackStates(others, saved)
-        ordered = [self.guard, EpochTimer(), *others, self.callback_states, self.checkpoint_callback, self.monitor]
+        ordered = [self.guard, EpochTimer(self.checkpoint_callback), *others, self.callback_states, self.checkpoint_callback, self.monitor]
         return ordered + ([self.faults] if self.faults else [])
 
     @property
