@@ -64,7 +64,7 @@ def test_mixed_precision_trains_without_nan(precision, policy):
 def test_recompute_grad_gives_the_same_gradients_with_dropout():
     model = tiny_model(dropout=0.5)
     (grid, inputs), targets = next(iter(tiny_data()))
-    from caption_tf.models.decoder import masked_loss
+    from caption_tf.models.decoder import masked_accuracy, masked_loss
 
     def gradients(recompute):
         model.recompute_grad = recompute
@@ -75,10 +75,28 @@ def test_recompute_grad_gives_the_same_gradients_with_dropout():
         model.dropout.seed_generator.state.assign(seed_state)  # the same masks for the other run
         return [tf.convert_to_tensor(g).numpy() for g in grads]
 
+    def checkpointed_gradients(block_steps):
+        seed_state = model.dropout.seed_generator.state.numpy()
+        with tf.GradientTape() as tape:
+            loss, accuracy = model.checkpointed_loss(grid, inputs, targets, block_steps=block_steps)
+        grads = tape.gradient(loss, model.trainable_variables)
+        model.dropout.seed_generator.state.assign(seed_state)
+        return loss, accuracy, [tf.convert_to_tensor(g).numpy() for g in grads]
+
     plain, recomputed = gradients(False), gradients(True)
     assert len(plain) == len(model.trainable_variables)
     for a, b in zip(plain, recomputed):
         np.testing.assert_allclose(a, b, atol=1e-6)
+    # The training loss with the loss inside the blocks: 4 steps (blocks of 4 and 3) and 1 step per block.
+    seed_state = model.dropout.seed_generator.state.numpy()
+    logits = model((grid, inputs), training=True)
+    model.dropout.seed_generator.state.assign(seed_state)
+    for block_steps in (4, 1):
+        loss, accuracy, checkpointed = checkpointed_gradients(block_steps)
+        np.testing.assert_allclose(loss, masked_loss(targets, logits), rtol=1e-6)
+        np.testing.assert_allclose(accuracy, masked_accuracy(targets, logits), rtol=1e-6)
+        for a, b in zip(plain, checkpointed):
+            np.testing.assert_allclose(a, b, atol=1e-6)
     # Dropout really is on: another draw of masks changes the gradients.
     model.dropout(tf.ones((1, 4)), training=True)  # advances the dropout seed generator
     other = gradients(False)

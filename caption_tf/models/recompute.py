@@ -4,10 +4,14 @@
 Inside a `tf.function` the replay depends on nothing but those inputs, so the graph
 executor is free to run it as soon as they exist, i.e. during the forward pass (and
 Grappler may merge it with the forward ops): the activations then live until the
-backward pass anyway. Measured on the decoder at max length 40 (benchmarks/bench_memory.py):
-the same peak memory with and without it. Here the replay's inputs pass through
-`tf.identity` ops with a control dependency on the incoming gradients, so it can only
-run when the backward pass reaches this step.
+backward pass anyway. Here the replay's inputs pass through `tf.identity` ops with a
+control dependency on the incoming gradients, so it can only run when the backward pass
+reaches this block.
+
+Replaying alone did not lower the decoder's peak (benchmarks/bench_memory.py): the peak was
+the per-step gradients of weights and shared tensors waiting to be summed.
+`CaptionDecoder.checkpointed_loss` therefore also passes those tensors through the blocks
+as inputs/outputs, so their gradients are summed along the chain of blocks.
 
 The function must be deterministic (no dropout inside: a replay would draw new masks).
 
