@@ -9,7 +9,9 @@ training step, `reset_memory_stats`, run more steps, and report the peak bytes o
 tensors minus those live before the steps: what a training step adds on top of weights,
 optimizer state and inputs, i.e. mostly the activations kept for the backward pass.
 
-    python benchmarks/bench_memory.py [--max-length 40] [--batch 32]
+With `--recompute-grad` the train step uses `CaptionDecoder.checkpointed_loss`.
+
+    python benchmarks/bench_memory.py [--max-length 40] [--batch 64]
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from common import quiet_tensorflow, report
 
 CHILD = r"""
-import ctypes, json, os, sys
+import ctypes, json, os, sys, time
 import tensorflow as tf
 gpu = bool(tf.config.list_physical_devices("GPU"))
 device = "GPU:0" if gpu else "CPU:0"
@@ -44,9 +46,11 @@ batches = tf.data.Dataset.from_tensors(((grid, tokens[:, :-1]), tokens[:, 1:])).
 model.fit(batches.take(1), epochs=1, verbose=0)  # traces and builds the optimizer
 tf.config.experimental.reset_memory_stats(device)
 before = tf.config.experimental.get_memory_info(device)["current"]
+started = time.perf_counter()
 model.fit(batches, epochs=1, verbose=0)
+seconds = (time.perf_counter() - started) / args["steps"]
 peak = tf.config.experimental.get_memory_info(device)["peak"] - before
-print(json.dumps({"peak_bytes": peak, "device": "GPU" if gpu else "CPU"}))
+print(json.dumps({"peak_bytes": peak, "device": "GPU" if gpu else "CPU", "step_seconds": seconds}))
 """
 
 
@@ -65,10 +69,10 @@ def main() -> None:
     quiet_tensorflow()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-length", type=int, default=40)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--grid", type=int, nargs=2, default=[64, 512], help="cells, channels")
-    parser.add_argument("--units", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--grid", type=int, nargs=2, default=[64, 2048], help="cells, channels (InceptionV3 at 299 px)")
+    parser.add_argument("--units", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=5000)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--configs", nargs="+", default=["lstm-bahdanau", "gru-luong"])
     args = parser.parse_args()
@@ -83,7 +87,8 @@ def main() -> None:
             result = measure(settings)
             peaks[recompute] = result["peak_bytes"]
             rows.append({"decoder": config, "recompute_grad": recompute, "device": result["device"],
-                         "train-step peak MB": result["peak_bytes"] / 2**20})
+                         "train-step peak MB": result["peak_bytes"] / 2**20,
+                         "s/step": result["step_seconds"]})
         rows[-1]["reduction"] = f"{1 - peaks[True] / peaks[False]:.0%}"
     report("memory", rows, {
         "setting": f"batch {args.batch}, grid {args.grid}, units {args.units}, vocab {args.vocab}, max length {args.max_length}",

@@ -57,6 +57,19 @@ def best_time(fn, repeats: int = 5, warmup: int = 1) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def train_step(model, x, y) -> dict:
+    """One compiled train step on one batch; returns the logs as floats (so the step has finished).
+
+    `model.train_on_batch` hands `train_step` an `(x, y, sample_weight)` triple, which
+    `CaptionDecoder.train_step` does not unpack; this feeds `(x, y)` as `fit` does.
+    """
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    model.make_train_function()
+    logs = model.train_function(iter([(x, y)]))
+    return {k: float(v) for k, v in logs.items()}
+
+
 def format_table(rows: list[dict]) -> str:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
