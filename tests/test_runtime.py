@@ -105,6 +105,8 @@ def test_recompute_grad_gives_the_same_gradients_with_dropout():
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_recompute_grad_trains_like_plain_through_fit(jit):
+    # fit's train step takes the checkpointed loss; under XLA too (the only XLA train-step test).
+    # Plain and recompute run with the same jit setting: XLA draws other dropout masks.
     weights = []
     for recompute in (False, True):
         model = tiny_model(seed=4, attention="luong", decoder="gru", dropout=0.3, recompute_grad=recompute)
