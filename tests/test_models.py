@@ -78,3 +78,11 @@ def test_greedy_pads_after_the_end_token():
         ends = np.flatnonzero(row == 3)
         if ends.size:
             assert (row[ends[0] + 1 :] == 0).all()
+
+
+def test_train_on_batch_and_sample_weights_are_accepted():
+    model = build_decoder(ModelConfig(embedding_dim=4, units=8), vocab_size=6, grid_shape=(4, 3), max_length=5)
+    model.compile(optimizer="adam")
+    tokens = np.array([[2, 4, 5, 3, 0]] * 4, "int32")
+    logs = model.train_on_batch((np.ones((4, 4, 3), "float32"), tokens[:, :-1]), tokens[:, 1:], return_dict=True)
+    assert np.isfinite(logs["loss"])

@@ -232,7 +232,7 @@ class CaptionDecoder(keras.Model):
         return [self.loss_tracker, self.accuracy_tracker]
 
     def train_step(self, data):
-        (grid, inputs), targets = data
+        (grid, inputs), targets, _ = keras.utils.unpack_x_y_sample_weight(data)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             if self.recompute_grad:  # never materialises the [B, T, vocab] logits
@@ -252,7 +252,7 @@ class CaptionDecoder(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
     def test_step(self, data):
-        (grid, inputs), targets = data
+        (grid, inputs), targets, _ = keras.utils.unpack_x_y_sample_weight(data)
         logits = self((grid, inputs), training=False)
         return self._update_metrics(masked_loss(targets, logits), targets, logits)
 

@@ -63,8 +63,11 @@ class CaptionGenerator:
         self.model, self.start_id, self.end_id = model, start_id, end_id
         self.steps = max_length - 1  # <start> is given, not generated
         self.jit_compile = jit_compile
-        self._greedy = tf.function(self._greedy_impl, jit_compile=jit_compile, reduce_retracing=True)
-        self._log_likelihood = tf.function(self._log_likelihood_impl, jit_compile=jit_compile, reduce_retracing=True)
+        # The loops are unrolled in Python over a static length, so autograph has nothing to
+        # convert; leaving it on made it re-convert Keras internals (a flaky "tf____init__" error).
+        compile_options = {"jit_compile": jit_compile, "reduce_retracing": True, "autograph": False}
+        self._greedy = tf.function(self._greedy_impl, **compile_options)
+        self._log_likelihood = tf.function(self._log_likelihood_impl, **compile_options)
         self._beams: dict[tuple[int, float], tf.types.experimental.GenericFunction] = {}
 
     def greedy(self, grid):
@@ -83,7 +86,7 @@ class CaptionGenerator:
         key = (int(beam_size), float(length_penalty))
         if key not in self._beams:  # one compiled loop per (beam size, penalty)
             self._beams[key] = tf.function(
-                lambda grid: self._beam_impl(grid, *key), jit_compile=self.jit_compile, reduce_retracing=True
+                lambda grid: self._beam_impl(grid, *key), jit_compile=self.jit_compile, reduce_retracing=True, autograph=False
             )
         return self._beams[key](tf.convert_to_tensor(grid))
 
