@@ -72,7 +72,7 @@ NEUTRAL_FIELDS = frozenset(
 )
 NEUTRAL_SECTIONS = frozenset({"eval", "preset"})
 
-# Test hooks (documented in docs/recovery.md), honoured only when set:
+# Test hooks (documented in README.md (crash recovery)), honoured only when set:
 CRASH_AFTER_BATCHES_ENV = "CAPTION_TF_CRASH_AFTER_BATCHES"  # SIGKILL itself after N batches of this process
 NAN_AT_STEP_ENV = "CAPTION_TF_NAN_AT_STEP"  # poison a weight with NaN after global step N
 
@@ -305,7 +305,7 @@ class EpochTimer(keras.callbacks.Callback):
     `epoch_seconds`: training batches, mid-epoch saves and the Keras validation
     pass. `checkpoint_seconds`: how long the mid-epoch saves of this epoch
     blocked training. Placed before CSVLogger/TensorBoard so they record both
-    (the checkpoint overhead in docs/recovery.md comes from them).
+    (the checkpoint overhead in README.md (crash recovery) comes from them).
 
     Example:
 
