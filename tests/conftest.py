@@ -46,3 +46,18 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny_run")
     cfg = load_config("minimal", tiny_overrides(tmp, epochs=2))
     return cfg, train(cfg)
+
+
+def read_scalars(log_dir) -> dict[str, list[float]]:
+    """{tag: [values]} from the TensorBoard event files directly in `log_dir`."""
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    scalars: dict[str, list[float]] = {}
+    for path in tf.io.gfile.glob(f"{log_dir}/events.out.tfevents.*"):
+        for record in tf.data.TFRecordDataset(path):
+            event = event_pb2.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                tensor = tf.make_ndarray(value.tensor) if value.HasField("tensor") else value.simple_value
+                scalars.setdefault(value.tag, []).append(float(tensor))
+    return scalars

@@ -7,7 +7,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow.core.util import event_pb2
+
+from conftest import read_scalars
 
 from caption_tf.training.health import (
     GpuProbe,
@@ -45,16 +46,6 @@ def data(inf_batch=None, batch=8):
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
 
 
-def read_scalars(log_dir):
-    """{tag: [values]} from the TensorBoard event files under log_dir."""
-    scalars = {}
-    for path in tf.io.gfile.glob(f"{log_dir}/events.out.tfevents.*"):
-        for record in tf.data.TFRecordDataset(path):
-            event = event_pb2.Event.FromString(record.numpy())
-            for value in event.summary.value:
-                tensor = tf.make_ndarray(value.tensor) if value.HasField("tensor") else value.simple_value
-                scalars.setdefault(value.tag, []).append(float(tensor))
-    return scalars
 
 
 def test_system_health_reads_real_values(tmp_path):

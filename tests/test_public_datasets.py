@@ -7,7 +7,6 @@ Flickr8k sample in `../shared/data/flickr8k_sample`.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 

@@ -10,15 +10,13 @@ import subprocess
 import sys
 
 import pytest
-import tensorflow as tf
-from tensorflow.core.util import event_pb2
 
 from caption_tf.cli import train_main
 from caption_tf.config import load_config
 from caption_tf.training import recovery, supervisor
 from caption_tf.training.integrity import CheckpointMismatchError, VerifiedCheckpointStore, file_sha256
 from caption_tf.training.trainer import train
-from conftest import REPO_ROOT, tiny_overrides
+from conftest import REPO_ROOT, read_scalars, tiny_overrides
 
 # 32 training images x 5 captions / batch 16 = 10 batches per epoch.
 STEPS_PER_EPOCH = 10
@@ -57,16 +55,6 @@ def cli_flags(cfg_overrides: dict) -> list[str]:
     return [f"--{k.replace('_', '-')}={v}" for k, v in cfg_overrides.items()]
 
 
-def read_scalars(log_dir):
-    """{tag: [values]} from the TensorBoard event files directly in log_dir."""
-    scalars = {}
-    for path in tf.io.gfile.glob(f"{log_dir}/events.out.tfevents.*"):
-        for record in tf.data.TFRecordDataset(path):
-            event = event_pb2.Event.FromString(record.numpy())
-            for value in event.summary.value:
-                tensor = tf.make_ndarray(value.tensor) if value.HasField("tensor") else value.simple_value
-                scalars.setdefault(value.tag, []).append(float(tensor))
-    return scalars
 
 
 def test_completed_run_is_not_retrained_and_more_epochs_resume(shared, tmp_path, capsys):

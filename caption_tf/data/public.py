@@ -17,7 +17,6 @@ nothing skipped
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor

@@ -49,6 +49,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from caption_tf.data.download import sha256_of as file_sha256  # one chunked SHA-256 for the package
 from caption_tf.training.async_writer import BackgroundWriteError, BackgroundWriter
 
 logger = logging.getLogger(__name__)
@@ -134,21 +135,6 @@ def stable_hash(obj: Any) -> str:
     """
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in chunks.
-
-    Example:
-
-    >>> file_sha256("vocab.txt")[:8]
-    '3f2a9c01'
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(COPY_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def library_versions() -> dict:
