@@ -18,10 +18,24 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+# One record per image in the feature cache's TFRecord shards (written by caption_tf.features.cache).
 FEATURE_SPEC = {
     "index": tf.io.FixedLenFeature([], tf.int64),
+    "image_id": tf.io.FixedLenFeature([], tf.string),
     "grid": tf.io.FixedLenFeature([], tf.string),
+    "pooled": tf.io.FixedLenFeature([], tf.string),
 }
+
+
+def parse_feature_example(serialized, grid_shape, fields: Sequence[str] = tuple(FEATURE_SPEC)) -> dict:
+    """Pure-TF parser of a cached feature record; only `fields` are read (the training path needs two)."""
+    ex = tf.io.parse_single_example(serialized, {k: FEATURE_SPEC[k] for k in fields})
+    cells, dim = grid_shape
+    if "grid" in ex:
+        ex["grid"] = tf.reshape(tf.io.decode_raw(ex["grid"], tf.float16), (cells, dim))
+    if "pooled" in ex:
+        ex["pooled"] = tf.reshape(tf.io.decode_raw(ex["pooled"], tf.float16), (dim,))
+    return ex
 
 
 def captions_table(token_rows: Sequence[np.ndarray], max_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -37,11 +51,10 @@ def captions_table(token_rows: Sequence[np.ndarray], max_length: int) -> tuple[n
 
 def read_feature_shards(shards: Sequence[str], grid_shape: tuple[int, int]) -> tf.data.Dataset:
     """(index, grid float16) per image, shards read in parallel, order deterministic."""
-    cells, dim = grid_shape
 
     def parse(raw):
-        ex = tf.io.parse_single_example(raw, FEATURE_SPEC)
-        return ex["index"], tf.reshape(tf.io.decode_raw(ex["grid"], tf.float16), (cells, dim))
+        ex = parse_feature_example(raw, grid_shape, fields=("index", "grid"))
+        return ex["index"], ex["grid"]
 
     files = tf.data.Dataset.from_tensor_slices(list(shards))
     records = files.interleave(

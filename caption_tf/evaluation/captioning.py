@@ -49,13 +49,14 @@ def open_run_cache(run: Run, dataset=None) -> FeatureCache:
 
 def caption_split(run: Run, cache: FeatureCache, split: str = "test", batch_size: int = 64) -> SplitCaptions:
     generator = run.generator()
+    split_ids = cache.image_ids(split)  # a copy of the manifest list: take it once, not per image
     ids, captions, maps = [], [], []
     started = time.time()
     for index, grid in image_batches(cache.shards(split), cache.grid_shape, batch_size):
         tokens, attention = generator.greedy(grid)
         captions.extend(run.vocab.decode(row) for row in tokens.numpy())
         maps.append(attention.numpy())
-        ids.extend(cache.image_ids(split)[int(i)] for i in index.numpy())
+        ids.extend(split_ids[int(i)] for i in index.numpy())
     attention = np.concatenate(maps) if maps else np.zeros((0, generator.steps, cache.grid_shape[0]), np.float32)
     return SplitCaptions(ids, captions, attention, time.time() - started)
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from caption_tf.config import FeatureConfig
 from caption_tf.data.images import BadImageError, load_rgb
+from caption_tf.data.pipeline import parse_feature_example
 from caption_tf.data.records import SPLITS, CaptionDataset, ImageRecord
 
 CACHE_FORMAT_VERSION = 2
@@ -73,7 +74,7 @@ class FeatureCache:
         """All features of a split in memory: {"grid": [N, H*W, C], "pooled": [N, C]} (float16)."""
         grids, pooled = [], []
         for raw in tf.data.TFRecordDataset(self.shards(split)):
-            ex = parse_example(raw, self.grid_shape)
+            ex = parse_feature_example(raw, self.grid_shape, fields=("grid", "pooled"))
             grids.append(ex["grid"].numpy())
             pooled.append(ex["pooled"].numpy())
         n, (cells, dim) = len(grids), self.grid_shape
@@ -82,27 +83,6 @@ class FeatureCache:
             "pooled": np.stack(pooled) if pooled else np.zeros((0, dim), np.float16),
             "n": n,
         }
-
-
-def feature_spec() -> dict:
-    return {
-        "index": tf.io.FixedLenFeature([], tf.int64),
-        "image_id": tf.io.FixedLenFeature([], tf.string),
-        "grid": tf.io.FixedLenFeature([], tf.string),
-        "pooled": tf.io.FixedLenFeature([], tf.string),
-    }
-
-
-def parse_example(serialized, grid_shape) -> dict:
-    """Pure-TF parser (the training pipeline must stay checkpointable)."""
-    ex = tf.io.parse_single_example(serialized, feature_spec())
-    cells, dim = grid_shape
-    return {
-        "index": ex["index"],
-        "image_id": ex["image_id"],
-        "grid": tf.reshape(tf.io.decode_raw(ex["grid"], tf.float16), (cells, dim)),
-        "pooled": tf.reshape(tf.io.decode_raw(ex["pooled"], tf.float16), (dim,)),
-    }
 
 
 def _bytes(value: bytes) -> tf.train.Feature:
