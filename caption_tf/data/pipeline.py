@@ -97,6 +97,6 @@ def caption_batches(
     )
 
 
-def image_batches(shards: Sequence[str], grid_shape: tuple[int, int], batch_size: int) -> tf.data.Dataset:
+def feature_batches(shards: Sequence[str], grid_shape: tuple[int, int], batch_size: int) -> tf.data.Dataset:
     """(index, grid) batches, one per image, for decoding and evaluation."""
     return read_feature_shards(shards, grid_shape).batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from caption_tf.data.datasets import load_dataset
-from caption_tf.data.pipeline import image_batches
+from caption_tf.data.pipeline import feature_batches
 from caption_tf.data.text import clean_caption
 from caption_tf.evaluation.metrics import corpus_bleu_scores
 from caption_tf.features.cache import FeatureCache, cache_request, open_cache
@@ -52,7 +52,7 @@ def caption_split(run: Run, cache: FeatureCache, split: str = "test", batch_size
     split_ids = cache.image_ids(split)  # a copy of the manifest list: take it once, not per image
     ids, captions, maps = [], [], []
     started = time.time()
-    for index, grid in image_batches(cache.shards(split), cache.grid_shape, batch_size):
+    for index, grid in feature_batches(cache.shards(split), cache.grid_shape, batch_size):
         tokens, attention = generator.greedy(grid)
         captions.extend(run.vocab.decode(row) for row in tokens.numpy())
         maps.append(attention.numpy())

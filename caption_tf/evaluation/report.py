@@ -26,7 +26,7 @@ import numpy as np
 
 from caption_tf.data.datasets import load_dataset
 from caption_tf.data.images import load_rgb
-from caption_tf.data.pipeline import image_batches
+from caption_tf.data.pipeline import feature_batches
 from caption_tf.evaluation import plots
 from caption_tf.evaluation.attention import localisation
 from caption_tf.evaluation.captioning import open_run_cache
@@ -123,7 +123,7 @@ def decode_split(run, cache, split: str, beam_size: int, length_penalty: float, 
     generator = run.generator()
     all_ids = cache.image_ids(split)
     out = {d: {"ids": [], "text": [], "words": [], "attention": []} for d in DECODINGS}
-    for index, grid in image_batches(cache.shards(split), cache.grid_shape, run.config.eval.eval_batch_size):
+    for index, grid in feature_batches(cache.shards(split), cache.grid_shape, run.config.eval.eval_batch_size):
         ids = [all_ids[int(i)] for i in index.numpy()]
         greedy_tokens, greedy_att = generator.greedy(grid)
         beam_tokens, _, beam_att = generator.beam(grid, beam_size, length_penalty)

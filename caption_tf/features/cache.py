@@ -154,7 +154,7 @@ def _decode_for_backbone(size: int):
     return tf_load
 
 
-def image_batches(records: list[ImageRecord], size: int, batch_size: int) -> tf.data.Dataset:
+def decoded_image_batches(records: list[ImageRecord], size: int, batch_size: int) -> tf.data.Dataset:
     """(index, image uint8, ok) batches; decoding runs in parallel, order kept."""
     paths = [r.path for r in records]
     ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64), paths))
@@ -244,7 +244,7 @@ def extract_split(extractor, records, out_dir, split, cfg: FeatureConfig, skippe
             image_ids.append(rec.image_id)
         pending.clear()
 
-    batches = image_batches(records, extractor.input_size, cfg.extract_batch_size)
+    batches = decoded_image_batches(records, extractor.input_size, cfg.extract_batch_size)
     infer = compiled_extractor(extractor)
     with tqdm(total=len(records), desc=f"features {split}", unit="img") as bar:
         for index, images, ok in batches:
@@ -337,7 +337,7 @@ def encode_images(paths: list[str], cfg: FeatureConfig, normalizer: FeatureNorma
     records = [ImageRecord(image_id=str(i), path=str(p), captions=[], split="test") for i, p in enumerate(paths)]
     grids, oks = [], []
     infer = compiled_extractor(extractor)
-    for _, images, ok in image_batches(records, extractor.input_size, batch_size):
+    for _, images, ok in decoded_image_batches(records, extractor.input_size, batch_size):
         grid, _ = infer(images)
         grids.append(normalizer(grid.numpy()).astype(np.float32))
         oks.append(ok.numpy())
