@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import yaml
 
+from caption_tf.files import write_text
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -276,8 +278,7 @@ def validate(cfg: Config) -> None:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    with open(path, "w") as fh:
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def load_saved_config(path: str | Path) -> Config:

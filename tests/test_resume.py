@@ -13,8 +13,9 @@ import pytest
 
 from caption_tf.cli import train_main
 from caption_tf.config import load_config
+from caption_tf.files import file_sha256
 from caption_tf.training import recovery, supervisor
-from caption_tf.training.integrity import CheckpointMismatchError, VerifiedCheckpointStore, file_sha256
+from caption_tf.training.integrity import CheckpointMismatchError, VerifiedCheckpointStore
 from caption_tf.training.trainer import train
 from conftest import REPO_ROOT, read_scalars, tiny_overrides
 

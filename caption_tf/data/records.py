@@ -16,12 +16,31 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
+from caption_tf.files import write_json
+
 SPLITS = ("train", "val", "test")
+
+
+def assign_splits(n: int, val_fraction: float, test_fraction: float, seed: int) -> list[str]:
+    """Split names for `n` items from `seed`: round(n * test_fraction) test, round(n * val_fraction) val, the rest train.
+
+    Used by every loader without split files of its own (shapes, Flickr without split files, custom).
+    """
+    order = np.random.default_rng(seed).permutation(n)
+    n_test, n_val = int(round(n * test_fraction)), int(round(n * val_fraction))
+    splits = ["train"] * n
+    for rank, idx in enumerate(order):
+        if rank < n_test:
+            splits[idx] = "test"
+        elif rank < n_test + n_val:
+            splits[idx] = "val"
+    return splits
 
 
 @dataclass
@@ -71,8 +90,7 @@ class SkipReport:
         return "; ".join(parts) if parts else "nothing skipped"
 
     def save(self, path: str | Path) -> None:
-        with open(path, "w") as fh:
-            json.dump({"counts": self.counts(), **asdict(self)}, fh, indent=2)
+        write_json(path, {"counts": self.counts(), **asdict(self)})
 
 
 @dataclass

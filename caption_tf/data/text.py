@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from caption_tf.config import TextConfig
+from caption_tf.files import write_json
 
 START, END = "<start>", "<end>"
 PAD, UNK = "", "[UNK]"  # TextVectorization's reserved tokens at index 0 and 1
@@ -93,8 +94,7 @@ class CaptionVocabulary:
         return hashlib.sha256("\n".join(self.tokens).encode()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
-        with open(path, "w") as fh:
-            json.dump({"max_length": self.max_length, "tokens": self.tokens}, fh)
+        write_json(path, {"max_length": self.max_length, "tokens": self.tokens}, indent=None)
 
     @classmethod
     def load(cls, path: str | Path) -> "CaptionVocabulary":

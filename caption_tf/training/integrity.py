@@ -49,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from caption_tf.data.download import sha256_of as file_sha256  # one chunked SHA-256 for the package
+from caption_tf.files import file_sha256, fsync_directory, stable_hash
 from caption_tf.training.async_writer import BackgroundWriteError, BackgroundWriter
 
 logger = logging.getLogger(__name__)
@@ -123,18 +123,6 @@ class CheckpointInfo:
 
 
 # ----------------------------------------------------------------- helpers
-
-
-def stable_hash(obj: Any) -> str:
-    """SHA-256 of a JSON-serialisable object, independent of key order.
-
-    Example:
-
-    >>> stable_hash({"b": 1, "a": 2}) == stable_hash({"a": 2, "b": 1})
-    True
-    """
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def library_versions() -> dict:
@@ -212,20 +200,6 @@ def is_disk_full(error: BaseException) -> bool:
             return True
         error = error.__cause__
     return False
-
-
-def _fsync_dir(path: Path) -> None:
-    # A directory fsync makes a rename durable; not possible on every OS.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class DurableFileWriter:
@@ -413,11 +387,11 @@ class VerifiedCheckpointStore:
             body["manifest_sha256"] = _manifest_body_hash(body)
             text = json.dumps(body, indent=1, sort_keys=True, default=str).encode("utf-8")
             self.writer.write(tmp / MANIFEST_NAME, [text])
-            _fsync_dir(tmp)
+            fsync_directory(tmp)
             if final.exists():  # re-saving a step: retire the old one first
                 self._delete(final)
             os.replace(tmp, final)
-            _fsync_dir(self.directory)
+            fsync_directory(self.directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial folder behind
             raise
