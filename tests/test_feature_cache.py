@@ -7,7 +7,7 @@ from PIL import Image
 
 from caption_tf.config import DataConfig, FeatureConfig
 from caption_tf.data.datasets import load_dataset
-from caption_tf.data.pipeline import caption_batches, captions_table
+from caption_tf.training.pipeline import caption_batches, captions_table
 from caption_tf.features.backbones import BACKBONES, BackboneWeightsError, build_backbone, build_extractor
 from caption_tf.features.cache import build_feature_cache, encode_images
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from caption_tf.data.datasets import load_dataset
-from caption_tf.data.pipeline import feature_batches
 from caption_tf.data.text import clean_caption
 from caption_tf.evaluation.metrics import corpus_bleu_scores
 from caption_tf.features.cache import FeatureCache, cache_request, open_cache
+from caption_tf.features.tfrecords import feature_batches
 from caption_tf.training.run import METRICS_FILE, Run, load_run, write_json
 
 

@@ -26,7 +26,6 @@ import numpy as np
 
 from caption_tf.data.datasets import load_dataset
 from caption_tf.data.images import load_rgb
-from caption_tf.data.pipeline import feature_batches
 from caption_tf.evaluation import plots
 from caption_tf.evaluation.attention import localisation
 from caption_tf.evaluation.captioning import open_run_cache
@@ -34,6 +33,7 @@ from caption_tf.evaluation.errors import confusion_matrix, error_analysis, objec
 from caption_tf.evaluation.metrics import caption_metrics, headline
 from caption_tf.evaluation.resources import RESOURCE_BATCH_SIZES, measure_resources
 from caption_tf.evaluation.user_images import caption_images, step_words
+from caption_tf.features.tfrecords import feature_batches
 from caption_tf.training.run import load_run, write_json
 
 REPORT_FILE, METRICS_JSON, FIGURES_DIR = "report.html", "metrics.json", "figures"

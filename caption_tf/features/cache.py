@@ -6,7 +6,8 @@ Layout of one cache entry (a folder under `FeatureConfig.cache_dir`):
         manifest.json            backbone, weights, input size, dataset fingerprint,
                                  grid shape, per-split shards and image ids, skipped images
         train-00000.tfrecord     one tf.train.Example per image: index, image_id,
-        ...                      grid (float16 [H*W, C]) and pooled (float16 [C])
+        ...                      grid (float16 [H*W, C]) and pooled (float16 [C]);
+                                 the format is `caption_tf.features.tfrecords`
 
 An entry is reused when its manifest matches the request and rebuilt when it
 does not; it is written to a temporary folder and published with one rename,
@@ -36,8 +37,9 @@ from tqdm.auto import tqdm
 
 from caption_tf.config import FeatureConfig
 from caption_tf.data.images import BadImageError, load_rgb
-from caption_tf.data.pipeline import parse_feature_example
 from caption_tf.data.records import SPLITS, CaptionDataset, ImageRecord
+from caption_tf.features.backbones import build_extractor, resolve_input_size, weights_tag
+from caption_tf.features.tfrecords import ShardWriter, parse_feature_example, serialize_feature_example
 
 CACHE_FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -85,27 +87,8 @@ class FeatureCache:
         }
 
 
-def _bytes(value: bytes) -> tf.train.Feature:
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-
-def serialize_example(index: int, image_id: str, grid: np.ndarray, pooled: np.ndarray) -> bytes:
-    return tf.train.Example(
-        features=tf.train.Features(
-            feature={
-                "index": tf.train.Feature(int64_list=tf.train.Int64List(value=[index])),
-                "image_id": _bytes(image_id.encode()),
-                "grid": _bytes(grid.astype(np.float16).tobytes()),
-                "pooled": _bytes(pooled.astype(np.float16).tobytes()),
-            }
-        )
-    ).SerializeToString()
-
-
 def cache_request(dataset: CaptionDataset, cfg: FeatureConfig) -> dict:
     """What identifies a cache entry; a stored manifest must match it to be reused."""
-    from caption_tf.features.backbones import resolve_input_size, weights_tag
-
     return {
         "format_version": CACHE_FORMAT_VERSION,
         "dataset": dataset.name,
@@ -162,30 +145,6 @@ def decoded_image_batches(records: list[ImageRecord], size: int, batch_size: int
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-class _ShardWriter:
-    """Writes `split-00000.tfrecord`, `split-00001.tfrecord`, ... of at most `shard_size` examples."""
-
-    def __init__(self, directory: Path, split: str, shard_size: int):
-        self.directory, self.split, self.shard_size = directory, split, shard_size
-        self.shards: list[str] = []
-        self.count = 0
-        self._writer = None
-
-    def write(self, payload: bytes) -> None:
-        if self.count % self.shard_size == 0:
-            self.close()
-            name = f"{self.split}-{len(self.shards):05d}.tfrecord"
-            self.shards.append(name)
-            self._writer = tf.io.TFRecordWriter(str(self.directory / name))
-        self._writer.write(payload)
-        self.count += 1
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-
 NORMALIZER_SAMPLE = 256  # training images used to fit the per-channel standardisation
 NORMALIZER_FILE = "normalizer.npz"
 
@@ -234,13 +193,13 @@ def compiled_extractor(extractor):
 
 def extract_split(extractor, records, out_dir, split, cfg: FeatureConfig, skipped: list[dict], normalizer=None):
     """Extract and write one split; the normalizer is fitted on the first training images."""
-    writer = _ShardWriter(out_dir, split, cfg.shard_size)
+    writer = ShardWriter(out_dir, split, cfg.shard_size)
     image_ids, grid_shape, pending = [], None, []
 
     def flush():
         for rec, grid in pending:
             grid = normalizer(grid)
-            writer.write(serialize_example(len(image_ids), rec.image_id, grid, grid.mean(0)))
+            writer.write(serialize_feature_example(len(image_ids), rec.image_id, grid, grid.mean(0)))
             image_ids.append(rec.image_id)
         pending.clear()
 
@@ -282,8 +241,6 @@ def build_feature_cache(
     used as is (e.g. the phase-1 statistics for a fine-tuned backbone) instead
     of being fitted on the training images.
     """
-    from caption_tf.features.backbones import build_extractor
-
     request = cache_request(dataset, cfg)
     directory = cache_directory(request, cfg)
     cached = None if force else open_cache(directory, request)
@@ -331,8 +288,6 @@ def encode_images(paths: list[str], cfg: FeatureConfig, normalizer: FeatureNorma
 
     >>> grids, ok = encode_images(["a.jpg"], run.config.features, cache.normalizer())
     """
-    from caption_tf.features.backbones import build_extractor
-
     extractor = build_extractor(cfg.backbone, cfg.weights, cfg.input_size)
     records = [ImageRecord(image_id=str(i), path=str(p), captions=[], split="test") for i, p in enumerate(paths)]
     grids, oks = [], []

@@ -51,7 +51,6 @@ from keras import ops
 from caption_tf.config import Config, save_config
 from caption_tf.data.datasets import load_dataset
 from caption_tf.data.images import load_rgb
-from caption_tf.data.pipeline import captions_table
 from caption_tf.features.backbones import FeatureExtractor, build_extractor
 from caption_tf.features.cache import (
     FeatureCache,
@@ -61,6 +60,7 @@ from caption_tf.features.cache import (
 )
 from caption_tf.models.decoder import masked_loss
 from caption_tf.training import run as run_files
+from caption_tf.training.pipeline import captions_table
 from caption_tf.training.runtime import setup_runtime
 from caption_tf.training.schedules import BleuFunction, LearningRateLogger
 

@@ -20,7 +20,6 @@ import tensorflow as tf
 
 from caption_tf.config import Config
 from caption_tf.data.datasets import load_dataset
-from caption_tf.data.pipeline import caption_batches, captions_table
 from caption_tf.data.records import CaptionDataset
 from caption_tf.data.text import CaptionVocabulary, clean_caption
 from caption_tf.features.cache import FeatureCache, build_feature_cache
@@ -28,6 +27,7 @@ from caption_tf.models.decoder import build_decoder
 from caption_tf.training import recovery
 from caption_tf.training import run as run_files
 from caption_tf.training.autoconfig import resolve_auto_settings
+from caption_tf.training.pipeline import caption_batches, captions_table
 from caption_tf.training.runtime import (
     Runtime,
     dataset_options,
