@@ -44,7 +44,7 @@ def test_chance_baseline_matches_simulated_random_rankings():
 
 def test_retrieval_on_a_tiny_trained_run(tiny_run):
     from caption_tf.evaluation.captioning import open_run_cache
-    from caption_tf.training.run import load_run
+    from caption_tf.run_folder import load_run
 
     _, run_dir = tiny_run
     run = load_run(run_dir)

@@ -21,7 +21,8 @@ from caption_tf.data.text import clean_caption
 from caption_tf.evaluation.metrics import corpus_bleu_scores
 from caption_tf.features.cache import FeatureCache, cache_request, open_cache
 from caption_tf.features.tfrecords import feature_batches
-from caption_tf.training.run import METRICS_FILE, Run, load_run, write_json
+from caption_tf.files import write_json
+from caption_tf.run_folder import METRICS_FILE, Run, load_run
 
 
 @dataclass

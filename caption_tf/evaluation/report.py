@@ -34,7 +34,8 @@ from caption_tf.evaluation.metrics import caption_metrics, headline
 from caption_tf.evaluation.resources import RESOURCE_BATCH_SIZES, measure_resources
 from caption_tf.evaluation.user_images import caption_images, step_words
 from caption_tf.features.tfrecords import feature_batches
-from caption_tf.training.run import load_run, write_json
+from caption_tf.files import write_json
+from caption_tf.run_folder import load_run
 
 REPORT_FILE, METRICS_JSON, FIGURES_DIR = "report.html", "metrics.json", "figures"
 EXAMPLE_IMAGES = 6  # test images shown with references and every caption

@@ -115,7 +115,7 @@ def retrieval_scores(
 ) -> dict:
     """Image->text and text->image Recall@K of a trained run on a split of its feature cache.
 
-    `run` is a `caption_tf.training.run.Run` with its model loaded; `dataset`
+    `run` is a `caption_tf.run_folder.Run` with its model loaded; `dataset`
     (the run's, loaded when not given) supplies the reference captions.
 
     Example:
@@ -165,7 +165,7 @@ def evaluate_retrieval(run_dir: str | Path, split: str = "test", ks: Sequence[in
     """
     from caption_tf.data.datasets import load_dataset
     from caption_tf.evaluation.captioning import open_run_cache
-    from caption_tf.training.run import load_run
+    from caption_tf.run_folder import load_run
 
     run = load_run(run_dir)
     dataset = load_dataset(run.config.data)

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import shutil
 import time
 from pathlib import Path
@@ -48,6 +46,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from caption_tf import run_folder
 from caption_tf.config import Config, save_config
 from caption_tf.data.datasets import load_dataset
 from caption_tf.data.images import load_rgb
@@ -58,17 +57,20 @@ from caption_tf.features.cache import (
     cache_request,
     open_cache,
 )
+from caption_tf.files import atomic_path
 from caption_tf.models.decoder import masked_loss
-from caption_tf.training import run as run_files
+from caption_tf.run_folder import (
+    BACKBONE_WEIGHTS_FILE,
+    FINE_TUNE_BACKUP_DIR,
+    FINE_TUNE_HISTORY_FILE,
+    FINE_TUNE_LOG_DIR,
+    PHASE1_WEIGHTS_FILE,
+    config_hash,
+)
 from caption_tf.training.pipeline import captions_table
 from caption_tf.training.runtime import setup_runtime
 from caption_tf.training.schedules import BleuFunction, LearningRateLogger
 
-BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
-PHASE1_WEIGHTS_FILE = "decoder_phase1.weights.h5"
-FINE_TUNE_HISTORY_FILE = "history_fine_tune.csv"
-FINE_TUNE_LOG_DIR = "fine_tune"  # under logs/
-FINE_TUNE_BACKUP_DIR = "fine_tune_backup"
 PHASE_DECODER, PHASE_FINE_TUNE = "decoder", "fine_tune"
 
 
@@ -190,26 +192,16 @@ def split_batches(dataset, cache: FeatureCache, vocab, split: str, size: int, ba
 # ------------------------------------------------------------------ phase markers
 
 
-def config_hash(cfg: Config) -> str:
-    """Identity of a requested configuration (before `auto` settings are resolved)."""
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def read_info(run_dir: Path) -> dict:
-    path = run_dir / run_files.RUN_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def phase_complete(run_dir: Path, phase: str, requested: str) -> bool:
-    """True when `phase` finished for the same requested configuration."""
-    marker = read_info(run_dir).get("phases", {}).get(phase, {})
+    """True when `phase` finished for the same requested configuration (`config_hash`)."""
+    marker = run_folder.read_run_info(run_dir, missing_ok=True).get("phases", {}).get(phase, {})
     return marker.get("status") == "complete" and marker.get("config_hash") == requested
 
 
 def mark_phase(run_dir: Path, phase: str, requested: str, **details) -> None:
-    info = read_info(run_dir)
-    info.setdefault("phases", {})[phase] = {"status": "complete", "config_hash": requested, **details}
-    run_files.write_json(run_dir / run_files.RUN_FILE, info)
+    phases = run_folder.read_run_info(run_dir).get("phases", {})
+    phases[phase] = {"status": "complete", "config_hash": requested, **details}
+    run_folder.update_run_info(run_dir, phases=phases)
 
 
 def fine_tune(cfg: Config, run_dir: Path) -> Path:
@@ -219,8 +211,8 @@ def fine_tune(cfg: Config, run_dir: Path) -> Path:
 
     >>> fine_tune(cfg, Path("runs/optimized-shapes-inception_v3-lstm-bahdanau"))
     """
-    run = run_files.load_run(run_dir, with_model=False)
-    phase1 = read_info(run_dir)["phases"][PHASE_DECODER]
+    run = run_folder.load_run(run_dir, with_model=False)
+    phase1 = run.info["phases"][PHASE_DECODER]
     saved = run.config  # resolved `auto` settings
     features_cfg = dataclasses.replace(saved.features, weights=cfg.features.weights)
     dataset = load_dataset(saved.data)
@@ -255,27 +247,23 @@ def fine_tune(cfg: Config, run_dir: Path) -> Path:
         LearningRateLogger(),
         keras.callbacks.BackupAndRestore(str(run_dir / FINE_TUNE_BACKUP_DIR), save_freq="epoch"),
         keras.callbacks.CSVLogger(str(run_dir / FINE_TUNE_HISTORY_FILE), append=True),
-        keras.callbacks.TensorBoard(str(run_dir / run_files.LOG_DIR / FINE_TUNE_LOG_DIR), update_freq="epoch"),
+        keras.callbacks.TensorBoard(str(run_dir / run_folder.LOG_DIR / FINE_TUNE_LOG_DIR), update_freq="epoch"),
     ]
     started = time.time()
     model.fit(train_ds, validation_data=val_ds, epochs=saved.train.fine_tune_epochs, callbacks=callbacks, shuffle=False)
 
     # Publish: backbone, cache, decoder, then config and run.json; the marker is written last.
     backbone_path = (run_dir / BACKBONE_WEIGHTS_FILE).resolve()
-    tmp = backbone_path.with_name("partial-" + backbone_path.name)
-    extractor.backbone.save_weights(tmp)
-    tmp.replace(backbone_path)
+    with atomic_path(backbone_path) as tmp:
+        extractor.backbone.save_weights(tmp)
     tuned_features = dataclasses.replace(saved.features, weights=str(backbone_path))
     tuned_cache = build_feature_cache(dataset, tuned_features, extractor=extractor, normalizer=normalizer)
-    tmp = run_dir / ("partial-" + run_files.WEIGHTS_FILE)
-    decoder.save_weights(tmp)
-    tmp.replace(run_dir / run_files.WEIGHTS_FILE)
+    with atomic_path(run_dir / run_folder.WEIGHTS_FILE) as tmp:
+        decoder.save_weights(tmp)
     tuned_config = copy.deepcopy(saved)
     tuned_config.features = tuned_features
-    save_config(tuned_config, run_dir / run_files.CONFIG_FILE)
-    info = read_info(run_dir)
-    info.update(feature_cache=str(tuned_cache.directory), feature_fingerprint=tuned_cache.fingerprint)
-    run_files.write_json(run_dir / run_files.RUN_FILE, info)
+    save_config(tuned_config, run_dir / run_folder.CONFIG_FILE)
+    run_folder.update_run_info(run_dir, feature_cache=str(tuned_cache.directory), feature_fingerprint=tuned_cache.fingerprint)
     mark_phase(
         run_dir,
         PHASE_FINE_TUNE,
@@ -297,15 +285,16 @@ def train_in_phases(cfg: Config, bleu: Optional[BleuFunction] = None) -> Path:
     from caption_tf.training.trainer import train
 
     requested = config_hash(cfg)
-    run_dir = run_files.run_directory(cfg)
+    run_dir = run_folder.run_directory(cfg)
     if phase_complete(run_dir, PHASE_DECODER, requested) and (run_dir / PHASE1_WEIGHTS_FILE).exists():
         print(f"Phase 1 (decoder) already complete in {run_dir}: skipping it", flush=True)
     else:
         # A (re)trained decoder invalidates any half-finished phase 2.
         shutil.rmtree(run_dir / FINE_TUNE_BACKUP_DIR, ignore_errors=True)
         run_dir = train(copy.deepcopy(cfg), bleu)
-        shutil.copyfile(run_dir / run_files.WEIGHTS_FILE, run_dir / PHASE1_WEIGHTS_FILE)
-        mark_phase(run_dir, PHASE_DECODER, requested, feature_cache=read_info(run_dir)["feature_cache"])
+        with atomic_path(run_dir / PHASE1_WEIGHTS_FILE) as tmp:
+            shutil.copyfile(run_dir / run_folder.WEIGHTS_FILE, tmp)
+        mark_phase(run_dir, PHASE_DECODER, requested, feature_cache=run_folder.read_run_info(run_dir)["feature_cache"])
     if cfg.features.fine_tune_layers <= 0:
         return run_dir
     if phase_complete(run_dir, PHASE_FINE_TUNE, requested):

@@ -34,9 +34,10 @@ import numpy as np
 import psutil
 import tensorflow as tf
 
+from caption_tf.run_folder import ALERTS_FILE
+
 logger = logging.getLogger(__name__)
 
-ALERTS_FILE = "alerts.jsonl"
 GIB = 1024**3
 MIB = 1024**2
 DEFAULT_EVERY_N_BATCHES = 50

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -38,8 +37,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from caption_tf import run_folder
 from caption_tf.config import Config
-from caption_tf.training.supervisor import EXIT_CHECKPOINT_FAILED, EXIT_NON_FINITE, OLD_RUN_SUFFIX, TrainingStopped
+from caption_tf.files import atomic_path, stable_hash
+from caption_tf.run_folder import CHECKPOINT_DIR, OLD_RUN_SUFFIX
+from caption_tf.training.supervisor import EXIT_CHECKPOINT_FAILED, EXIT_NON_FINITE, TrainingStopped
 from caption_tf.training.health import HealthMonitor, NonFiniteLossGuard
 from caption_tf.training.integrity import (
     CheckpointCallback,
@@ -48,12 +50,10 @@ from caption_tf.training.integrity import (
     TrainingPosition,
     VerifiedCheckpointStore,
     check_compatible,
-    stable_hash,
 )
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
 EPOCH_SECONDS_KEY = "epoch_seconds"
 CHECKPOINT_SECONDS_KEY = "checkpoint_seconds"
 EPOCH_SEED_STRIDE = 1  # epoch e shuffles with seed + e * stride
@@ -175,10 +175,9 @@ class RunPlan:
 
 def read_run_info(run_dir: Path) -> Optional[dict]:
     """The run's `run.json`, or None when there is none (or it is unreadable: a crash mid-write)."""
-    path = run_dir / "run.json"
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return run_folder.read_run_info(run_dir)
+    except (OSError, run_folder.RunFolderError):
         return None
 
 
@@ -565,10 +564,8 @@ def trim_history(path: Path, first_epoch: int) -> None:
     kept = [rows[0]] + [r for r in rows[1:] if r and int(float(r[column])) < first_epoch]
     if len(kept) == len(rows):
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         csv.writer(fh).writerows(kept if len(kept) > 1 else [])
-    tmp.replace(path)
 
 
 # ------------------------------------------------------------------ test hooks

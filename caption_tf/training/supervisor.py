@@ -25,7 +25,6 @@ import subprocess
 import sys
 from typing import Callable, Optional, Sequence
 
-OLD_RUN_SUFFIX = ".old-"  # --resume never moves runs/<name> to runs/<name>.old-<time>
 SUPERVISED_ENV = "CAPTION_TF_SUPERVISED"  # set in the child of `supervise`
 
 # Exit codes of train.py for a clean stop that a restart would not fix.

@@ -18,14 +18,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from caption_tf import run_folder
 from caption_tf.config import Config
 from caption_tf.data.datasets import load_dataset
 from caption_tf.data.records import CaptionDataset
 from caption_tf.data.text import CaptionVocabulary, clean_caption
 from caption_tf.features.cache import FeatureCache, build_feature_cache
+from caption_tf.files import atomic_path
 from caption_tf.models.decoder import build_decoder
 from caption_tf.training import recovery
-from caption_tf.training import run as run_files
 from caption_tf.training.autoconfig import resolve_auto_settings
 from caption_tf.training.pipeline import caption_batches, captions_table
 from caption_tf.training.runtime import (
@@ -109,8 +110,8 @@ def build_model(cfg: Config, data: PreparedData, runtime: Runtime, steps_per_epo
 
 def make_callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]:
     callbacks = [
-        keras.callbacks.TensorBoard(str(run_dir / run_files.LOG_DIR), update_freq="epoch"),
-        keras.callbacks.CSVLogger(str(run_dir / run_files.HISTORY_FILE), append=True),
+        keras.callbacks.TensorBoard(str(run_dir / run_folder.LOG_DIR), update_freq="epoch"),
+        keras.callbacks.CSVLogger(str(run_dir / run_folder.HISTORY_FILE), append=True),
     ]
     return callbacks + early_stopping(cfg.train)
 
@@ -125,12 +126,6 @@ def validation_bleu(data: PreparedData, cfg: Config, bleu: BleuFunction | None):
     return validation_bleu_callback(grids, references, data.vocab, bleu, cfg.eval.eval_batch_size)
 
 
-def save_weights_atomically(model: keras.Model, path: Path) -> None:
-    tmp = path.with_name("partial-" + path.name)
-    model.save_weights(tmp)
-    tmp.replace(path)
-
-
 def train(cfg: Config, bleu: BleuFunction | None = None) -> Path:
     """Train a decoder as configured; returns the run folder.
 
@@ -140,7 +135,7 @@ def train(cfg: Config, bleu: BleuFunction | None = None) -> Path:
     runtime = setup_runtime(cfg.train)
     print(f"Runtime: {runtime.replicas} replica(s), precision {runtime.precision}, XLA {'on' if runtime.jit_compile else 'off'}")
     data = prepare_data(cfg, runtime.replicas)
-    run_dir = run_files.run_directory(cfg)
+    run_dir = run_folder.run_directory(cfg)
     # Resume, refuse (different settings), or report a completed run: before any file is rewritten.
     identity = recovery.RunIdentity.of(cfg, data.vocab.fingerprint(), data.cache.fingerprint)
     plan = recovery.plan_run(cfg, run_dir, identity, recovery.read_run_info(run_dir))
@@ -148,7 +143,7 @@ def train(cfg: Config, bleu: BleuFunction | None = None) -> Path:
         print(plan.message, flush=True)
     if plan.complete:
         return run_dir
-    run_files.save_run_files(
+    run_folder.save_run_files(
         run_dir,
         cfg,
         data.vocab,
@@ -167,7 +162,7 @@ def train(cfg: Config, bleu: BleuFunction | None = None) -> Path:
         },
     )
     data.dataset.skips.skipped_images.extend(data.cache.skipped())
-    data.dataset.skips.save(run_dir / run_files.SKIPS_FILE)
+    data.dataset.skips.save(run_dir / run_folder.SKIPS_FILE)
 
     steps_per_epoch = math.ceil(data.pair_count("train") / (cfg.train.batch_size * runtime.replicas))
     val_ds = make_split_dataset(data, "val", cfg, runtime, training=False) if data.cache.image_ids("val") else None
@@ -175,9 +170,9 @@ def train(cfg: Config, bleu: BleuFunction | None = None) -> Path:
     print(f"Decoder: {cfg.model.decoder} + {cfg.model.attention}, {model.count_params():,} parameters, vocabulary {data.vocab.size}")
 
     # Checkpoints (every --checkpoint-every batches and each epoch), NaN guard, health monitor.
-    session = recovery.RecoverySession(model, run_dir, cfg, identity, steps_per_epoch, run_dir / run_files.LOG_DIR)
+    session = recovery.RecoverySession(model, run_dir, cfg, identity, steps_per_epoch, run_dir / run_folder.LOG_DIR)
     start = session.restore()
-    recovery.trim_history(run_dir / run_files.HISTORY_FILE, start[0])  # epochs trained again
+    recovery.trim_history(run_dir / run_folder.HISTORY_FILE, start[0])  # epochs trained again
     started = time.time()
     callbacks = schedule_callbacks(cfg.train, validation_bleu(data, cfg, bleu), val_ds is not None) + make_callbacks(cfg, run_dir)
 
@@ -194,11 +189,11 @@ def train(cfg: Config, bleu: BleuFunction | None = None) -> Path:
     finally:
         stopped = session.finish_status()
     if stopped is not None:
-        run_files.write_json(run_dir / run_files.RUN_FILE, {**recovery.read_run_info(run_dir), "status": stopped.status})
+        run_folder.update_run_info(run_dir, status=stopped.status)
         raise stopped
-    save_weights_atomically(model, run_dir / run_files.WEIGHTS_FILE)
-    info = {**run_files.load_run(run_dir, with_model=False).info, "status": "complete"}
-    info["train_seconds"] = round(time.time() - started, 1)
-    info["epochs_run"] = session.epochs_done
-    run_files.write_json(run_dir / run_files.RUN_FILE, info)
+    with atomic_path(run_dir / run_folder.WEIGHTS_FILE) as tmp:
+        model.save_weights(tmp)
+    run_folder.update_run_info(
+        run_dir, status="complete", train_seconds=round(time.time() - started, 1), epochs_run=session.epochs_done
+    )
     return run_dir

@@ -36,7 +36,7 @@ import yaml
 
 from caption_tf.config import Config
 from caption_tf.data.text import CaptionVocabulary
-from caption_tf.training import run as run_files
+from caption_tf.run_folder import default_run_name
 from caption_tf.training.schedules import BLEU_MONITOR, BleuFunction, monitor_mode, schedule_callbacks
 
 TUNING_DIR = "tuning"
@@ -161,7 +161,7 @@ def tune(cfg: Config, bleu: Optional[BleuFunction] = None) -> TuningResult:
     data = prepare_data(cfg, runtime.replicas)  # resolves `auto` settings
     if not data.cache.image_ids("val"):
         raise ValueError("--tune scores trials on the validation split, and this dataset has none (--val-fraction)")
-    directory = Path(cfg.train.runs_dir) / TUNING_DIR / (cfg.train.run_name or run_files.default_run_name(cfg))
+    directory = Path(cfg.train.runs_dir) / TUNING_DIR / (cfg.train.run_name or default_run_name(cfg))
     directory.mkdir(parents=True, exist_ok=True)
     tuner = CaptionTuner(
         cfg, data, runtime, bleu, max_trials=cfg.train.trials, seed=cfg.train.seed, directory=str(directory), project_name=SEARCH_PROJECT

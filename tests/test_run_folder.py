@@ -1,0 +1,68 @@
+"""The run folder: atomic publishing, a damaged run.json named in one line, and the way back from it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from caption_tf.files import PARTIAL_PREFIX, atomic_path, file_sha256, write_json
+from caption_tf.run_folder import RUN_FILE, WEIGHTS_FILE, RunFolderError, read_run_info
+from conftest import REPO_ROOT, tiny_overrides
+
+
+def _run(script: str, *args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / script), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_partial(tmp_path):
+    path = tmp_path / "run.json"
+    write_json(path, {"status": "training"})
+    with pytest.raises(RuntimeError, match="disk gone"):
+        with atomic_path(path) as tmp:
+            tmp.write_text('{"status": "comp')  # half written when the writer fails
+            raise RuntimeError("disk gone")
+    assert read_run_info(tmp_path) == {"status": "training"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+    with atomic_path(path) as tmp:
+        assert tmp.name == PARTIAL_PREFIX + "run.json"
+        tmp.write_text('{"status": "complete"}')
+    assert read_run_info(tmp_path) == {"status": "complete"}
+
+
+@pytest.mark.parametrize("damage", [b'{"status": "compl', b"\xff\xfe\x00garbage", b"[1, 2]"])
+def test_damaged_run_json_is_named(tmp_path, damage):
+    (tmp_path / RUN_FILE).write_bytes(damage)
+    with pytest.raises(RunFolderError, match=str(tmp_path / RUN_FILE)):
+        read_run_info(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        read_run_info(tmp_path / "elsewhere")
+    assert read_run_info(tmp_path / "elsewhere", missing_ok=True) == {}
+
+
+def test_truncated_run_json_one_clear_line_then_resume_rewrites_it(tiny_run, tmp_path):
+    """evaluate.py names the damaged file; deleting it and rerunning train.py resumes and retrains nothing."""
+    cfg, original = tiny_run
+    run_dir = tmp_path / "runs" / original.name
+    shutil.copytree(original, run_dir)  # the shared run stays intact
+    weights = file_sha256(run_dir / WEIGHTS_FILE)
+    info = (run_dir / RUN_FILE).read_bytes()
+    (run_dir / RUN_FILE).write_bytes(info[: len(info) // 2])
+
+    evaluated = _run("evaluate.py", "--run", run_dir, "--out", tmp_path / "report", cwd=tmp_path)
+    assert evaluated.returncode == 2
+    assert f"error: {run_dir / RUN_FILE} is truncated or damaged" in evaluated.stderr
+    assert "Traceback" not in evaluated.stderr
+
+    (run_dir / RUN_FILE).unlink()
+    # The command that made the run (the tiny_run fixture's settings), with the copy's runs folder.
+    overrides = tiny_overrides(Path(cfg.data.data_root).parent, epochs=2, runs_dir=tmp_path / "runs")
+    flags = [item for name, value in overrides.items() for item in (f"--{name.replace('_', '-')}", value)]
+    trained = _run("train.py", "--preset", "minimal", *flags, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "Resuming from" in trained.stdout
+    assert read_run_info(run_dir)["status"] == "complete"
+    assert file_sha256(run_dir / WEIGHTS_FILE) == weights  # resumed at the end: nothing retrained
