@@ -81,6 +81,7 @@ def main() -> None:
         })
         runtime = setup_runtime(cfg.train)
         data = prepare_data(cfg, runtime.replicas)  # extracts the cache once (not timed)
+        cfg = data.config  # the resolved config
         train = make_split_dataset(data, "train", cfg, runtime, training=True)
         steps = int(train.cardinality())
         model = build_model(cfg, data, runtime, steps)

@@ -58,7 +58,7 @@ from caption_tf.features.cache import (
     open_cache,
 )
 from caption_tf.files import atomic_path
-from caption_tf.models.decoder import masked_loss
+from caption_tf.models.decoder import build_decoder, masked_loss
 from caption_tf.run_folder import (
     BACKBONE_WEIGHTS_FILE,
     FINE_TUNE_BACKUP_DIR,
@@ -70,6 +70,7 @@ from caption_tf.run_folder import (
 from caption_tf.training.pipeline import captions_table
 from caption_tf.training.runtime import setup_runtime
 from caption_tf.training.schedules import BleuFunction, LearningRateLogger
+from caption_tf.training.trainer import train
 
 PHASE_DECODER, PHASE_FINE_TUNE = "decoder", "fine_tune"
 
@@ -220,12 +221,10 @@ def fine_tune(cfg: Config, run_dir: Path) -> Path:
     if cache is None:
         raise FileNotFoundError(f"{phase1['feature_cache']}: the phase-1 feature cache is missing; rerun without it to rebuild")
     runtime = setup_runtime(saved.train)
-    batch = saved.train.fine_tune_batch_size * runtime.replicas
+    batch = runtime.global_batch_size(saved.train.fine_tune_batch_size)
     with runtime.strategy.scope():
         extractor = build_extractor(features_cfg.backbone, features_cfg.weights, features_cfg.input_size)
         unfrozen = unfreeze_last_layers(extractor.backbone, saved.features.fine_tune_layers)
-        from caption_tf.models.decoder import build_decoder
-
         decoder = build_decoder(saved.model, run.vocab.size, cache.grid_shape, run.vocab.max_length)
         decoder.load_weights(run_dir / PHASE1_WEIGHTS_FILE)
         normalizer = cache.normalizer()
@@ -282,8 +281,6 @@ def train_in_phases(cfg: Config, bleu: Optional[BleuFunction] = None) -> Path:
 
     >>> run_dir = train_in_phases(load_config("optimized"), bleu=corpus_bleu_scores)
     """
-    from caption_tf.training.trainer import train
-
     requested = config_hash(cfg)
     run_dir = run_folder.run_directory(cfg)
     if phase_complete(run_dir, PHASE_DECODER, requested) and (run_dir / PHASE1_WEIGHTS_FILE).exists():
@@ -291,7 +288,7 @@ def train_in_phases(cfg: Config, bleu: Optional[BleuFunction] = None) -> Path:
     else:
         # A (re)trained decoder invalidates any half-finished phase 2.
         shutil.rmtree(run_dir / FINE_TUNE_BACKUP_DIR, ignore_errors=True)
-        run_dir = train(copy.deepcopy(cfg), bleu)
+        run_dir = train(cfg, bleu)
         with atomic_path(run_dir / PHASE1_WEIGHTS_FILE) as tmp:
             shutil.copyfile(run_dir / run_folder.WEIGHTS_FILE, tmp)
         mark_phase(run_dir, PHASE_DECODER, requested, feature_cache=run_folder.read_run_info(run_dir)["feature_cache"])

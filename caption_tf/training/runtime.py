@@ -42,6 +42,10 @@ class Runtime:
     def replicas(self) -> int:
         return self.strategy.num_replicas_in_sync
 
+    def global_batch_size(self, per_replica: int) -> int:
+        """Examples per optimizer step: each replica takes `per_replica` of them."""
+        return per_replica * self.replicas
+
 
 def gpu_compute_capabilities() -> list[tuple[int, int]]:
     caps = []

@@ -42,6 +42,9 @@ from caption_tf.training.schedules import BleuFunction, early_stopping, learning
 
 @dataclass
 class PreparedData:
+    """What training reads: the resolved config, the dataset, its feature cache and the vocabulary."""
+
+    config: Config  # resolved: no `auto` left; the vocabulary's max_length is the caption length
     dataset: CaptionDataset
     cache: FeatureCache
     vocab: CaptionVocabulary
@@ -58,7 +61,10 @@ class PreparedData:
 
 
 def prepare_data(cfg: Config, replicas: int = 1) -> PreparedData:
-    """Dataset, feature cache and vocabulary; `auto` settings in `cfg` are resolved here."""
+    """Dataset, feature cache, the resolved config (`auto` settings derived from the data) and vocabulary.
+
+    `cfg` is the requested config and is left unchanged; use `PreparedData.config` from here on.
+    """
     dataset = load_dataset(cfg.data)
     print(dataset.summary(), flush=True)
     cache = build_feature_cache(dataset, cfg.features)
@@ -66,9 +72,14 @@ def prepare_data(cfg: Config, replicas: int = 1) -> PreparedData:
     train_captions = [c for i in cache.image_ids("train") for c in records[i].captions]
     if not train_captions:
         raise ValueError(f"Dataset {dataset.name!r} has no training image with captions")
-    resolve_auto_settings(cfg, train_captions, len(cache.image_ids("train")), replicas)
-    vocab = CaptionVocabulary.build(train_captions, cfg.text)
-    return PreparedData(dataset, cache, vocab)
+    resolved = resolve_auto_settings(cfg, train_captions, len(cache.image_ids("train")), replicas)
+    vocab = CaptionVocabulary.build(train_captions, resolved.text)
+    return PreparedData(resolved, dataset, cache, vocab)
+
+
+def steps_per_epoch(data: PreparedData, split: str, cfg: Config, runtime: Runtime) -> int:
+    """Batches in one pass over the (image, caption) pairs of `split`."""
+    return math.ceil(data.pair_count(split) / runtime.global_batch_size(cfg.train.batch_size))
 
 
 def make_split_dataset(
@@ -79,12 +90,11 @@ def make_split_dataset(
     `captions` (`data.captions(split)`) may be passed in precomputed, e.g. when
     this is called inside a `tf.data` function (`recovery.epoch_feed`).
     """
-    global_batch = cfg.train.batch_size * runtime.replicas
     ds = caption_batches(
         data.cache.shards(split),
         data.cache.grid_shape,
         data.captions(split) if captions is None else captions,
-        batch_size=global_batch,
+        batch_size=runtime.global_batch_size(cfg.train.batch_size),
         shuffle=training,
         seed=cfg.train.seed if seed is None else seed,
         shuffle_buffer=cfg.train.shuffle_buffer,
@@ -92,13 +102,13 @@ def make_split_dataset(
         cache=fits_in_memory(feature_bytes(len(data.cache.image_ids(split)), data.cache.grid_shape)),
     ).with_options(dataset_options(runtime.strategy))
     # Known length: progress bars show totals and schedules know the step count.
-    return ds.apply(tf.data.experimental.assert_cardinality(math.ceil(data.pair_count(split) / global_batch)))
+    return ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch(data, split, cfg, runtime)))
 
 
 def build_model(cfg: Config, data: PreparedData, runtime: Runtime, steps_per_epoch: int):
     with runtime.strategy.scope():
         model = build_decoder(
-            cfg.model, data.vocab.size, data.cache.grid_shape, cfg.text.max_length, recompute_grad=cfg.train.recompute_grad
+            cfg.model, data.vocab.size, data.cache.grid_shape, data.vocab.max_length, recompute_grad=cfg.train.recompute_grad
         )
         # Linear scaling rule: the global batch grows with the replicas, so does the step size.
         learning_rate = learning_rate_for(cfg.train, steps_per_epoch, runtime.replicas)
@@ -126,15 +136,17 @@ def validation_bleu(data: PreparedData, cfg: Config, bleu: BleuFunction | None):
     return validation_bleu_callback(grids, references, data.vocab, bleu, cfg.eval.eval_batch_size)
 
 
-def train(cfg: Config, bleu: BleuFunction | None = None) -> Path:
+def train(requested: Config, bleu: BleuFunction | None = None) -> Path:
     """Train a decoder as configured; returns the run folder.
 
+    `requested` is left unchanged; training uses its resolved copy (`prepare_data`).
     `bleu` (e.g. `caption_tf.evaluation.metrics.corpus_bleu_scores`) enables the
     per-epoch `val_bleu4` (needed by `--early-stopping-monitor val_bleu4`).
     """
-    runtime = setup_runtime(cfg.train)
+    runtime = setup_runtime(requested.train)
     print(f"Runtime: {runtime.replicas} replica(s), precision {runtime.precision}, XLA {'on' if runtime.jit_compile else 'off'}")
-    data = prepare_data(cfg, runtime.replicas)
+    data = prepare_data(requested, runtime.replicas)
+    cfg = data.config  # resolved: every value below is final
     run_dir = run_folder.run_directory(cfg)
     # Resume, refuse (different settings), or report a completed run: before any file is rewritten.
     identity = recovery.RunIdentity.of(cfg, data.vocab.fingerprint(), data.cache.fingerprint)
@@ -164,13 +176,13 @@ def train(cfg: Config, bleu: BleuFunction | None = None) -> Path:
     data.dataset.skips.skipped_images.extend(data.cache.skipped())
     data.dataset.skips.save(run_dir / run_folder.SKIPS_FILE)
 
-    steps_per_epoch = math.ceil(data.pair_count("train") / (cfg.train.batch_size * runtime.replicas))
+    train_steps = steps_per_epoch(data, "train", cfg, runtime)
     val_ds = make_split_dataset(data, "val", cfg, runtime, training=False) if data.cache.image_ids("val") else None
-    model = build_model(cfg, data, runtime, steps_per_epoch=steps_per_epoch)
+    model = build_model(cfg, data, runtime, steps_per_epoch=train_steps)
     print(f"Decoder: {cfg.model.decoder} + {cfg.model.attention}, {model.count_params():,} parameters, vocabulary {data.vocab.size}")
 
     # Checkpoints (every --checkpoint-every batches and each epoch), NaN guard, health monitor.
-    session = recovery.RecoverySession(model, run_dir, cfg, identity, steps_per_epoch, run_dir / run_folder.LOG_DIR)
+    session = recovery.RecoverySession(model, run_dir, cfg, identity, train_steps, run_dir / run_folder.LOG_DIR)
     start = session.restore()
     recovery.trim_history(run_dir / run_folder.HISTORY_FILE, start[0])  # epochs trained again
     started = time.time()
@@ -183,7 +195,7 @@ def train(cfg: Config, bleu: BleuFunction | None = None) -> Path:
 
     try:
         recovery.fit_from_position(
-            model, make_epoch, start, steps_per_epoch, cfg.train.epochs, val_ds,
+            model, make_epoch, start, train_steps, cfg.train.epochs, val_ds,
             session.callbacks(callbacks), session.checkpoint_callback, dataset_options=dataset_options(runtime.strategy),
         )
     finally:

@@ -37,7 +37,9 @@ import yaml
 from caption_tf.config import Config
 from caption_tf.data.text import CaptionVocabulary
 from caption_tf.run_folder import default_run_name
+from caption_tf.training.runtime import setup_runtime
 from caption_tf.training.schedules import BLEU_MONITOR, BleuFunction, monitor_mode, schedule_callbacks
+from caption_tf.training.trainer import build_model, make_split_dataset, prepare_data, validation_bleu
 
 TUNING_DIR = "tuning"
 SEARCH_PROJECT = "search"
@@ -98,8 +100,6 @@ class CaptionTuner(kt.BayesianOptimization):
         self.cfg, self.data, self.runtime, self.bleu = cfg, data, runtime, bleu
 
     def run_trial(self, trial, *args, **kwargs):
-        from caption_tf.training.trainer import build_model, make_split_dataset, validation_bleu
-
         cfg = trial_config(self.cfg, trial.hyperparameters)
         # Same words, another caption length: only the token tables change.
         data = dataclasses.replace(self.data, vocab=CaptionVocabulary(self.data.vocab.tokens, cfg.text.max_length))
@@ -149,16 +149,13 @@ def tune(cfg: Config, bleu: Optional[BleuFunction] = None) -> TuningResult:
     >>> tune(load_config("minimal", {"trials": 2, "epochs": 1})).best_preset
     PosixPath('runs/tuning/minimal-shapes-inception_v3-lstm-bahdanau/best.yaml')
     """
-    from caption_tf.training.runtime import setup_runtime
-    from caption_tf.training.trainer import prepare_data
-
     if cfg.train.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {cfg.train.trials}")
     if cfg.train.early_stopping_monitor == BLEU_MONITOR and bleu is None:
         raise ValueError("tuning on val_bleu4 needs a BLEU scorer (train.py passes one)")
-    cfg = copy.deepcopy(cfg)
     runtime = setup_runtime(cfg.train)
-    data = prepare_data(cfg, runtime.replicas)  # resolves `auto` settings
+    data = prepare_data(cfg, runtime.replicas)
+    cfg = data.config  # resolved: `auto` settings derived from the data
     if not data.cache.image_ids("val"):
         raise ValueError("--tune scores trials on the validation split, and this dataset has none (--val-fraction)")
     directory = Path(cfg.train.runs_dir) / TUNING_DIR / (cfg.train.run_name or default_run_name(cfg))
