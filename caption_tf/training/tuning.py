@@ -36,6 +36,7 @@ import yaml
 
 from caption_tf.config import Config
 from caption_tf.data.text import CaptionVocabulary
+from caption_tf.files import atomic_path, write_text
 from caption_tf.run_folder import default_run_name
 from caption_tf.training.runtime import setup_runtime
 from caption_tf.training.schedules import BLEU_MONITOR, BleuFunction, monitor_mode, schedule_callbacks
@@ -126,19 +127,19 @@ def results_rows(tuner: kt.Tuner) -> list[dict]:
 
 def write_results(rows: list[dict], csv_path: Path, md_path: Path) -> None:
     columns = list(rows[0]) if rows else ["trial"]
-    with open(csv_path, "w", newline="") as fh:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, columns)
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in columns) + " |" for r in rows]
-    md_path.write_text("\n".join(lines) + "\n")
+    write_text(md_path, "\n".join(lines) + "\n")
 
 
 def write_preset(cfg: Config, path: Path, note: str) -> None:
     """A configs/-style YAML preset of a full configuration."""
     body = {name: values for name, values in cfg.to_dict().items() if name != "preset"}
-    path.write_text(f"# {note}\n" + yaml.safe_dump(body, sort_keys=False))
+    write_text(path, f"# {note}\n" + yaml.safe_dump(body, sort_keys=False))
 
 
 def tune(cfg: Config, bleu: Optional[BleuFunction] = None) -> TuningResult:
