@@ -6,7 +6,9 @@ module, so the layout and the file formats are defined once.
     runs/<name>/
         config.yaml                  the resolved Config (no `auto` left)
         vocab.json                   the vocabulary (tokens in id order, max length)
-        run.json                     feature cache, grid shape, fingerprints, status, phases
+        run.json                     feature cache, encoder (backbone, weights, size, seed), grid shape,
+                                     fingerprints, status, phases
+        feature_normalizer.npz       the per-channel statistics the decoder's inputs were standardised with
         model.weights.h5             final (or best) decoder weights
         history.csv                  per-epoch metrics
         logs/                        TensorBoard (logs/fine_tune: phase 2)
@@ -46,6 +48,8 @@ METRICS_FILE, HISTORY_FILE, LOG_DIR, SKIPS_FILE = "metrics.json", "history.csv",
 CHECKPOINT_DIR = "checkpoints"
 ALERTS_FILE = "alerts.jsonl"
 BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
+# With run.json's "encoder", what turns a new image into the decoder's input (features.encoder).
+FEATURE_NORMALIZER_FILE = "feature_normalizer.npz"
 PHASE1_WEIGHTS_FILE = "decoder_phase1.weights.h5"
 FINE_TUNE_HISTORY_FILE = "history_fine_tune.csv"
 FINE_TUNE_LOG_DIR = "fine_tune"  # under logs/

@@ -50,13 +50,9 @@ from caption_tf import run_folder
 from caption_tf.config import Config, save_config
 from caption_tf.data.datasets import load_dataset
 from caption_tf.data.images import load_rgb
-from caption_tf.features.backbones import FeatureExtractor, build_extractor
-from caption_tf.features.cache import (
-    FeatureCache,
-    build_feature_cache,
-    cache_request,
-    open_cache,
-)
+from caption_tf.features.backbones import FeatureExtractor
+from caption_tf.features.cache import FeatureCache, build_feature_cache, cache_request, open_cache, repair_cache
+from caption_tf.features.encoder import EncoderSpec, ImageEncoder
 from caption_tf.files import atomic_path
 from caption_tf.models.decoder import build_decoder, masked_loss
 from caption_tf.run_folder import (
@@ -220,10 +216,12 @@ def fine_tune(cfg: Config, run_dir: Path) -> Path:
     cache = open_cache(Path(phase1["feature_cache"]), cache_request(dataset, features_cfg))
     if cache is None:
         raise FileNotFoundError(f"{phase1['feature_cache']}: the phase-1 feature cache is missing; rerun without it to rebuild")
+    cache = repair_cache(cache, dataset)
     runtime = setup_runtime(saved.train)
     batch = runtime.global_batch_size(saved.train.fine_tune_batch_size)
     with runtime.strategy.scope():
-        extractor = build_extractor(features_cfg.backbone, features_cfg.weights, features_cfg.input_size)
+        # The very backbone (a random one rebuilt from its seed) and statistics the decoder learned on.
+        extractor = cache.encoder_spec.build_extractor()
         unfrozen = unfreeze_last_layers(extractor.backbone, saved.features.fine_tune_layers)
         decoder = build_decoder(saved.model, run.vocab.size, cache.grid_shape, run.vocab.max_length)
         decoder.load_weights(run_dir / PHASE1_WEIGHTS_FILE)
@@ -256,13 +254,16 @@ def fine_tune(cfg: Config, run_dir: Path) -> Path:
     with atomic_path(backbone_path) as tmp:
         extractor.backbone.save_weights(tmp)
     tuned_features = dataclasses.replace(saved.features, weights=str(backbone_path))
-    tuned_cache = build_feature_cache(dataset, tuned_features, extractor=extractor, normalizer=normalizer)
+    tuned_encoder = ImageEncoder(EncoderSpec.from_config(tuned_features), normalizer, extractor=extractor)
+    tuned_cache = build_feature_cache(dataset, tuned_features, encoder=tuned_encoder)
     with atomic_path(run_dir / run_folder.WEIGHTS_FILE) as tmp:
         decoder.save_weights(tmp)
     tuned_config = copy.deepcopy(saved)
     tuned_config.features = tuned_features
     save_config(tuned_config, run_dir / run_folder.CONFIG_FILE)
-    run_folder.update_run_info(run_dir, feature_cache=str(tuned_cache.directory), feature_fingerprint=tuned_cache.fingerprint)
+    run_folder.update_run_info(
+        run_dir, feature_cache=str(tuned_cache.directory), feature_fingerprint=tuned_cache.fingerprint, encoder=tuned_cache.manifest["encoder"]
+    )
     mark_phase(
         run_dir,
         PHASE_FINE_TUNE,

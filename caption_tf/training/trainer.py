@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from caption_tf.config import Config
 from caption_tf.data.datasets import load_dataset
 from caption_tf.data.records import CaptionDataset
 from caption_tf.data.text import CaptionVocabulary, clean_caption
-from caption_tf.features.cache import FeatureCache, build_feature_cache
+from caption_tf.features.cache import NORMALIZER_FILE, FeatureCache, build_feature_cache
 from caption_tf.files import atomic_path
 from caption_tf.models.decoder import build_decoder
 from caption_tf.training import recovery
@@ -163,6 +164,7 @@ def train(requested: Config, bleu: BleuFunction | None = None) -> Path:
             "grid_shape": list(data.cache.grid_shape),
             "feature_cache": str(data.cache.directory),
             "feature_fingerprint": data.cache.fingerprint,
+            "encoder": data.cache.manifest["encoder"],  # with feature_normalizer.npz: new images are encoded like the cache
             "dataset_fingerprint": data.dataset.fingerprint(),
             "vocab_fingerprint": data.vocab.fingerprint(),
             "vocab_size": data.vocab.size,
@@ -173,11 +175,16 @@ def train(requested: Config, bleu: BleuFunction | None = None) -> Path:
             **identity.metadata(),
         },
     )
+    with atomic_path(run_dir / run_folder.FEATURE_NORMALIZER_FILE) as tmp:
+        shutil.copyfile(data.cache.directory / NORMALIZER_FILE, tmp)
     data.dataset.skips.skipped_images.extend(data.cache.skipped())
     data.dataset.skips.save(run_dir / run_folder.SKIPS_FILE)
 
     train_steps = steps_per_epoch(data, "train", cfg, runtime)
     val_ds = make_split_dataset(data, "val", cfg, runtime, training=False) if data.cache.image_ids("val") else None
+    # The same seed, however much randomness preparing the data used (e.g. building a backbone
+    # for a fresh feature cache): the same command always starts from the same decoder.
+    keras.utils.set_random_seed(cfg.train.seed)
     model = build_model(cfg, data, runtime, steps_per_epoch=train_steps)
     print(f"Decoder: {cfg.model.decoder} + {cfg.model.attention}, {model.count_params():,} parameters, vocabulary {data.vocab.size}")
 
