@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from caption_tf import run_folder
 from caption_tf.config import Config
 from caption_tf.data.datasets import load_dataset
 from caption_tf.data.records import CaptionDataset
-from caption_tf.data.text import CaptionVocabulary, clean_caption
+from caption_tf.data.text import CaptionVocabulary, clean_caption, truncation_warning
 from caption_tf.features.cache import NORMALIZER_FILE, FeatureCache, build_feature_cache
 from caption_tf.files import atomic_path
 from caption_tf.models.decoder import build_decoder
@@ -67,13 +68,17 @@ def prepare_data(cfg: Config, replicas: int = 1) -> PreparedData:
     `cfg` is the requested config and is left unchanged; use `PreparedData.config` from here on.
     """
     dataset = load_dataset(cfg.data)
-    print(dataset.summary(), flush=True)
+    details = "" if dataset.skips.summary() == "nothing skipped" else f" (details: {run_folder.SKIPS_FILE} in the run folder)"
+    print(f"Dataset {dataset.summary()}{details}", flush=True)
     cache = build_feature_cache(dataset, cfg.features)
     records = dataset.by_id()
     train_captions = [c for i in cache.image_ids("train") for c in records[i].captions]
     if not train_captions:
         raise ValueError(f"Dataset {dataset.name!r} has no training image with captions")
     resolved = resolve_auto_settings(cfg, train_captions, len(cache.image_ids("train")), replicas)
+    warning = truncation_warning(train_captions, resolved.text.max_length)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     vocab = CaptionVocabulary.build(train_captions, resolved.text)
     return PreparedData(resolved, dataset, cache, vocab)
 
