@@ -180,6 +180,19 @@ def _get_meteor():
     return _meteor_scorer
 
 
+def start_meteor() -> None:
+    """Start METEOR's JVM now, in its own process, so the first METEOR score does not wait for it.
+
+    The JVM spends ~8-25 s loading its paraphrase tables; started before decoding,
+    that load overlaps with it. A no-op without Java; a failure here is reported
+    by the first `meteor_scores` call instead.
+    """
+    if not java_available():
+        return
+    with _meteor_lock, contextlib.suppress(Exception):
+        _get_meteor()
+
+
 def _drop_meteor() -> None:
     global _meteor_scorer
     if _meteor_scorer is not None:
