@@ -238,7 +238,7 @@ def _resources(summary: dict) -> str:
             rows.append([name, usage["device"], usage["backbone_parameters"], usage["decoder_parameters"],
                          usage.get("peak_device_memory_mb", usage["peak_rss_mb"]), t["batch_size"],
                          t["latency_ms_per_image"], t["images_per_second"]])
-    body = '<p class="note">Full inference path (backbone + greedy decoder) on random images, median of timed calls ' \
+    body = '<p class="note">Full inference path (backbone + standardisation + greedy decoder) on random images, median of timed calls ' \
            "after one warm-up per batch size. Memory: peak process RSS on CPU, TensorFlow peak on GPU.</p>"
     body += table(["run", "device", "backbone params", "decoder params", "peak memory (MB)", "batch size",
                    "latency (ms/image)", "throughput (images/s)"], rows, formats={4: MEGABYTES, 6: MILLISECONDS, 7: ",.1f"})

@@ -18,10 +18,11 @@ negative with an equal score, so a constant scorer gets no credit.
 **Protocol.** The standard one (Flickr8k/30k test: 1,000 images x 5,000
 captions) ranks every query against the whole split: `pool_images=None`.
 Its cost is images x captions teacher-forced decodes (5 million for
-Flickr8k: 25-50 minutes on 2 CPU cores), so the default splits the evaluated
+Flickr8k: 45-60 minutes on 2 busy CPU cores), so the default splits the evaluated
 images into consecutive pools of about `DEFAULT_POOL_IMAGES` images, each
 ranked against its own images' captions, and averages the recall over all
-queries (like the "5-fold 1K" protocol of COCO, at a smaller pool). Recall
+queries (like the "5-fold 1K" protocol of COCO, at a smaller pool); the
+report ranks the first `DEFAULT_RETRIEVAL_IMAGES` evaluated images. Recall
 depends on the pool size: the result names its protocol, and its chance
 baseline is computed on the same pools.
 

@@ -125,9 +125,9 @@ class FeatureCache:
             if not path.is_file():
                 problems.append({"file": name, "reason": "missing"})
             elif path.stat().st_size != expected["bytes"]:
-                problems.append({"file": name, "reason": f"{path.stat().st_size} bytes instead of {expected['bytes']} (truncated or overwritten)"})
+                problems.append({"file": name, "reason": f"{path.stat().st_size:,} bytes instead of {expected['bytes']:,}: truncated or overwritten"})
             elif file_sha256(path) != expected["sha256"]:
-                problems.append({"file": name, "reason": "content differs from its SHA-256 in the manifest (corrupted)"})
+                problems.append({"file": name, "reason": "its SHA-256 differs from the manifest's: corrupted"})
         return problems
 
 
