@@ -155,3 +155,32 @@ def test_training_on_a_cache_with_a_truncated_shard_re_extracts_it(two_runs_one_
     assert read_run_info(run_dir)["status"] == "complete"
     manifest = json.loads((cache / "manifest.json").read_text())
     assert [r["file"] for r in manifest["repairs"]] == ["train-00000.tfrecord"]
+
+
+def test_a_run_from_before_seeded_backbones_is_still_evaluated_but_not_fed_new_images(tiny_run, tmp_path):
+    """A run and cache written before issue 14 (cache format 2: no encoder, no file hashes)."""
+    import shutil
+
+    from caption_tf.data.datasets import load_dataset
+    from caption_tf.evaluation.captioning import open_run_cache
+    from caption_tf.run_folder import FEATURE_NORMALIZER_FILE, RunFolderError, load_run, read_run_info, write_run_info
+
+    _, original = tiny_run
+    run_dir, cache_dir = tmp_path / "run", tmp_path / "cache"
+    shutil.copytree(original, run_dir)
+    shutil.copytree(read_run_info(original)["feature_cache"], cache_dir)
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    for key in ("encoder", "files", "seed", "shard_size"):
+        del manifest[key]
+    manifest["format_version"] = 2
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    info = read_run_info(run_dir)
+    del info["encoder"]
+    write_run_info(run_dir, {**info, "feature_cache": str(cache_dir)})
+    (run_dir / FEATURE_NORMALIZER_FILE).unlink()
+
+    run = load_run(run_dir)
+    cache = open_run_cache(run, load_dataset(run.config.data))  # the split is still evaluated from its cache
+    assert cache.directory == cache_dir and len(Captioner(run).caption_grids(cache.load_split("test")["grid"])) == 4
+    with pytest.raises(RunFolderError, match="trained before random backbones were seeded"):
+        Captioner(run).caption([str(tmp_path / "any.jpg")])

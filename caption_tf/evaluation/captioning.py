@@ -42,7 +42,12 @@ def open_run_cache(run: Run, dataset=None) -> FeatureCache:
     be repaired raises `FeatureCacheError` naming the file.
     """
     dataset = dataset or load_dataset(run.config.data)
-    request = cache_request(dataset, run.config.features)
+    if run.info.get("feature_fingerprint"):
+        # The very cache the run recorded (its key), for the same images: also a cache written by an
+        # earlier version of this code, whose request would no longer match.
+        request = {"key": run.info["feature_fingerprint"], "dataset_fingerprint": dataset.fingerprint()}
+    else:
+        request = cache_request(dataset, run.config.features)
     cache = open_cache(Path(run.info["feature_cache"]), request)
     if cache is None:
         raise FileNotFoundError(
