@@ -21,6 +21,7 @@ matplotlib.use("Agg")  # headless: no display on servers and in tests
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from caption_tf.evaluation.attention import upsample  # noqa: E402
 
@@ -167,15 +168,18 @@ def embedding_plots(groups: Sequence[dict], path: str | Path) -> str:
     Each group: {"name", "pooled" [N, C], "labels" [N], "label_name", optionally "markers" [N]}.
     """
     fig, axes = plt.subplots(len(groups), 2, figsize=(11, 4.4 * len(groups)), squeeze=False)
+    bar = tqdm(total=2 * len(groups), desc="embeddings (PCA, t-SNE)", unit="projection")
     for (ax_pca, ax_tsne), group in zip(axes, groups):
         for ax, method in ((ax_pca, "pca"), (ax_tsne, "tsne")):
             points = project_2d(group["pooled"], method)
+            bar.update(1)
             sns.scatterplot(x=points[:, 0], y=points[:, 1], hue=group["labels"], style=group.get("markers"),
                             s=22, ax=ax, palette=_palette(group["labels"]))
             ax.set_title(f"{group['name']}: {method.upper()} of pooled features", fontsize=10)
             ax.set_xticks([])
             ax.set_yticks([])
             ax.legend(fontsize=7, title=group["label_name"], title_fontsize=7, loc="best")
+    bar.close()
     return _save(fig, path)
 
 

@@ -241,9 +241,9 @@ def evaluate_split(result: RunResult, options: ReportOptions, vectors: _WordVect
         caps = result.captions[decoding]
         hypotheses = dict(zip(caps["ids"], caps["text"]))
         with stages(f"caption metrics, {decoding}" + (" (METEOR on)" if ev.meteor else ""), result.name):
-            scores = caption_metrics(references, hypotheses, meteor=ev.meteor)
+            scores = caption_metrics(references, hypotheses, meteor=ev.meteor, progress=True)
         with stages(f"semantic similarity, {decoding}", result.name):
-            semantic = semantic_similarity(references, hypotheses, kv, source)
+            semantic = semantic_similarity(references, hypotheses, kv, source, progress=True)
         with stages(f"error analysis and figures, {decoding}", result.name):
             errors = error_analysis(references, hypotheses, scores["per_image"], objects or None, SCORE_METRIC)
             entry = {
@@ -489,7 +489,7 @@ def build_report(run_dirs: Sequence[str | Path], options: ReportOptions) -> dict
             usages = {}
             for r in results:
                 with stages("resources (latency, memory)", r.name):
-                    usages[r.name] = measure_resources(r.run, encoder=run_encoder(r.run), batch_sizes=options.resource_batch_sizes)
+                    usages[r.name] = measure_resources(r.run, encoder=run_encoder(r.run), batch_sizes=options.resource_batch_sizes, progress=True)
                 r.metrics["resources"] = usages[r.name]
             if llm and llm.get("available"):
                 summary["llm_resources"] = llm.get("resources")

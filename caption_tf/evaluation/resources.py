@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import psutil
 import tensorflow as tf
+from tqdm.auto import tqdm
 
 RESOURCE_BATCH_SIZES = (1, 8, 32)
 TIMED_REPEATS = 3
@@ -94,7 +95,8 @@ def _time_batches(infer, images: np.ndarray, repeats: int) -> list[float]:
     return seconds
 
 
-def measure_resources(run, encoder=None, batch_sizes: Sequence[int] = RESOURCE_BATCH_SIZES, repeats: int = TIMED_REPEATS, seed: int = 0) -> dict:
+def measure_resources(run, encoder=None, batch_sizes: Sequence[int] = RESOURCE_BATCH_SIZES, repeats: int = TIMED_REPEATS, seed: int = 0,
+                      progress: bool = False) -> dict:
     """Parameters, peak memory and latency/throughput of backbone + standardisation + greedy decoding.
 
     `run` is a loaded `Run`; `encoder` its `features.encoder.ImageEncoder`
@@ -120,7 +122,7 @@ def measure_resources(run, encoder=None, batch_sizes: Sequence[int] = RESOURCE_B
         tf.config.experimental.reset_memory_stats(device)
     throughput = {}
     with PeakRSS() as rss:
-        for batch in batch_sizes:
+        for batch in tqdm(batch_sizes, desc="resources: timing batch sizes", unit="batch size", disable=not progress):
             images = rng.integers(0, 256, size=(batch, extractor.input_size, extractor.input_size, 3)).astype(np.uint8)
             seconds = float(np.median(_time_batches(infer, images, repeats)))
             throughput[str(batch)] = {
