@@ -160,7 +160,8 @@ class RunFolderLocked(RunFolderError):
     """Another process is training in this run folder."""
 
 
-_HELD: set[str] = set()  # locks this process holds: taking one again (phase 1 inside both phases) is a no-op
+_HELD: dict[str, object] = {}  # lock path -> open file, for the locks this process holds (taking one again is a no-op)
+LOCK_RESERVE_BYTES = 1 << 16  # padding of the lock file, given back so run.json can record a full-disk stop
 
 
 @contextlib.contextmanager
@@ -169,7 +170,8 @@ def locked_run(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
 
     An exclusive `flock` that the kernel releases when its process dies, so the lock
     of a killed process is simply taken over; the file holds the holder's PID to
-    name it. `enabled=False` (a multi-worker cluster's other workers) does nothing.
+    name it, and 64 KiB of padding that `release_disk_reserve` gives back on a full
+    disk. `enabled=False` (a multi-worker cluster's other workers) does nothing.
 
     Raises:
         RunFolderLocked: naming the process that holds it.
@@ -199,16 +201,27 @@ def locked_run(run_dir: str | Path, enabled: bool = True) -> Iterator[None]:
         print(f"Taking over the lock {path} of PID {previous}, which is no longer running", flush=True)
     handle.seek(0)
     handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    _HELD.add(key)
+    try:
+        handle.write(f"{os.getpid()}\n" + "\n" * LOCK_RESERVE_BYTES)
+        handle.flush()
+    except OSError:
+        handle.close()
+        raise
+    _HELD[key] = handle
     try:
         yield
     finally:
-        _HELD.discard(key)
+        del _HELD[key]
         handle.seek(0)
         handle.truncate()  # an empty lock file: nobody holds it
         handle.close()  # releases the flock
+
+
+def release_disk_reserve(run_dir: str | Path) -> None:
+    """Give back the lock file's padding (a full disk: run.json must still record why training stopped)."""
+    handle = _HELD.get(str(Path(str(run_dir) + LOCK_SUFFIX).resolve()))
+    if handle is not None:
+        handle.truncate(len(f"{os.getpid()}\n"))
 
 
 # ------------------------------------------------------------------ a trained run

@@ -107,7 +107,7 @@ def test_low_disk_for_next_checkpoint_saves_once_more_and_stops(tmp_path):
     backup.store.close()
 
     assert monitor.stopped_for_disk
-    assert int(backup.position.step) == 3  # stopped right after the first checkpoint made sizes known
+    assert backup.position["step"] == 3  # stopped right after the first checkpoint made sizes known
     alerts = read_alerts(tmp_path)
     assert [a["kind"] for a in alerts] == ["disk_checkpoint"]
     assert "stopping training" in alerts[0]["message"] and "final checkpoint was requested" in alerts[0]["message"]

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -214,13 +215,26 @@ def latest_valid(directory: str | Path, quarantine: bool = True) -> tuple[Option
     return found, moved
 
 
+@contextlib.contextmanager
+def _quiet_async_errors():
+    # TensorFlow logs an async write's error when it hands it over; the caller reports it once.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+
+
 def _take_async_error(checkpoint: tf.train.Checkpoint) -> Optional[BaseException]:
     # TensorFlow keeps the error of a failed asynchronous write until the next save (or raises
     # it at interpreter exit); the last save of a run has no next save, so it is taken here.
     helper = getattr(checkpoint, "_async_checkpointer_impl", None)
     try:
-        if helper is not None:
-            helper._check_async_thread_error()
+        with _quiet_async_errors():
+            if helper is not None:
+                helper._check_async_thread_error()
     except Exception as err:  # noqa: BLE001 - returned to be raised as CheckpointWriteError
         return err
     return None
@@ -306,13 +320,20 @@ class VerifiedCheckpointManager:
         failed_step = self._pending if previous_failed else step  # an async error surfaces at the next save
         self._pending = int(step)
         try:
-            self.manager.save(checkpoint_number=int(step), options=options)
+            with _quiet_async_errors():
+                self.manager.save(checkpoint_number=int(step), options=options)
         except Exception as err:
             self._pending = None
+            self._discard(failed_step)
             raise CheckpointWriteError(f"Writing checkpoint {self.directory / f'{CHECKPOINT_NAME}-{failed_step}'} failed: {err}") from err
         if not self.async_save:
             self._pending = None
         return self.directory / f"{CHECKPOINT_NAME}-{step}"
+
+    def _discard(self, step: Optional[int]) -> None:
+        # What a failed save left (e.g. TensorFlow's ckpt-N_temp/ on a full disk): never valid, and it holds space.
+        if self.chief and step is not None and step != self._published_step():
+            _remove(_pieces_by_step(self.directory).get(step, []))
 
     def _drop_orphan_manifests(self) -> None:  # of checkpoints the manager has deleted since
         for manifest in self.directory.glob(f"*{MANIFEST_SUFFIX}") if self.chief else ():
@@ -329,6 +350,7 @@ class VerifiedCheckpointManager:
         pending, self._pending = self._pending, None
         error = _take_async_error(self.checkpoint)
         if error is not None or (pending is not None and self.chief and self._published_step() != pending):
+            self._discard(pending)
             raise CheckpointWriteError(f"Writing checkpoint {self.directory / f'{CHECKPOINT_NAME}-{pending}'} failed: {error}") from error
         return self.last_published
 

@@ -35,6 +35,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -278,7 +279,9 @@ def _fine_tune_locked(cfg, run_dir, run, saved, features_cfg, dataset, cache, ru
     finally:
         stopped = session.finish_status()
     if stopped is not None:
-        run_folder.update_run_info(run_dir, status=f"phase 2 {stopped.status}")
+        run_folder.release_disk_reserve(run_dir)  # room for run.json on a full disk
+        with contextlib.suppress(OSError):
+            run_folder.update_run_info(run_dir, status=f"phase 2 {stopped.status}")
         raise stopped
 
     # Publish: backbone, cache, decoder, then config and run.json; the marker is written last.

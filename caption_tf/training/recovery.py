@@ -208,8 +208,11 @@ class TrainingPosition(tf.Module):
         self.epoch.assign(epoch)
         self.batch.assign(batch + 1)
 
+    def __getitem__(self, name: str) -> int:  # .numpy(): int() does not take a MirroredVariable
+        return int(getattr(self, name).numpy())
+
     def as_dict(self) -> dict:
-        return {"step": int(self.step), "epoch": int(self.epoch), "batch": int(self.batch)}
+        return {name: self[name] for name in ("step", "epoch", "batch")}
 
 
 class CallbackState:
@@ -311,7 +314,7 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
         """Restore the newest valid checkpoint (once per process); (epoch, batch) where training continues."""
         if not self._restore_done:
             self.restored, self._restore_done = self.store.restore(check=self.check), True
-        epoch, batch = int(self.position.epoch), int(self.position.batch)
+        epoch, batch = self.position["epoch"], self.position["batch"]
         return (epoch + 1, 0) if batch >= self.steps_per_epoch else (epoch, batch)
 
     @property
@@ -347,11 +350,11 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
 
     def _should_save_on_batch(self, batch):
         every = self.save_freq if isinstance(self.save_freq, int) else 0
-        return bool(every) and int(self.position.step) % every == 0 and int(self.position.batch) < self.steps_per_epoch
+        return bool(every) and self.position["step"] % every == 0 and self.position["batch"] < self.steps_per_epoch
 
     def on_epoch_end(self, epoch, logs=None):
         self._offset = 0
-        if int(self.position.batch) >= self.steps_per_epoch:  # a whole epoch, validated: it counts as done
+        if self.position["batch"] >= self.steps_per_epoch:  # a whole epoch, validated: it counts as done
             self._save_model(logs, epoch_end=True)
         if not self.final_segment and not self.model.stop_training and self.states.early_stopping is not None:
             self.states.early_stopping.best_weights = None  # saved above; else its on_train_end would restore them now
@@ -366,7 +369,7 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
         """Save now (also the health monitor's final save); never NaN weights, never an unvalidated epoch end."""
         if self.failure is not None or self.store.refusal:
             return None
-        if not epoch_end and int(self.position.batch) >= self.steps_per_epoch:
+        if not epoch_end and self.position["batch"] >= self.steps_per_epoch:
             return None  # the epoch-end save follows, after validation
         if self._last_loss is not None and not math.isfinite(self._last_loss):
             return None
@@ -377,7 +380,7 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
         metrics = {k: float(np.asarray(v)) for k, v in (logs or {}).items() if np.size(v) == 1}
         started = time.perf_counter()
         try:
-            return self.store.save(int(self.position.step), {**self.position.as_dict(), **metrics, **self.metadata_fn()})
+            return self.store.save(self.position["step"], {**self.position.as_dict(), **metrics, **self.metadata_fn()})
         except (CheckpointWriteError, SaveRefusedError) as err:
             self._fail(err)
         finally:
@@ -438,7 +441,8 @@ class ResumableTraining:
         start = self.backup.restore()
         if self.backup.restored is not None:
             info = self.backup.restored
-            print(f"Resuming from {info.path}: epoch {int(self.backup.position.epoch) + 1}, {int(self.backup.position.batch)} batch(es) done", flush=True)
+            position = self.backup.position.as_dict()
+            print(f"Resuming from {info.path}: epoch {position['epoch'] + 1}, {position['batch']} batch(es) done", flush=True)
         return start
 
     def overrides(self) -> dict:
@@ -461,7 +465,7 @@ class ResumableTraining:
     @property
     def epochs_done(self) -> int:
         position = self.backup.position
-        return int(position.epoch) + (1 if int(position.batch) >= self.backup.steps_per_epoch else 0)
+        return position["epoch"] + (1 if position["batch"] >= self.backup.steps_per_epoch else 0)
 
     def finish_status(self) -> Optional[TrainingStopped]:
         """Wait for the last save; a `TrainingStopped` (not raised) when training did not end normally."""
@@ -478,11 +482,11 @@ class ResumableTraining:
                 " gradients harder (--clipnorm) and rerun the command: it resumes from that checkpoint with the new values.",
                 EXIT_NON_FINITE, "stopped: non-finite loss")
         if self.monitor.stopped_for_disk or (failure is not None and is_disk_full(failure)):
-            reason = f" ({failure})" if failure is not None else ""
+            reason = f" ({str(failure).splitlines()[0]})" if failure is not None else ""
             return TrainingStopped(f"Training stopped: the disk is full or almost full{reason}. Last good checkpoint: {last_text}. "
                                    "Free disk space and rerun the same command to resume.", EXIT_CHECKPOINT_FAILED, "stopped: disk full")
         if failure is not None:
-            return TrainingStopped(f"Training stopped: saving a checkpoint failed ({failure}). Last good checkpoint: {last_text}. "
+            return TrainingStopped(f"Training stopped: saving a checkpoint failed ({str(failure).splitlines()[0]}). Last good checkpoint: {last_text}. "
                                    "Fix the cause and rerun the same command to resume.", EXIT_CHECKPOINT_FAILED, "stopped: checkpoint save failed")
         return None
 
@@ -568,7 +572,7 @@ class FaultInjection(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self._batches += 1
-        if self.nan_at is not None and int(self.position.step) == self.nan_at:
+        if self.nan_at is not None and self.position["step"] == self.nan_at:
             weight = self.model.trainable_variables[0]
             weight.assign(tf.fill(weight.shape, float("nan")))
         if self.crash_after is not None and self._batches >= self.crash_after:

@@ -40,6 +40,7 @@ from caption_tf.training.runtime import (
     setup_runtime,
 )
 from caption_tf.training.schedules import BleuFunction, early_stopping, learning_rate_for, schedule_callbacks, validation_bleu_callback
+from caption_tf.training.supervisor import EXIT_CHECKPOINT_FAILED
 
 
 @dataclass
@@ -148,6 +149,7 @@ def train(requested: Config, bleu: BleuFunction | None = None) -> Path:
     runtime = setup_runtime(requested.train)
     print(f"Runtime: {runtime.replicas} replica(s), precision {runtime.precision}, XLA {'on' if runtime.jit_compile else 'off'}")
     run_dir = run_folder.run_directory(requested)  # a plain name; the same for the resolved config
+    run_folder.check_run_folder(run_dir)  # before any work: a folder that is not a run is never written to
     with run_folder.locked_run(run_dir, enabled=is_chief(runtime.strategy)):
         return _train_locked(requested, bleu, runtime, run_dir)
 
@@ -197,7 +199,7 @@ def _train_locked(requested: Config, bleu: BleuFunction | None, runtime: Runtime
         model, run_dir, run_dir / run_folder.CHECKPOINT_DIR, cfg, identity, train_steps, callbacks, runtime.strategy, run_dir / run_folder.LOG_DIR
     )
     start = session.restore()
-    apply_resume_overrides(model, cfg, session.overrides(), train_steps, runtime, run_dir, step=int(session.backup.position.step))
+    apply_resume_overrides(model, cfg, session.overrides(), train_steps, runtime, run_dir, step=session.backup.position["step"])
     recovery.trim_history(run_dir / run_folder.HISTORY_FILE, start[0])  # epochs trained again
     started = time.time()
     train_captions = data.captions("train")
@@ -210,7 +212,9 @@ def _train_locked(requested: Config, bleu: BleuFunction | None, runtime: Runtime
     finally:
         stopped = session.finish_status()
     if stopped is not None:
-        with contextlib.suppress(OSError):  # the disk may be full
+        if stopped.exit_code == EXIT_CHECKPOINT_FAILED:
+            run_folder.release_disk_reserve(run_dir)  # room for run.json on a full disk
+        with contextlib.suppress(OSError):
             run_folder.update_run_info(run_dir, status=stopped.status)
         raise stopped
     with atomic_path(run_dir / run_folder.WEIGHTS_FILE) as tmp:
