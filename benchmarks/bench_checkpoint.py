@@ -57,7 +57,7 @@ def benchmark_save(directory: str | Path, units: int = 1024, repeats: int = 7) -
     background.close()
     result = {key: float(np.median(values)) for key, values in timings.items()}
     result["parameters"] = model.count_params()
-    result["checkpoint_mb"] = (sync.last_checkpoint_bytes or 0) / 2**20
+    result["checkpoint_mb"] = sync.last_published.total_bytes / 2**20
     return result
 
 

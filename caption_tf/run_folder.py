@@ -34,16 +34,19 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import csv
+import dataclasses
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 from caption_tf.config import Config, load_saved_config, save_config
 from caption_tf.data.text import CaptionVocabulary
-from caption_tf.files import file_sha256, write_json
+from caption_tf.files import atomic_path, file_sha256, stable_hash, write_json
 
 CONFIG_FILE, VOCAB_FILE, RUN_FILE, WEIGHTS_FILE = "config.yaml", "vocab.json", "run.json", "model.weights.h5"
 METRICS_FILE, HISTORY_FILE, LOG_DIR, SKIPS_FILE = "metrics.json", "history.csv", "logs", "skips.json"
@@ -79,6 +82,15 @@ def run_directory(cfg: Config) -> Path:
     return Path(cfg.train.runs_dir) / name
 
 
+def move_aside(run_dir: Path) -> Path:
+    """Rename `runs/<name>` to `runs/<name>.old-<UTC time>` (--resume never: nothing is deleted)."""
+    target = run_dir.with_name(f"{run_dir.name}{OLD_RUN_SUFFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+    while target.exists():
+        target = target.with_name(target.name + "+")
+    os.replace(run_dir, target)
+    return target
+
+
 def check_run_folder(run_dir: Path) -> None:
     """Refuse an existing, non-empty folder that is not a caption_tf run: training would overwrite its files."""
     if run_dir.is_dir() and any(run_dir.iterdir()) and not ((run_dir / RUN_FILE).exists() or (run_dir / CONFIG_FILE).exists()):
@@ -99,6 +111,73 @@ def config_hash(cfg: Config) -> str:
     True
     """
     return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ what a resumed run must match
+
+RESUME_OVERRIDES = ("learning_rate", "clipnorm")  # a resume may change them (the NaN advice); run.json records it
+# Config fields that do not change the training maths; `epochs` may grow (except under warmup_cosine).
+NEUTRAL_FIELDS = frozenset({
+    "data_root", "data_dir", "download", "cache_dir", "extract_batch_size", "runs_dir", "run_name", "tune", "trials",
+    "epochs", "early_stopping_patience", "jit", "fine_tune_layers", "fine_tune_epochs", "fine_tune_learning_rate",
+    "fine_tune_batch_size", "checkpoint_every", "keep_checkpoints", "resume", "async_checkpoint", "max_restarts",
+    *RESUME_OVERRIDES,
+})
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint made under other settings (config, vocabulary, feature cache)."""
+
+
+def compat_config(cfg: Config) -> dict:
+    """The config fields that change the training maths: what a resume must match."""
+    kept = {s: {k: v for k, v in values.items() if k not in NEUTRAL_FIELDS}
+            for s, values in cfg.to_dict().items() if isinstance(values, dict) and s != "eval"}
+    if cfg.train.lr_schedule == "warmup_cosine":  # the decay is planned over all epochs
+        kept["train"]["epochs"] = cfg.train.epochs
+    return kept
+
+
+@dataclasses.dataclass(frozen=True)
+class RunIdentity:
+    """What a checkpoint must match to be resumed, and the settings a resume may override."""
+
+    config_hash: str
+    vocab_hash: str
+    feature_fingerprint: str
+    config: dict
+    settings: dict = dataclasses.field(default_factory=dict)
+
+    KEYS = ("config_hash", "vocab_hash", "feature_fingerprint")
+
+    @classmethod
+    def of(cls, cfg: Config, vocab_hash: str, feature_fingerprint: str) -> "RunIdentity":
+        config = compat_config(cfg)
+        return cls(stable_hash(config), vocab_hash, feature_fingerprint, config, {k: getattr(cfg.train, k) for k in RESUME_OVERRIDES})
+
+    def metadata(self) -> dict:
+        return {k: getattr(self, k) for k in self.KEYS} | {"compat_config": self.config, "resume_settings": self.settings}
+
+    def check(self, saved: Mapping[str, Any], where: str) -> None:
+        """Raise `CheckpointMismatchError` naming each difference and how to start fresh."""
+        differences = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {getattr(self, k)!r}" for k in self.KEYS if saved.get(k) != getattr(self, k)]
+        if not differences:
+            return
+        old, new = saved.get("compat_config") or {}, self.config
+        changed = [f"--{name.replace('_', '-')} {old.get(s, {}).get(name)!r} -> {new.get(s, {}).get(name)!r}"
+                   for s in sorted(set(old) | set(new)) for name in sorted(set(old.get(s, {})) | set(new.get(s, {})))
+                   if old.get(s, {}).get(name) != new.get(s, {}).get(name)]
+        raise CheckpointMismatchError(
+            f"{where}: Refusing to resume: the checkpoint was made under different settings ({'; '.join(differences)})."
+            + (f" Changed settings: {', '.join(changed)}." if changed else "")
+            + f" To keep the old run and start over, rerun with --resume never (it is moved to <run>{OLD_RUN_SUFFIX}<time>)"
+            " or pick another --run-name."
+        )
+
+    def overrides(self, saved: Mapping[str, Any]) -> dict:
+        """{setting: [checkpoint's value, this run's]} for the allowed overrides that differ."""
+        old = saved.get("resume_settings") or {}
+        return {k: [old[k], v] for k, v in self.settings.items() if k in old and old[k] != v}
 
 
 # ------------------------------------------------------------------ run.json
@@ -151,6 +230,21 @@ def save_run_files(run_dir: Path, cfg: Config, vocab: CaptionVocabulary, info: d
     save_config(cfg, run_dir / CONFIG_FILE)
     vocab.save(run_dir / VOCAB_FILE)
     write_run_info(run_dir, info)
+
+
+def trim_history(path: Path, first_epoch: int) -> None:
+    """Drop the rows of epochs >= `first_epoch` (trained again) and any torn row from a CSVLogger file."""
+    if not path.exists():
+        return
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows or "epoch" not in rows[0]:
+        return
+    column = rows[0].index("epoch")
+    kept = [rows[0]] + [r for r in rows[1:] if len(r) == len(rows[0]) and r[column].isdigit() and int(r[column]) < first_epoch]
+    if len(kept) < len(rows):
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+            csv.writer(fh).writerows(kept if len(kept) > 1 else [])
 
 
 # ------------------------------------------------------------------ the run-folder lock

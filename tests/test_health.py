@@ -96,7 +96,7 @@ def test_low_disk_for_next_checkpoint_saves_once_more_and_stops(tmp_path):
         tmp_path,
         every_n_batches=1,
         min_free_disk_gb=0.0,
-        checkpoint_bytes=lambda: backup.store.last_checkpoint_bytes,
+        checkpoint_bytes=lambda: backup.store.last_published and backup.store.last_published.total_bytes,
         # Scale the safety margin so the real free space is "too little" once a
         # checkpoint exists, while one more checkpoint still fits.
         disk_safety_factor=10.0 * free / 1000,

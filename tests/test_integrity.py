@@ -20,7 +20,8 @@ from caption_tf.training.checkpoints import (
     VerifiedCheckpointManager,
     verify,
 )
-from caption_tf.training.recovery import CheckpointMismatchError, ExactBackupAndRestore, RunIdentity, fit_from_position
+from caption_tf.run_folder import CheckpointMismatchError, RunIdentity
+from caption_tf.training.recovery import ExactBackupAndRestore, check_checkpoints, fit_from_position
 from caption_tf.training.supervisor import is_disk_full
 
 
@@ -342,3 +343,23 @@ def test_identity_check_names_what_differs():
         RunIdentity("a", "v2", "f", {"model": {"units": 32}}).check(saved.metadata(), "ckpt")
     with pytest.raises(CheckpointMismatchError, match=r"feature_fingerprint.*--units 32 -> 48"):
         RunIdentity("b", "v1", "g", {"model": {"units": 48}}).check(saved.metadata(), "ckpt")
+
+
+def test_no_valid_checkpoint_left_is_said_plainly(tmp_path, capsys):
+    model, _, _, ckpt = make_state()
+    identity = RunIdentity("a", "v", "f", {})
+    manager = VerifiedCheckpointManager(ckpt, tmp_path / "ckpts", async_save=False)
+    manager.save(1, identity.metadata())
+    assert check_checkpoints(tmp_path / "ckpts", identity).step == 1
+    _bit_flip_step(tmp_path / "ckpts", 1)
+    assert check_checkpoints(tmp_path / "ckpts", identity) is None
+    out = capsys.readouterr().out
+    assert "Checkpoint quarantined" in out and "No valid checkpoint is left: training starts from the beginning" in out
+    assert "older checkpoint" not in out
+
+
+def _bit_flip_step(ckpts, step):
+    data = next(ckpts.glob(f"ckpt-{step}.data-*"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))

@@ -16,7 +16,7 @@ from caption_tf.config import load_config
 from caption_tf.files import file_sha256
 from caption_tf.training import recovery, supervisor
 from caption_tf.training.checkpoints import latest_valid
-from caption_tf.training.recovery import CheckpointMismatchError
+from caption_tf.run_folder import CheckpointMismatchError
 from caption_tf.training.trainer import train
 from conftest import REPO_ROOT, read_scalars, tiny_overrides
 

@@ -1,11 +1,9 @@
 """Verified checkpoints on `tf.train.CheckpointManager`.
 
-The manager owns numbering (`ckpt-<step>`), `max_to_keep` and the latest
-checkpoint (its `checkpoint` state file); writing is TensorFlow's own, in the
-background with `tf.train.CheckpointOptions(enable_async=True)`. This module
-adds one thin layer: a SHA-256 manifest written by a write callback once a
-checkpoint's files are complete (on TensorFlow's async thread too), a check of
-it before any restore, and quarantine of whatever fails the check.
+The manager owns numbering (`ckpt-<step>`), `max_to_keep` and the latest checkpoint;
+writing is TensorFlow's own, in the background with `CheckpointOptions(enable_async=True)`.
+This module adds one thin layer: a SHA-256 manifest, written by a write callback once a
+checkpoint's files are complete, checked before any restore; what fails is quarantined.
 
     checkpoints/
       checkpoint                       the manager's state (latest and kept checkpoints)
@@ -13,17 +11,6 @@ it before any restore, and quarantine of whatever fails the check.
       ckpt-120.data-00000-of-00001
       ckpt-120.manifest.json           size + SHA-256 of each file, metadata: written last
       quarantine/ckpt-90-<time>/       damaged or unfinished ones, with REASON.txt
-
-A checkpoint counts once its manifest verifies: a crash at any moment leaves
-the previous one as the newest valid checkpoint.
-
-Example:
-
->>> manager = VerifiedCheckpointManager(tf.train.Checkpoint(v=v), "runs/x/checkpoints", max_to_keep=3)
->>> info = manager.restore()            # newest valid checkpoint, or None
->>> manager.save(step=100, metadata={"epoch": 0})
->>> manager.flush().step               # waits for the background write
-100
 """
 
 from __future__ import annotations
@@ -51,9 +38,7 @@ from caption_tf.files import file_sha256, stable_hash, write_json
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "ckpt"
-MANIFEST_SUFFIX = ".manifest.json"
-MANIFEST_FORMAT = 2
+CHECKPOINT_NAME, MANIFEST_SUFFIX, MANIFEST_FORMAT = "ckpt", ".manifest.json", 2
 STATE_FILE = "checkpoint"  # the manager's state, written by TensorFlow
 QUARANTINE_DIR, REASON_FILE = "quarantine", "REASON.txt"
 _PIECE = re.compile(rf"^{CHECKPOINT_NAME}-(\d+)(\.|_temp)")  # ckpt-12.index, ckpt-12.data-..., ckpt-12_temp/
@@ -70,27 +55,21 @@ class CorruptCheckpointError(RuntimeError):
 class CheckpointWriteError(RuntimeError):
     """A save that failed (disk full, I/O error); `.errno` is the underlying one, e.g. ENOSPC."""
 
-    @property
-    def errno(self) -> Optional[int]:
-        return getattr(self.__cause__, "errno", None)
+    errno = property(lambda self: getattr(self.__cause__, "errno", None))
 
 
 class SaveRefusedError(RuntimeError):
-    """Saves are refused (the loss became NaN): the weights must not be published."""
+    """Saves are refused (the loss became NaN): those weights must not be published."""
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A verified checkpoint: `path` is its prefix (`.../ckpt-120`), as `tf.train.Checkpoint.read` wants."""
+    """A verified checkpoint; `path` is its prefix (`.../ckpt-120`), as `tf.train.Checkpoint.read` wants it."""
 
     path: Path
     step: int
     metadata: dict
     total_bytes: int
-
-
-def library_versions() -> dict:
-    return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__}
 
 
 def _files_of(prefix: Path) -> list[Path]:
@@ -105,11 +84,12 @@ def write_manifest(prefix: Path, step: int, metadata: Mapping[str, Any]) -> Chec
     """Record size and SHA-256 of each file of the checkpoint `prefix`; published atomically, last."""
     files = {}
     for path in _files_of(prefix):
-        with open(path, "rb") as fh:  # TensorFlow does not fsync; a power loss must not keep a manifest of lost data
+        with open(path, "rb") as fh:  # TensorFlow does not fsync: no manifest may outlive its data on power loss
             os.fsync(fh.fileno())
         files[path.name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    versions = {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__}
     body = {"format": MANIFEST_FORMAT, "step": step, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "files": files, "metadata": {"library_versions": library_versions(), **metadata}}
+            "files": files, "metadata": {"library_versions": versions, **metadata}}
     body["manifest_sha256"] = _manifest_hash(body)
     write_json(Path(f"{prefix}{MANIFEST_SUFFIX}"), body, indent=1)
     return verify(prefix, check_hashes=False)
@@ -131,10 +111,9 @@ def verify(prefix: str | Path, check_hashes: bool = True) -> CheckpointInfo:
         raise CorruptCheckpointError(prefix, f"{manifest.name} is not valid JSON ({err})") from None
     if not isinstance(body, dict) or body.get("format") != MANIFEST_FORMAT or body.get("manifest_sha256") != _manifest_hash(body):
         raise CorruptCheckpointError(prefix, f"{manifest.name} checksum mismatch (edited, bit-flipped or unknown format)")
-    files = body.get("files", {})
-    if not any(name.endswith(".index") for name in files):
+    if not any(name.endswith(".index") for name in body["files"]):
         raise CorruptCheckpointError(prefix, f"{manifest.name} lists no .index file")
-    for name, expected in sorted(files.items()):
+    for name, expected in sorted(body["files"].items()):
         path = prefix.parent / name
         if not path.is_file():
             raise CorruptCheckpointError(prefix, f"missing file {name}")
@@ -142,15 +121,14 @@ def verify(prefix: str | Path, check_hashes: bool = True) -> CheckpointInfo:
             raise CorruptCheckpointError(prefix, f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']} (truncated?)")
         if check_hashes and file_sha256(path) != expected["sha256"]:
             raise CorruptCheckpointError(prefix, f"{name} SHA-256 mismatch (bit flip or partial overwrite)")
-    total = sum(f["size"] for f in files.values()) + manifest.stat().st_size
+    total = sum(f["size"] for f in body["files"].values()) + manifest.stat().st_size
     return CheckpointInfo(prefix, int(body["step"]), body.get("metadata", {}), total)
 
 
 def _pieces_by_step(directory: Path) -> dict[int, list[Path]]:
     found: dict[int, list[Path]] = {}
     for entry in directory.iterdir() if directory.is_dir() else ():
-        match = _PIECE.match(entry.name)
-        if match:
+        if match := _PIECE.match(entry.name):
             found.setdefault(int(match.group(1)), []).append(entry)
     return found
 
@@ -175,14 +153,12 @@ def _quarantine(directory: Path, step: int, pieces: list[Path], reason: str) -> 
 def latest_valid(directory: str | Path, quarantine: bool = True) -> tuple[Optional[CheckpointInfo], list[tuple[Path, str]]]:
     """The newest checkpoint of `directory` that verifies, and [(quarantine folder, reason)] of newer ones that did not.
 
-    Every checkpoint on disk is a candidate, newest first, so a damaged or lost
-    manager state file loses nothing; older checkpoints the manager no longer
-    lists (an interrupted sweep) are removed. The manager's state is then
-    rewritten to list exactly what is left. With `quarantine=False` (a worker that
-    is not the chief) nothing is moved or rewritten.
+    Every checkpoint on disk is a candidate, so a damaged or lost manager state loses nothing;
+    older ones the manager no longer lists (an interrupted sweep) are removed, and the state is
+    rewritten to list what is left. `quarantine=False` (not the chief) moves and rewrites nothing.
     """
     directory = Path(directory)
-    try:  # None when missing or unreadable (logged by TensorFlow)
+    try:  # None when missing or unreadable (TensorFlow logs why)
         state = tf.train.get_checkpoint_state(str(directory))
     except ValueError:  # parsed, but names no checkpoint
         state = None
@@ -205,7 +181,7 @@ def latest_valid(directory: str | Path, quarantine: bool = True) -> tuple[Option
     if quarantine and listed != set(kept):
         if kept:
             now = time.time()
-            with deprecation.silence():  # the function CheckpointManager writes its state with; oldest first
+            with deprecation.silence():  # the function CheckpointManager writes its own state with
                 update_checkpoint_state_internal(
                     str(directory), str(directory / kept[0]), [str(directory / k) for k in kept[::-1]], save_relative_paths=True,
                     all_model_checkpoint_timestamps=[now] * len(kept), last_preserved_timestamp=now - 1,
@@ -217,27 +193,13 @@ def latest_valid(directory: str | Path, quarantine: bool = True) -> tuple[Option
 
 @contextlib.contextmanager
 def _quiet_async_errors():
-    # TensorFlow logs an async write's error when it hands it over; the caller reports it once.
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
+    # TensorFlow logs a failed async write when it hands the error over; the caller reports it once.
+    absl_logger, level = logging.getLogger("absl"), logging.getLogger("absl").level
     absl_logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
         absl_logger.setLevel(level)
-
-
-def _take_async_error(checkpoint: tf.train.Checkpoint) -> Optional[BaseException]:
-    # TensorFlow keeps the error of a failed asynchronous write until the next save (or raises
-    # it at interpreter exit); the last save of a run has no next save, so it is taken here.
-    helper = getattr(checkpoint, "_async_checkpointer_impl", None)
-    try:
-        with _quiet_async_errors():
-            if helper is not None:
-                helper._check_async_thread_error()
-    except Exception as err:  # noqa: BLE001 - returned to be raised as CheckpointWriteError
-        return err
-    return None
 
 
 class VerifiedCheckpointManager:
@@ -248,9 +210,9 @@ class VerifiedCheckpointManager:
         directory: the checkpoint folder (created when needed).
         max_to_keep: how many of the newest checkpoints the manager keeps.
         async_save: write in the background (`CheckpointOptions(enable_async=True)`).
-        chief: False on a worker that is not the chief of a multi-worker cluster: it
-            writes to a temporary folder of its own (every worker must take part in a
-            save) that is removed at `close()`, and never quarantines.
+        chief: False on a worker that is not the chief of a multi-worker cluster: every
+            worker takes part in a save, the others write to a temporary folder of their
+            own (removed at `close()`), as Keras' callbacks do; they never quarantine.
     """
 
     def __init__(self, checkpoint: tf.train.Checkpoint, directory: str | Path, max_to_keep: int = 3, async_save: bool = True, chief: bool = True):
@@ -260,40 +222,35 @@ class VerifiedCheckpointManager:
         self.checkpoint, self.max_to_keep, self.async_save = checkpoint, max_to_keep, async_save
         self.last_published: Optional[CheckpointInfo] = None
         self.refusal: Optional[str] = None
-        self.quarantined: list[tuple[Path, str]] = []
-        self._pending: Optional[int] = None
+        self._pending: Optional[int] = None  # the step being written in the background
         self.manager = tf.train.CheckpointManager(checkpoint, str(self.write_directory), max_to_keep, checkpoint_name=CHECKPOINT_NAME)
 
     @property
-    def last_checkpoint_bytes(self) -> Optional[int]:
-        return self.last_published.total_bytes if self.last_published else None
+    def published_step(self) -> Optional[int]:
+        return self.last_published.step if self.last_published else None
 
     def refuse_saves(self, reason: str) -> None:
         """Every later `save()` raises `SaveRefusedError` (e.g. after a NaN loss)."""
         self.refusal = reason
 
     def latest_valid(self) -> Optional[CheckpointInfo]:
-        info, moved = latest_valid(self.directory, quarantine=self.chief)
-        self.quarantined += moved
-        if self.chief:  # the state file may have been rewritten: let the manager read it again
+        info, _ = latest_valid(self.directory, quarantine=self.chief)
+        if self.chief:  # the state may have been rewritten: the manager reads it again
             self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.directory), self.max_to_keep, checkpoint_name=CHECKPOINT_NAME)
         return info
 
     def restore(self, info: Optional[CheckpointInfo] = None, check: Optional[Callable[[CheckpointInfo], None]] = None) -> Optional[CheckpointInfo]:
-        """Verify and restore `info` (default: the newest valid checkpoint); None when there is none.
-
-        `check(info)` may raise to refuse a checkpoint (e.g. made under other settings) before it is read.
-        """
+        """Verify and restore `info` (default: the newest valid one; None if none). `check(info)` may refuse it first."""
         info = self.latest_valid() if info is None else verify(info.path)
         if info is not None:
             if check is not None:
                 check(info)
             self.checkpoint.read(str(info.path)).assert_existing_objects_matched()
-            if self.last_published is None or self.last_published.step <= info.step:
+            if self.published_step is None or self.published_step <= info.step:
                 self.last_published = info
         return info
 
-    def save(self, step: int, metadata: Optional[Mapping[str, Any]] = None) -> Path:
+    def save(self, step: int, metadata: Optional[Mapping[str, Any]] = None) -> None:
         """Snapshot now; `ckpt-<step>` is written (in the background when async) and published by its manifest.
 
         Raises:
@@ -304,52 +261,39 @@ class VerifiedCheckpointManager:
             raise SaveRefusedError(f"Not saving step {step}: {self.refusal}")
         meta = dict(metadata or {})
 
-        def publish(save_path: str) -> None:  # runs once the files are complete
-            if not self.chief:
-                return
-            try:
-                self.last_published = write_manifest(Path(save_path), int(step), meta)
-            except BaseException:
-                for piece in _files_of(Path(save_path)):
-                    piece.unlink(missing_ok=True)  # never leave an unverifiable checkpoint behind
-                raise
-            self._drop_orphan_manifests()
+        def publish(save_path: str) -> None:  # a write callback: the files are complete
+            if self.chief:
+                try:
+                    self.last_published = write_manifest(Path(save_path), int(step), meta)
+                except BaseException:
+                    _remove(_files_of(Path(save_path)))  # never an unverifiable checkpoint
+                    raise
+                self._drop_orphan_manifests()
 
-        options = tf.train.CheckpointOptions(enable_async=self.async_save, experimental_write_callbacks=[publish])
-        previous_failed = self.chief and self._pending is not None and self._published_step() != self._pending
-        failed_step = self._pending if previous_failed else step  # an async error surfaces at the next save
-        self._pending = int(step)
+        failed = self._pending if self.chief and self._pending not in (None, self.published_step) else step
+        self._pending = int(step) if self.async_save else None
         try:
-            with _quiet_async_errors():
-                self.manager.save(checkpoint_number=int(step), options=options)
+            with _quiet_async_errors():  # a previous async failure surfaces here
+                self.manager.save(int(step), options=tf.train.CheckpointOptions(enable_async=self.async_save, experimental_write_callbacks=[publish]))
         except Exception as err:
             self._pending = None
-            self._discard(failed_step)
-            raise CheckpointWriteError(f"Writing checkpoint {self.directory / f'{CHECKPOINT_NAME}-{failed_step}'} failed: {err}") from err
-        if not self.async_save:
-            self._pending = None
-        return self.directory / f"{CHECKPOINT_NAME}-{step}"
-
-    def _discard(self, step: Optional[int]) -> None:
-        # What a failed save left (e.g. TensorFlow's ckpt-N_temp/ on a full disk): never valid, and it holds space.
-        if self.chief and step is not None and step != self._published_step():
-            _remove(_pieces_by_step(self.directory).get(step, []))
-
-    def _drop_orphan_manifests(self) -> None:  # of checkpoints the manager has deleted since
-        for manifest in self.directory.glob(f"*{MANIFEST_SUFFIX}") if self.chief else ():
-            if not _files_of(Path(str(manifest)[: -len(MANIFEST_SUFFIX)])):
-                manifest.unlink(missing_ok=True)
-
-    def _published_step(self) -> Optional[int]:
-        return self.last_published.step if self.last_published else None
+            self._discard(failed)
+            raise CheckpointWriteError(f"Writing checkpoint {self.directory / f'{CHECKPOINT_NAME}-{failed}'} failed: {err}") from err
 
     def flush(self) -> Optional[CheckpointInfo]:
         """Wait for the background write; the last published checkpoint. Raises `CheckpointWriteError` if it failed."""
         self.manager.sync()
         self._drop_orphan_manifests()
-        pending, self._pending = self._pending, None
-        error = _take_async_error(self.checkpoint)
-        if error is not None or (pending is not None and self.chief and self._published_step() != pending):
+        pending, self._pending, error = self._pending, None, None
+        # TensorFlow keeps an async error until the next save, or raises it at exit: the last save has no next one.
+        helper = getattr(self.checkpoint, "_async_checkpointer_impl", None)
+        try:
+            with _quiet_async_errors():
+                if helper is not None:
+                    helper._check_async_thread_error()
+        except Exception as err:  # noqa: BLE001 - raised below as CheckpointWriteError
+            error = err
+        if error is not None or (self.chief and pending not in (None, self.published_step)):
             self._discard(pending)
             raise CheckpointWriteError(f"Writing checkpoint {self.directory / f'{CHECKPOINT_NAME}-{pending}'} failed: {error}") from error
         return self.last_published
@@ -361,3 +305,13 @@ class VerifiedCheckpointManager:
         finally:
             if not self.chief:
                 shutil.rmtree(self.write_directory, ignore_errors=True)
+
+    def _discard(self, step: Optional[int]) -> None:
+        # What a failed save left (TensorFlow's ckpt-N_temp/ on a full disk): never valid, and it holds space.
+        if self.chief and step is not None and step != self.published_step:
+            _remove(_pieces_by_step(self.directory).get(step, []))
+
+    def _drop_orphan_manifests(self) -> None:  # of checkpoints the manager deleted since
+        for manifest in self.directory.glob(f"*{MANIFEST_SUFFIX}") if self.chief else ():
+            if not _files_of(Path(str(manifest)[: -len(MANIFEST_SUFFIX)])):
+                manifest.unlink(missing_ok=True)

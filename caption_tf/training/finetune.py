@@ -266,13 +266,13 @@ def _fine_tune_locked(cfg, run_dir, run, saved, features_cfg, dataset, cache, ru
     # What phase-2 checkpoints must match: the phase-1 decoder they start from and the phase-2 settings.
     phase2 = {k: getattr(saved.train, k) for k in ("fine_tune_learning_rate", "fine_tune_batch_size", "seed")}
     phase2.update(fine_tune_layers=saved.features.fine_tune_layers, decoder=file_sha256(run_dir / PHASE1_WEIGHTS_FILE))
-    identity = recovery.RunIdentity(stable_hash(phase2), run.vocab.fingerprint(), cache.fingerprint, {"fine_tune": phase2})
+    identity = run_folder.RunIdentity(stable_hash(phase2), run.vocab.fingerprint(), cache.fingerprint, {"fine_tune": phase2})
     session = recovery.ResumableTraining(
         model, run_dir, run_dir / FINE_TUNE_CHECKPOINT_DIR, saved, identity, steps, callbacks, runtime.strategy,
         run_dir / run_folder.LOG_DIR / FINE_TUNE_LOG_DIR,
     )
     start = session.restore()
-    recovery.trim_history(run_dir / FINE_TUNE_HISTORY_FILE, start[0])
+    run_folder.trim_history(run_dir / FINE_TUNE_HISTORY_FILE, start[0])
     started = time.time()
     try:
         session.fit(make_epoch, saved.train.fine_tune_epochs, val_ds)

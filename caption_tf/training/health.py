@@ -13,7 +13,7 @@ weights are never saved.
 Example:
 
 >>> monitor = HealthMonitor(run_dir, log_dir=run_dir / "logs",
-...                         checkpoint_bytes=lambda: store.last_checkpoint_bytes,
+...                         checkpoint_bytes=lambda: store.last_published.total_bytes if store.last_published else None,
 ...                         final_save=backup.save_now)
 >>> guard = NonFiniteLossGuard(store)
 >>> model.fit(ds, epochs=3, callbacks=[guard, backup, monitor])

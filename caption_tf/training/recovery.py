@@ -3,38 +3,28 @@
 One resume path serves phase 1 (the decoder) and phase 2 (fine-tuning):
 `ResumableTraining` puts `ExactBackupAndRestore`, a subclass of
 `keras.callbacks.BackupAndRestore`, into the callback stack. Its state is a
-`tf.train.Checkpoint` managed by a `VerifiedCheckpointManager` (a
+`tf.train.Checkpoint` kept by a `VerifiedCheckpointManager` (a
 `tf.train.CheckpointManager` with SHA-256 manifests): model and optimizer
 variables (Adam moments, iterations, learning rate, loss scale), dropout RNG
-state, the position (step, epoch, batch) and the state of the stateful
-callbacks (EarlyStopping with its best weights, ReduceLROnPlateau).
+state, the position (step, epoch, batch) and the state of the stateful callbacks
+(EarlyStopping with its best weights, ReduceLROnPlateau).
 
-Keras' own callback restores the epoch only; the batch cannot be skipped from a
-callback, because Keras owns the data iterator. So the data order is a function
-of the position: epoch `e` is shuffled with seed `seed + e`, and
-`fit_from_position` feeds `fit` from the restored (epoch, batch) on, as one
-short `fit` for the rest of an interrupted epoch and one for the other epochs.
-
-Example:
-
->>> plan = plan_run(cfg, run_dir, identity, run_folder.read_run_info(run_dir, missing_ok=True))
->>> session = ResumableTraining(model, run_dir, run_dir / "checkpoints", cfg, identity, steps, callbacks, strategy)
->>> session.restore()                                  # (epoch, batch) to continue at
-(2, 17)
->>> session.fit(make_epoch, cfg.train.epochs, val_ds)
->>> stopped = session.finish_status()                  # a TrainingStopped after NaN, full disk, ...
+Keras restores only the epoch, and no callback can skip batches: Keras owns the
+data iterator. So the data order is a function of the position instead: epoch `e`
+is shuffled with seed `seed + e`, and `fit_from_position` feeds `fit` from the
+restored (epoch, batch), one short `fit` for the rest of an interrupted epoch and
+one for the other epochs. docs/recovery.md describes the whole design.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import keras
 import numpy as np
@@ -42,83 +32,14 @@ import tensorflow as tf
 
 from caption_tf import run_folder
 from caption_tf.config import Config
-from caption_tf.files import atomic_path, stable_hash
 from caption_tf.training.checkpoints import CheckpointInfo, CheckpointWriteError, SaveRefusedError, VerifiedCheckpointManager, latest_valid
 from caption_tf.training.health import HealthMonitor, NonFiniteLossGuard
 from caption_tf.training.runtime import is_chief
 from caption_tf.training.supervisor import EXIT_CHECKPOINT_FAILED, EXIT_NON_FINITE, TrainingStopped, is_disk_full
 
 EPOCH_SECONDS_KEY, CHECKPOINT_SECONDS_KEY = "epoch_seconds", "checkpoint_seconds"
-# Settings a resumed run may change (the NaN advice asks for them); recorded in run.json.
-RESUME_OVERRIDES = ("learning_rate", "clipnorm")
-# Config fields that do not change the training maths. `epochs` may grow (except under warmup_cosine).
-NEUTRAL_FIELDS = frozenset({
-    "data_root", "data_dir", "download", "cache_dir", "extract_batch_size", "runs_dir", "run_name", "tune", "trials",
-    "epochs", "early_stopping_patience", "jit", "fine_tune_layers", "fine_tune_epochs", "fine_tune_learning_rate",
-    "fine_tune_batch_size", "checkpoint_every", "keep_checkpoints", "resume", "async_checkpoint", "max_restarts",
-    *RESUME_OVERRIDES,
-})
-# Test hooks (docs/recovery.md), honoured only when set:
-CRASH_AFTER_BATCHES_ENV = "CAPTION_TF_CRASH_AFTER_BATCHES"  # SIGKILL itself after N batches of this process
-NAN_AT_STEP_ENV = "CAPTION_TF_NAN_AT_STEP"  # poison a weight with NaN after global step N
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint made under other settings (config, vocabulary, feature cache)."""
-
-
-# ------------------------------------------------------------------ identity of a run
-
-
-def compat_config(cfg: Config) -> dict:
-    """The config fields that change the training maths: what a resume must match."""
-    kept = {s: {k: v for k, v in values.items() if k not in NEUTRAL_FIELDS}
-            for s, values in cfg.to_dict().items() if isinstance(values, dict) and s != "eval"}
-    if cfg.train.lr_schedule == "warmup_cosine":  # the decay is planned over all epochs
-        kept["train"]["epochs"] = cfg.train.epochs
-    return kept
-
-
-@dataclasses.dataclass(frozen=True)
-class RunIdentity:
-    """What a checkpoint must match to be resumed, and the settings a resume may override."""
-
-    config_hash: str
-    vocab_hash: str
-    feature_fingerprint: str
-    config: dict
-    settings: dict = dataclasses.field(default_factory=dict)
-
-    KEYS = ("config_hash", "vocab_hash", "feature_fingerprint")
-
-    @classmethod
-    def of(cls, cfg: Config, vocab_hash: str, feature_fingerprint: str) -> "RunIdentity":
-        config = compat_config(cfg)
-        return cls(stable_hash(config), vocab_hash, feature_fingerprint, config, {k: getattr(cfg.train, k) for k in RESUME_OVERRIDES})
-
-    def metadata(self) -> dict:
-        return {k: getattr(self, k) for k in self.KEYS} | {"compat_config": self.config, "resume_settings": self.settings}
-
-    def check(self, saved: Mapping[str, Any], where: str) -> None:
-        """Raise `CheckpointMismatchError` naming each difference and how to start fresh."""
-        differences = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {getattr(self, k)!r}" for k in self.KEYS if saved.get(k) != getattr(self, k)]
-        if not differences:
-            return
-        old, new = saved.get("compat_config") or {}, self.config
-        changed = [f"--{name.replace('_', '-')} {old.get(s, {}).get(name)!r} -> {new.get(s, {}).get(name)!r}"
-                   for s in sorted(set(old) | set(new)) for name in sorted(set(old.get(s, {})) | set(new.get(s, {})))
-                   if old.get(s, {}).get(name) != new.get(s, {}).get(name)]
-        raise CheckpointMismatchError(
-            f"{where}: Refusing to resume: the checkpoint was made under different settings ({'; '.join(differences)})."
-            + (f" Changed settings: {', '.join(changed)}." if changed else "")
-            + f" To keep the old run and start over, rerun with --resume never (it is moved to <run>{run_folder.OLD_RUN_SUFFIX}<time>)"
-            " or pick another --run-name."
-        )
-
-    def overrides(self, saved: Mapping[str, Any]) -> dict:
-        """{setting: [checkpoint's value, this run's]} for the allowed overrides that differ."""
-        old = saved.get("resume_settings") or {}
-        return {k: [old[k], v] for k, v in self.settings.items() if k in old and old[k] != v}
+CRASH_AFTER_BATCHES_ENV = "CAPTION_TF_CRASH_AFTER_BATCHES"  # test hook: SIGKILL itself after N batches of this process
+NAN_AT_STEP_ENV = "CAPTION_TF_NAN_AT_STEP"  # test hook: a weight becomes NaN after global step N
 
 
 # ------------------------------------------------------------------ what to do with a run folder
@@ -134,16 +55,7 @@ class RunPlan:
     message: str = ""
 
 
-def move_aside(run_dir: Path) -> Path:
-    """Rename `runs/<name>` to `runs/<name>.old-<UTC time>` (never deletes anything)."""
-    target = run_dir.with_name(f"{run_dir.name}{run_folder.OLD_RUN_SUFFIX}{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
-    while target.exists():
-        target = target.with_name(target.name + "+")
-    os.replace(run_dir, target)
-    return target
-
-
-def check_checkpoints(directory: Path, identity: RunIdentity) -> Optional[CheckpointInfo]:
+def check_checkpoints(directory: Path, identity: run_folder.RunIdentity) -> Optional[CheckpointInfo]:
     """The newest valid checkpoint (damaged ones quarantined and reported), checked against `identity`."""
     info, moved = latest_valid(directory)
     for path, reason in moved:
@@ -155,7 +67,7 @@ def check_checkpoints(directory: Path, identity: RunIdentity) -> Optional[Checkp
     return info
 
 
-def plan_run(cfg: Config, run_dir: Path, identity: RunIdentity, info: dict) -> RunPlan:
+def plan_run(cfg: Config, run_dir: Path, identity: run_folder.RunIdentity, info: dict) -> RunPlan:
     """Decide what training does with `run_dir`, before any of its files is rewritten.
 
     `--resume never` moves a non-empty run aside; a complete run (same settings,
@@ -166,7 +78,7 @@ def plan_run(cfg: Config, run_dir: Path, identity: RunIdentity, info: dict) -> R
     plan = RunPlan(run_dir)
     if cfg.checkpoint.resume == "never":
         if run_dir.exists() and any(run_dir.iterdir()):
-            plan.moved_to = move_aside(run_dir)
+            plan.moved_to = run_folder.move_aside(run_dir)
             plan.message = f"--resume never: moved the existing run to {plan.moved_to}; starting fresh in {run_dir}"
         return plan
     latest = check_checkpoints(run_dir / run_folder.CHECKPOINT_DIR, identity)
@@ -174,25 +86,23 @@ def plan_run(cfg: Config, run_dir: Path, identity: RunIdentity, info: dict) -> R
         return plan
     if latest is None:  # a completed run without checkpoints: its run.json holds the identity
         identity.check(info, f"{run_dir} is a completed run")
-    trained = int(info.get("epochs_target", info.get("epochs_run", 0)))
-    problem = run_folder.weights_problem(run_dir, info)
+    trained, problem = int(info.get("epochs_target", info.get("epochs_run", 0))), run_folder.weights_problem(run_dir, info)
     if cfg.train.epochs > trained:
         return plan
-    if problem and latest is not None:
-        plan.message = f"{problem}: writing it again from the newest verified checkpoint"
-    elif problem:
+    if problem and latest is None:
         raise run_folder.RunFolderError(f"{problem}, and the run has no checkpoint left: retrain it with --resume never")
-    else:
-        plan.complete = True
-        plan.message = (
-            f"{run_dir} is already complete ({info.get('epochs_run', trained)} epoch(s)); not training again. To train longer pass a"
-            f" larger --epochs (it resumes from the last checkpoint); to retrain from scratch pass --resume never (the old run"
-            f" is kept as {run_dir.name}{run_folder.OLD_RUN_SUFFIX}<time>)."
-        )
+    plan.complete = not problem
+    plan.message = f"{problem}: writing it again from the newest verified checkpoint" if problem else (
+        f"{run_dir} is already complete ({info.get('epochs_run', trained)} epoch(s)); not training again. To train longer pass a"
+        f" larger --epochs (it resumes from the last checkpoint); to retrain from scratch pass --resume never (the old run"
+        f" is kept as {run_dir.name}{run_folder.OLD_RUN_SUFFIX}<time>)."
+    )
     return plan
 
 
 # ------------------------------------------------------------------ what a checkpoint holds
+
+_SCALAR = dict(trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
 
 class TrainingPosition(tf.Module):
@@ -200,8 +110,7 @@ class TrainingPosition(tf.Module):
 
     def __init__(self):
         super().__init__(name="training_position")
-        counter = dict(dtype=tf.int64, trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        self.step, self.epoch, self.batch = (tf.Variable(0, name=n, **counter) for n in ("step", "epoch", "batch"))
+        self.step, self.epoch, self.batch = (tf.Variable(0, dtype=tf.int64, name=n, **_SCALAR) for n in ("step", "epoch", "batch"))
 
     def advance(self, epoch: int, batch: int) -> None:
         self.step.assign_add(1)
@@ -216,10 +125,10 @@ class TrainingPosition(tf.Module):
 
 
 class CallbackState:
-    """The state of stateful Keras callbacks as checkpoint variables.
+    """The state of stateful Keras callbacks, as checkpoint variables.
 
-    EarlyStopping and ReduceLROnPlateau reset their counters in `on_train_begin`
-    and EarlyStopping keeps its best weights in memory: `capture()` copies both into
+    EarlyStopping and ReduceLROnPlateau reset their counters in `on_train_begin`, and
+    EarlyStopping keeps its best weights in memory: `capture()` copies both into
     variables before a save, `apply()` puts them back after the reset.
     """
 
@@ -229,18 +138,13 @@ class CallbackState:
     def __init__(self, callbacks: Sequence[keras.callbacks.Callback], model: keras.Model):
         self.fields = [(cb, name) for cb in callbacks for kind, names in self.FIELDS.items() if isinstance(cb, kind) for name in names]
         self.early_stopping = next((cb for cb in callbacks if isinstance(cb, keras.callbacks.EarlyStopping) and cb.restore_best_weights), None)
-        scalar = dict(trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        self.values = [tf.Variable(math.nan, dtype=tf.float64, **scalar) for _ in self.fields]
-        self.flags = tf.Variable([0, 0], dtype=tf.int64, **scalar)  # [state saved, best weights saved]
-        self.best_weights = [tf.Variable(tf.zeros(w.shape, w.dtype), **scalar) for w in model.weights] if self.early_stopping else []
-
-    def variables(self) -> list:
-        return [*self.values, self.flags, *self.best_weights]
+        self.values = [tf.Variable(math.nan, dtype=tf.float64, **_SCALAR) for _ in self.fields]
+        self.flags = tf.Variable([0, 0], dtype=tf.int64, **_SCALAR)  # [state saved, best weights saved]
+        self.best_weights = [tf.Variable(tf.zeros(w.shape, w.dtype), **_SCALAR) for w in model.weights] if self.early_stopping else []
 
     def capture(self) -> None:
         for variable, (cb, name) in zip(self.values, self.fields):
-            value = getattr(cb, name, None)
-            variable.assign(math.nan if value is None else float(value))
+            variable.assign(math.nan if getattr(cb, name, None) is None else float(getattr(cb, name)))
         best = self.early_stopping.best_weights if self.early_stopping else None
         for variable, value in zip(self.best_weights, best or []):
             variable.assign(value)
@@ -248,12 +152,10 @@ class CallbackState:
 
     def apply(self) -> None:
         saved, has_best = (int(v) for v in self.flags.numpy())
-        if not saved:
-            return
-        for variable, (cb, name) in zip(self.values, self.fields):
+        for variable, (cb, name) in zip(self.values, self.fields) if saved else ():
             value = float(variable.numpy())
             setattr(cb, name, None if math.isnan(value) else value if name == "best" else int(value))
-        if self.early_stopping:
+        if saved and self.early_stopping:
             self.early_stopping.best_weights = [v.numpy() for v in self.best_weights] if has_best else None
 
     @property
@@ -261,54 +163,43 @@ class CallbackState:
         return any(name == "stopped_epoch" and float(v.numpy()) > 0 for v, (_, name) in zip(self.values, self.fields))
 
 
-def _tf_variables(variables: Sequence) -> list:
-    # The TF variables under Keras ones, by position: Keras 3.15's Variable re-creates its CPU copy
-    # on every asynchronous save ("tf.function only supports singleton tf.Variables" on the 2nd one).
-    return [getattr(v, "value", v) for v in variables]
-
-
 class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
     """`keras.callbacks.BackupAndRestore` that resumes exactly, mid-epoch included.
 
-    Keras' callback saves the weights and the epoch and restarts an interrupted
-    epoch from its first batch. This subclass keeps its contract (restore in
-    `on_train_begin`, set the model's initial epoch, save every `save_freq`
-    batches) and saves a verified `tf.train.CheckpointManager` checkpoint of
-    everything a resumed run needs to continue with the exact next batch (see the
-    module docstring). Checkpoints are numbered by global step. The end of an epoch
-    is saved after validation and the other callbacks, so an epoch counts as done
-    only with its metrics; mid-epoch saves therefore skip an epoch's last batch.
+    Keras' callback saves weights and epoch, and restarts an interrupted epoch from its
+    first batch. This subclass keeps its contract (restore in `on_train_begin`, set the
+    model's initial epoch, save every `save_freq` batches) but saves a verified checkpoint
+    of all the state listed above, numbered by global step. An epoch's end is saved after
+    its validation and callbacks: an epoch counts as done only with its metrics.
 
     Args:
-        backup_dir: the checkpoint folder.
-        model: the compiled model (built; its optimizer is built here).
-        steps_per_epoch: batches per epoch.
-        save_freq: "epoch", or a number of batches between saves.
+        backup_dir, save_freq: as Keras' (`save_freq`: "epoch" or batches between saves).
+        model: the compiled, built model; steps_per_epoch: batches per epoch.
         callbacks: the other callbacks of `fit`; the stateful ones are carried.
         max_to_keep, async_save, chief: see `VerifiedCheckpointManager`.
-        metadata_fn: extra manifest metadata (the run's identity).
-        check: raises if a checkpoint may not be restored (another run's); called before reading it.
+        metadata_fn: extra manifest metadata; check: raises to refuse another run's checkpoint.
 
-    Call it inside `strategy.scope()`: it creates variables.
+    Create it inside `strategy.scope()`: it creates variables.
     """
 
     def __init__(self, backup_dir, model: keras.Model, steps_per_epoch: int, save_freq="epoch", callbacks=(), max_to_keep: int = 3,
                  async_save: bool = True, chief: bool = True, metadata_fn: Callable[[], dict] = dict,
                  check: Optional[Callable[[CheckpointInfo], None]] = None):
         super().__init__(str(backup_dir), save_freq=save_freq, delete_checkpoint=False)
-        self.check = check
         model.optimizer.build(model.trainable_variables)  # slots must exist before a restore
-        self.steps_per_epoch, self.metadata_fn = steps_per_epoch, metadata_fn
+        self.steps_per_epoch, self.metadata_fn, self.check, self._model_ref = steps_per_epoch, metadata_fn, check, model
         self.position, self.states = TrainingPosition(), CallbackState(callbacks, model)
-        checkpoint = tf.train.Checkpoint(model=_tf_variables(model.variables), optimizer=_tf_variables(model.optimizer.variables),
-                                         position=self.position, callbacks=self.states.variables())
+        # The TF variables under the Keras ones, by position: Keras 3.15's Variable makes a new CPU copy
+        # on every async save ("tf.function only supports singleton tf.Variables" on the second one).
+        plain = lambda variables: [getattr(v, "value", v) for v in variables]  # noqa: E731
+        checkpoint = tf.train.Checkpoint(model=plain(model.variables), optimizer=plain(model.optimizer.variables), position=self.position,
+                                         callbacks=[*self.states.values, self.states.flags, *self.states.best_weights])
         self.store = VerifiedCheckpointManager(checkpoint, backup_dir, max_to_keep, async_save, chief)
         self.restored: Optional[CheckpointInfo] = None
         self.failure: Optional[BaseException] = None
         self.blocking_seconds = 0.0  # how long saves held training up
         self.final_segment = True  # False while fit_from_position runs the rest of an interrupted epoch
         self._restore_done, self._offset, self._epoch, self._last_loss = False, 0, 0, None
-        self._model_ref = model
 
     def restore(self) -> tuple[int, int]:
         """Restore the newest valid checkpoint (once per process); (epoch, batch) where training continues."""
@@ -317,22 +208,15 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
         epoch, batch = self.position["epoch"], self.position["batch"]
         return (epoch + 1, 0) if batch >= self.steps_per_epoch else (epoch, batch)
 
-    @property
-    def stopped_early(self) -> bool:
-        """EarlyStopping ended the run before its last epoch."""
-        return self.states.stopped_early
-
     def restore_best_weights(self) -> None:
         """What EarlyStopping does at the end of `fit`, for a resumed run with nothing left to train."""
         self.states.apply()
         if self.states.early_stopping is not None and self.states.early_stopping.best_weights is not None:
             self._model_ref.set_weights(self.states.early_stopping.best_weights)
 
-    def save_now(self) -> Optional[Path]:
+    def save_now(self) -> None:
         """A save outside the schedule: the health monitor's last one before a low-disk stop."""
-        return self._save_model()
-
-    # -- Keras hooks
+        self._save_model()
 
     def _load_model(self):  # Keras: called by on_train_begin, after the other callbacks reset
         epoch, self._offset = self.restore()
@@ -357,7 +241,7 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
         if self.position["batch"] >= self.steps_per_epoch:  # a whole epoch, validated: it counts as done
             self._save_model(logs, epoch_end=True)
         if not self.final_segment and not self.model.stop_training and self.states.early_stopping is not None:
-            self.states.early_stopping.best_weights = None  # saved above; else its on_train_end would restore them now
+            self.states.early_stopping.best_weights = None  # saved; else its on_train_end would restore them already
 
     def on_train_end(self, logs=None):
         try:
@@ -365,22 +249,17 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
         except CheckpointWriteError as err:
             self._fail(err)
 
-    def _save_model(self, logs=None, epoch_end: bool = False) -> Optional[Path]:
-        """Save now (also the health monitor's final save); never NaN weights, never an unvalidated epoch end."""
-        if self.failure is not None or self.store.refusal:
-            return None
-        if not epoch_end and self.position["batch"] >= self.steps_per_epoch:
-            return None  # the epoch-end save follows, after validation
-        if self._last_loss is not None and not math.isfinite(self._last_loss):
-            return None
-        variables = self.model.weights + self.model.optimizer.variables
-        if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in variables if v.dtype.startswith("float")):
-            return None
+    def _save_model(self, logs=None, epoch_end: bool = False) -> None:
+        if self.failure is not None or self.store.refusal or (not epoch_end and self.position["batch"] >= self.steps_per_epoch):
+            return  # a failed store, NaN weights, or an epoch end to be saved after its validation
+        variables = [v for v in self.model.weights + self.model.optimizer.variables if v.dtype.startswith("float")]
+        if (self._last_loss is not None and not math.isfinite(self._last_loss)) or not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in variables):
+            return
         self.states.capture()
         metrics = {k: float(np.asarray(v)) for k, v in (logs or {}).items() if np.size(v) == 1}
         started = time.perf_counter()
         try:
-            return self.store.save(self.position["step"], {**self.position.as_dict(), **metrics, **self.metadata_fn()})
+            self.store.save(self.position["step"], {**self.position.as_dict(), **metrics, **self.metadata_fn()})
         except (CheckpointWriteError, SaveRefusedError) as err:
             self._fail(err)
         finally:
@@ -392,7 +271,7 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Adds `epoch_seconds` and `checkpoint_seconds` (time saves held training up) to the epoch logs."""
+    """Adds `epoch_seconds` and `checkpoint_seconds` (how long saves held training up) to the epoch logs."""
 
     def __init__(self, backup: ExactBackupAndRestore):
         super().__init__()
@@ -402,60 +281,54 @@ class EpochTimer(keras.callbacks.Callback):
         self._started, self._blocked = time.perf_counter(), self.backup.blocking_seconds
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs[EPOCH_SECONDS_KEY] = time.perf_counter() - self._started
-            logs[CHECKPOINT_SECONDS_KEY] = self.backup.blocking_seconds - self._blocked
+        logs[EPOCH_SECONDS_KEY] = time.perf_counter() - self._started
+        logs[CHECKPOINT_SECONDS_KEY] = self.backup.blocking_seconds - self._blocked
 
 
 # ------------------------------------------------------------------ one training process
 
 
 class ResumableTraining:
-    """The crash-safety stack of one training process, for phase 1 and phase 2.
+    """The crash-safety stack of one training process, phase 1 or phase 2.
 
-    Callback order: NaN guard, epoch timer, the caller's callbacks (validation BLEU,
-    schedules, loggers, EarlyStopping), `ExactBackupAndRestore` (after them: it
-    restores their state after their reset and saves the epoch after their updates),
-    the health monitor (its final save follows the position update), test hooks.
+    Callback order: NaN guard, epoch timer, the caller's callbacks, `ExactBackupAndRestore`
+    (it sets their state after their reset, saves the epoch after their updates), the
+    health monitor (its final save sees the updated position), test hooks.
     """
 
-    def __init__(self, model: keras.Model, run_dir: Path, checkpoint_dir: Path, cfg: Config, identity: RunIdentity, steps_per_epoch: int,
+    def __init__(self, model: keras.Model, run_dir: Path, checkpoint_dir: Path, cfg: Config, identity: run_folder.RunIdentity, steps_per_epoch: int,
                  callbacks: Sequence[keras.callbacks.Callback], strategy: tf.distribute.Strategy, log_dir: Optional[Path] = None):
-        self.model, self.identity, self.others = model, identity, list(callbacks)
-        chief = is_chief(strategy)
-        # TensorFlow's async checkpoint copies only plain variables: mirrored ones are saved synchronously.
+        self.model, self.identity, self.others, chief = model, identity, list(callbacks), is_chief(strategy)
+        # TensorFlow's async checkpoint copies plain variables only: mirrored ones are saved synchronously.
         async_save = cfg.checkpoint.async_checkpoint and strategy.num_replicas_in_sync == 1
         with strategy.scope():  # every variable of the stack: position, callback state, optimizer slots
             self.backup = ExactBackupAndRestore(
-                checkpoint_dir, model, steps_per_epoch, cfg.checkpoint.checkpoint_every or "epoch", self.others,
-                cfg.checkpoint.keep_checkpoints, async_save, chief, metadata_fn=lambda: {**identity.metadata(), "steps_per_epoch": steps_per_epoch},
+                checkpoint_dir, model, steps_per_epoch, cfg.checkpoint.checkpoint_every or "epoch", self.others, cfg.checkpoint.keep_checkpoints,
+                async_save, chief, lambda: {**identity.metadata(), "steps_per_epoch": steps_per_epoch},
                 check=lambda info: identity.check(info.metadata, f"Checkpoint {info.path}"),
             )
-        self.guard = NonFiniteLossGuard(self.backup.store)
-        self.monitor = HealthMonitor(run_dir, log_dir=log_dir if chief else None, checkpoint_bytes=lambda: self.backup.store.last_checkpoint_bytes,
-                                     final_save=self.backup.save_now)
+        store = self.backup.store
+        self.guard = NonFiniteLossGuard(store)
+        self.monitor = HealthMonitor(run_dir, log_dir=log_dir if chief else None, final_save=self.backup.save_now,
+                                     checkpoint_bytes=lambda: store.last_published.total_bytes if store.last_published else None)
         self.faults = FaultInjection.from_environment(self.backup.position)
         self.disk_error: Optional[BaseException] = None
 
     def restore(self) -> tuple[int, int]:
         start = self.backup.restore()
         if self.backup.restored is not None:
-            info = self.backup.restored
             position = self.backup.position.as_dict()
-            print(f"Resuming from {info.path}: epoch {position['epoch'] + 1}, {position['batch']} batch(es) done", flush=True)
+            print(f"Resuming from {self.backup.restored.path}: epoch {position['epoch'] + 1}, {position['batch']} batch(es) done", flush=True)
         return start
 
     def overrides(self) -> dict:
         return self.identity.overrides(self.backup.restored.metadata) if self.backup.restored else {}
 
-    def callbacks(self) -> list[keras.callbacks.Callback]:
-        ordered = [self.guard, EpochTimer(self.backup), *self.others, self.backup, self.monitor]
-        return ordered + ([self.faults] if self.faults else [])
-
     def fit(self, make_epoch: Callable[[tf.Tensor], tf.data.Dataset], epochs: int, validation_data=None, dataset_options=None) -> dict:
         """`fit_from_position` with this stack; a full disk anywhere (TensorBoard, CSV, checkpoint) stops cleanly."""
+        callbacks = [self.guard, EpochTimer(self.backup), *self.others, self.backup, self.monitor] + ([self.faults] if self.faults else [])
         try:
-            return fit_from_position(self.model, make_epoch, self.backup, epochs, validation_data, self.callbacks(), dataset_options)
+            return fit_from_position(self.model, make_epoch, self.backup, epochs, validation_data, callbacks, dataset_options)
         except Exception as err:
             if not is_disk_full(err):
                 raise
@@ -464,8 +337,7 @@ class ResumableTraining:
 
     @property
     def epochs_done(self) -> int:
-        position = self.backup.position
-        return position["epoch"] + (1 if position["batch"] >= self.backup.steps_per_epoch else 0)
+        return self.backup.position["epoch"] + (1 if self.backup.position["batch"] >= self.backup.steps_per_epoch else 0)
 
     def finish_status(self) -> Optional[TrainingStopped]:
         """Wait for the last save; a `TrainingStopped` (not raised) when training did not end normally."""
@@ -476,17 +348,17 @@ class ResumableTraining:
         last = self.backup.store.last_published
         last_text = f"{last.path} (step {last.step})" if last else "none"
         failure = self.disk_error or self.backup.failure
+        reason = f" ({str(failure).splitlines()[0]})" if failure is not None else ""
         if self.guard.tripped_at is not None:
             return TrainingStopped(
                 f"{self.guard.message} Last good checkpoint: {last_text}. Lower the learning rate (--learning-rate) or clip"
                 " gradients harder (--clipnorm) and rerun the command: it resumes from that checkpoint with the new values.",
                 EXIT_NON_FINITE, "stopped: non-finite loss")
-        if self.monitor.stopped_for_disk or (failure is not None and is_disk_full(failure)):
-            reason = f" ({str(failure).splitlines()[0]})" if failure is not None else ""
+        if self.monitor.stopped_for_disk or is_disk_full(failure):
             return TrainingStopped(f"Training stopped: the disk is full or almost full{reason}. Last good checkpoint: {last_text}. "
                                    "Free disk space and rerun the same command to resume.", EXIT_CHECKPOINT_FAILED, "stopped: disk full")
         if failure is not None:
-            return TrainingStopped(f"Training stopped: saving a checkpoint failed ({str(failure).splitlines()[0]}). Last good checkpoint: {last_text}. "
+            return TrainingStopped(f"Training stopped: saving a checkpoint failed{reason}. Last good checkpoint: {last_text}. "
                                    "Fix the cause and rerun the same command to resume.", EXIT_CHECKPOINT_FAILED, "stopped: checkpoint save failed")
         return None
 
@@ -497,8 +369,8 @@ class ResumableTraining:
 def epoch_feed(make_epoch: Callable[[tf.Tensor], tf.data.Dataset], start_epoch: int, start_batch: int, end_epoch: int) -> tf.data.Dataset:
     """The batches of epochs [start_epoch, end_epoch), skipping `start_batch` batches of the first.
 
-    `make_epoch(e)` builds epoch `e` (an int64 tensor) with a seed derived from it,
-    so every epoch has a fixed order that a resumed run reproduces.
+    `make_epoch(e)` builds epoch `e` (an int64 tensor) with a seed derived from it, so
+    every epoch has a fixed order that a resumed run reproduces.
     """
     first, skip = tf.constant(start_epoch, tf.int64), tf.constant(start_batch, tf.int64)
 
@@ -517,15 +389,12 @@ def fit_from_position(model: keras.Model, make_epoch, backup: ExactBackupAndRest
     `steps_per_epoch` is given. Returns the merged `history.history`.
     """
     epoch, batch = backup.restore()
-    if backup.stopped_early or epoch >= epochs:  # nothing left to train
+    if backup.states.stopped_early or epoch >= epochs:  # nothing left to train
         backup.restore_best_weights()
         return {}
-    steps, segments = backup.steps_per_epoch, []
-    if batch:
-        segments.append((epoch, batch, epoch + 1))
-        epoch += 1
-    if epoch < epochs:
-        segments.append((epoch, 0, epochs))
+    segments = [(epoch, batch, epoch + 1)] if batch else []  # the rest of an interrupted epoch: a fit of its own
+    if epoch + bool(batch) < epochs:
+        segments.append((epoch + bool(batch), 0, epochs))
     history: dict[str, list] = {}
     model.stop_training = False
     for index, (first, skip, end) in enumerate(segments):
@@ -533,33 +402,15 @@ def fit_from_position(model: keras.Model, make_epoch, backup: ExactBackupAndRest
             break
         backup.final_segment = index == len(segments) - 1
         feed = epoch_feed(make_epoch, first, skip, end)
-        result = model.fit(feed.with_options(dataset_options) if dataset_options else feed, validation_data=validation_data,
-                           initial_epoch=first, epochs=end, steps_per_epoch=steps - skip, callbacks=list(callbacks), shuffle=False, **fit_kwargs)
+        result = model.fit(feed.with_options(dataset_options) if dataset_options else feed, validation_data=validation_data, initial_epoch=first,
+                           epochs=end, steps_per_epoch=backup.steps_per_epoch - skip, callbacks=list(callbacks), shuffle=False, **fit_kwargs)
         for key, values in result.history.items():
             history.setdefault(key, []).extend(values)
     return history
 
 
-def trim_history(path: Path, first_epoch: int) -> None:
-    """Drop the rows of epochs >= `first_epoch` (trained again) and any torn last row from a CSVLogger file."""
-    if not path.exists():
-        return
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
-    if not rows or "epoch" not in rows[0]:
-        return
-    column = rows[0].index("epoch")
-    kept = [rows[0]] + [r for r in rows[1:] if len(r) == len(rows[0]) and r[column].isdigit() and int(r[column]) < first_epoch]
-    if len(kept) < len(rows):
-        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-            csv.writer(fh).writerows(kept if len(kept) > 1 else [])
-
-
-# ------------------------------------------------------------------ test hooks
-
-
 class FaultInjection(keras.callbacks.Callback):
-    """Test hooks from the environment: SIGKILL this process after N of its batches, or make a weight NaN after step N."""
+    """Test hooks from the environment: SIGKILL this process after N of its batches; a NaN weight after step N."""
 
     def __init__(self, position: TrainingPosition, crash_after: Optional[int], nan_at: Optional[int]):
         super().__init__()
@@ -573,8 +424,7 @@ class FaultInjection(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self._batches += 1
         if self.nan_at is not None and self.position["step"] == self.nan_at:
-            weight = self.model.trainable_variables[0]
-            weight.assign(tf.fill(weight.shape, float("nan")))
+            self.model.trainable_variables[0].assign(tf.fill(self.model.trainable_variables[0].shape, float("nan")))
         if self.crash_after is not None and self._batches >= self.crash_after:
             print(f"{CRASH_AFTER_BATCHES_ENV}: killing this process after {self._batches} batches", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)

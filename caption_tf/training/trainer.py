@@ -158,7 +158,7 @@ def _train_locked(requested: Config, bleu: BleuFunction | None, runtime: Runtime
     data = prepare_data(requested, runtime.replicas)
     cfg = data.config  # resolved: every value below is final
     # Resume, refuse (different settings), or report a completed run: before any file is rewritten.
-    identity = recovery.RunIdentity.of(cfg, data.vocab.fingerprint(), data.cache.fingerprint)
+    identity = run_folder.RunIdentity.of(cfg, data.vocab.fingerprint(), data.cache.fingerprint)
     previous = run_folder.read_run_info(run_dir, missing_ok=True)
     plan = recovery.plan_run(cfg, run_dir, identity, previous)
     if plan.message:
@@ -200,7 +200,7 @@ def _train_locked(requested: Config, bleu: BleuFunction | None, runtime: Runtime
     )
     start = session.restore()
     apply_resume_overrides(model, cfg, session.overrides(), train_steps, runtime, run_dir, step=session.backup.position["step"])
-    recovery.trim_history(run_dir / run_folder.HISTORY_FILE, start[0])  # epochs trained again
+    run_folder.trim_history(run_dir / run_folder.HISTORY_FILE, start[0])  # epochs trained again
     started = time.time()
     train_captions = data.captions("train")
 
