@@ -55,9 +55,9 @@ class RunPlan:
     message: str = ""
 
 
-def check_checkpoints(directory: Path, identity: run_folder.RunIdentity) -> Optional[CheckpointInfo]:
+def check_checkpoints(directory: Path, identity: run_folder.RunIdentity, chief: bool = True) -> Optional[CheckpointInfo]:
     """The newest valid checkpoint (damaged ones quarantined and reported), checked against `identity`."""
-    info, moved = latest_valid(directory)
+    info, moved = latest_valid(directory, quarantine=chief)
     for path, reason in moved:
         print(f"Checkpoint quarantined: {path} ({reason})", flush=True)
     if moved:
@@ -67,21 +67,21 @@ def check_checkpoints(directory: Path, identity: run_folder.RunIdentity) -> Opti
     return info
 
 
-def plan_run(cfg: Config, run_dir: Path, identity: run_folder.RunIdentity, info: dict) -> RunPlan:
+def plan_run(cfg: Config, run_dir: Path, identity: run_folder.RunIdentity, info: dict, chief: bool = True) -> RunPlan:
     """Decide what training does with `run_dir`, before any of its files is rewritten.
 
     `--resume never` moves a non-empty run aside; a complete run (same settings,
     `--epochs` not larger, weights intact) is not trained again; anything else
-    trains, resuming from the newest valid checkpoint.
+    trains, resuming from the newest valid checkpoint. Only the chief moves anything.
     """
     run_folder.check_run_folder(run_dir)
     plan = RunPlan(run_dir)
     if cfg.checkpoint.resume == "never":
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if chief and run_dir.exists() and any(run_dir.iterdir()):
             plan.moved_to = run_folder.move_aside(run_dir)
             plan.message = f"--resume never: moved the existing run to {plan.moved_to}; starting fresh in {run_dir}"
         return plan
-    latest = check_checkpoints(run_dir / run_folder.CHECKPOINT_DIR, identity)
+    latest = check_checkpoints(run_dir / run_folder.CHECKPOINT_DIR, identity, chief)
     if info.get("status") != "complete":
         return plan
     if latest is None:  # a completed run without checkpoints: its run.json holds the identity

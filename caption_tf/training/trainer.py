@@ -160,7 +160,7 @@ def _train_locked(requested: Config, bleu: BleuFunction | None, runtime: Runtime
     # Resume, refuse (different settings), or report a completed run: before any file is rewritten.
     identity = run_folder.RunIdentity.of(cfg, data.vocab.fingerprint(), data.cache.fingerprint)
     previous = run_folder.read_run_info(run_dir, missing_ok=True)
-    plan = recovery.plan_run(cfg, run_dir, identity, previous)
+    plan = recovery.plan_run(cfg, run_dir, identity, previous, chief=is_chief(runtime.strategy))
     if plan.message:
         print(plan.message, flush=True)
     if plan.complete:
