@@ -23,7 +23,7 @@ def train_parser() -> argparse.ArgumentParser:
 def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
     cfg = load_config(args.preset, overrides_from_args(args))
-    from caption_tf.training.supervisor import TrainingStopped, supervise, supervising
+    from caption_tf.training.supervisor import EXIT_CHECKPOINT_FAILED, TrainingStopped, is_disk_full, supervise, supervising
 
     if supervising(cfg.checkpoint.max_restarts):  # rerun training in a child process after a crash
         return supervise(sys.argv[1:] if argv is None else argv, cfg.checkpoint.max_restarts)
@@ -40,14 +40,40 @@ def train_main(argv: list[str] | None = None) -> int:
     # Phase 1 (decoder on cached features), then phase 2 when --fine-tune-layers > 0.
     try:
         run_dir = train_in_phases(cfg, bleu=corpus_bleu_scores)  # bleu enables the per-epoch val_bleu4
+        metrics = evaluate_run(run_dir)
     except TrainingStopped as stop:  # NaN loss, disk full: clean stop, last good checkpoint kept
         print(f"error: {stop}", file=sys.stderr)
         return stop.exit_code
-    metrics = evaluate_run(run_dir)
+    except Exception as err:  # a full disk anywhere else (dataset, cache, metrics): the same clean stop
+        if not is_disk_full(err):
+            raise
+        print(f"error: the disk is full ({err}). Free disk space and rerun the same command: it resumes from the last checkpoint", file=sys.stderr)
+        return EXIT_CHECKPOINT_FAILED
     print(f"\nRun folder: {run_dir}")
     print(f"Test metrics ({metrics['images']} images, greedy): " + _bleu_line(metrics["greedy"]))
     print(f"Blind baseline (one caption for every image, {metrics['blind_baseline']['caption']!r}): " + _bleu_line(metrics["blind_baseline"]))
+    warning = below_baseline_warning(metrics)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
+
+
+def below_baseline_warning(metrics: dict) -> str:
+    """A warning when the model scores below the blind baseline: it did not learn from the images.
+
+    Example:
+
+    >>> below_baseline_warning({"greedy": {"bleu4": 0.1}, "blind_baseline": {"bleu4": 0.2}})[:8]
+    'WARNING:'
+    """
+    model, blind = metrics["greedy"]["bleu4"], metrics["blind_baseline"]["bleu4"]
+    if model >= blind:
+        return ""
+    return (
+        f"WARNING: the model's test BLEU-4 ({model:.3f}) is below the blind baseline's ({blind:.3f}): it has not learnt to "
+        "use the images. Check the training loss in history.csv; a diverging loss calls for a lower --learning-rate, "
+        "a too small --vocab-size or too few --epochs for the other settings."
+    )
 
 
 def _bleu_line(scores: dict) -> str:

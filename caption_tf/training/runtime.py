@@ -138,6 +138,15 @@ def dataset_options(strategy: tf.distribute.Strategy) -> tf.data.Options:
     return options
 
 
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this worker writes the run's files: the chief of a multi-worker cluster, else always.
+
+    Other workers write what every worker must write (checkpoints) to a temporary folder of
+    their own, as Keras' BackupAndRestore and ModelCheckpoint do.
+    """
+    return bool(strategy.extended.should_checkpoint)
+
+
 def select_strategy(requested: str) -> tf.distribute.Strategy:
     """auto: MultiWorkerMirrored when TF_CONFIG names workers, Mirrored on >1 GPU, else the default."""
     if requested == "auto":

@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import sys
@@ -36,10 +37,12 @@ from caption_tf.training.runtime import (
     dataset_options,
     feature_bytes,
     fits_in_memory,
+    is_chief,
     per_replica_clipnorm,
     setup_runtime,
 )
 from caption_tf.training.schedules import BleuFunction, early_stopping, learning_rate_for, schedule_callbacks, validation_bleu_callback
+from caption_tf.training.supervisor import EXIT_CHECKPOINT_FAILED
 
 
 @dataclass
@@ -151,21 +154,30 @@ def train(requested: Config, bleu: BleuFunction | None = None) -> Path:
     """
     runtime = setup_runtime(requested.train)
     print(f"Runtime: {runtime.replicas} replica(s), precision {runtime.precision}, XLA {'on' if runtime.jit_compile else 'off'}")
+    run_dir = run_folder.run_directory(requested)  # a plain name; the same for the resolved config
+    run_folder.check_run_folder(run_dir)  # before any work: a folder that is not a run is never written to
+    with run_folder.locked_run(run_dir, enabled=is_chief(runtime.strategy)):
+        return _train_locked(requested, bleu, runtime, run_dir)
+
+
+def _train_locked(requested: Config, bleu: BleuFunction | None, runtime: Runtime, run_dir: Path) -> Path:
     data = prepare_data(requested, runtime.replicas)
     cfg = data.config  # resolved: every value below is final
-    run_dir = run_folder.run_directory(cfg)
     # Resume, refuse (different settings), or report a completed run: before any file is rewritten.
-    identity = recovery.RunIdentity.of(cfg, data.vocab.fingerprint(), data.cache.fingerprint)
-    plan = recovery.plan_run(cfg, run_dir, identity, recovery.read_run_info(run_dir))
+    identity = run_folder.RunIdentity.of(cfg, data.vocab.fingerprint(), data.cache.fingerprint)
+    previous = run_folder.read_run_info(run_dir, missing_ok=True)
+    plan = recovery.plan_run(cfg, run_dir, identity, previous, chief=is_chief(runtime.strategy))
     if plan.message:
         print(plan.message, flush=True)
     if plan.complete:
         return run_dir
+    kept = {k: previous[k] for k in ("phases", "resume_overrides") if k in previous and plan.moved_to is None}
     run_folder.save_run_files(
         run_dir,
         cfg,
         data.vocab,
         {
+            **kept,
             "grid_shape": list(data.cache.grid_shape),
             "feature_cache": str(data.cache.directory),
             "feature_fingerprint": data.cache.fingerprint,
@@ -193,31 +205,45 @@ def train(requested: Config, bleu: BleuFunction | None = None) -> Path:
     model = build_model(cfg, data, runtime, steps_per_epoch=train_steps)
     print(f"Decoder: {cfg.model.decoder} + {cfg.model.attention}, {model.count_params():,} parameters, vocabulary {data.vocab.size}")
 
-    # Checkpoints (every --checkpoint-every batches and each epoch), NaN guard, health monitor.
-    session = recovery.RecoverySession(model, run_dir, cfg, identity, train_steps, run_dir / run_folder.LOG_DIR)
-    start = session.restore()
-    recovery.trim_history(run_dir / run_folder.HISTORY_FILE, start[0])  # epochs trained again
-    started = time.time()
+    # Verified checkpoints every --checkpoint-every batches and each epoch, exact resume, NaN guard, health monitor.
     callbacks = schedule_callbacks(cfg.train, validation_bleu(data, cfg, bleu), val_ds is not None) + make_callbacks(cfg, run_dir)
-
+    session = recovery.ResumableTraining(
+        model, run_dir, run_dir / run_folder.CHECKPOINT_DIR, cfg, identity, train_steps, callbacks, runtime.strategy, run_dir / run_folder.LOG_DIR
+    )
+    start = session.restore()
+    apply_resume_overrides(model, cfg, session.overrides(), train_steps, runtime, run_dir, step=session.backup.position["step"])
+    run_folder.trim_history(run_dir / run_folder.HISTORY_FILE, start[0])  # epochs trained again
+    started = time.time()
     train_captions = data.captions("train")
 
-    def make_epoch(epoch_seed):  # epoch e is shuffled with seed + e: a resumed run replays it exactly
-        return make_split_dataset(data, "train", cfg, runtime, True, seed=cfg.train.seed + epoch_seed, captions=train_captions)
+    def make_epoch(epoch):  # epoch e is shuffled with seed + e: a resumed run replays it exactly
+        return make_split_dataset(data, "train", cfg, runtime, True, seed=cfg.train.seed + epoch, captions=train_captions)
 
     try:
-        recovery.fit_from_position(
-            model, make_epoch, start, train_steps, cfg.train.epochs, val_ds,
-            session.callbacks(callbacks), session.checkpoint_callback, dataset_options=dataset_options(runtime.strategy),
-        )
+        session.fit(make_epoch, cfg.train.epochs, val_ds, dataset_options=dataset_options(runtime.strategy))
     finally:
         stopped = session.finish_status()
     if stopped is not None:
-        run_folder.update_run_info(run_dir, status=stopped.status)
+        if stopped.exit_code == EXIT_CHECKPOINT_FAILED:
+            run_folder.release_disk_reserve(run_dir)  # room for run.json on a full disk
+        with contextlib.suppress(OSError):
+            run_folder.update_run_info(run_dir, status=stopped.status)
         raise stopped
     with atomic_path(run_dir / run_folder.WEIGHTS_FILE) as tmp:
         model.save_weights(tmp)
-    run_folder.update_run_info(
-        run_dir, status="complete", train_seconds=round(time.time() - started, 1), epochs_run=session.epochs_done
-    )
+    run_folder.record_weights(run_dir, status="complete", train_seconds=round(time.time() - started, 1), epochs_run=session.epochs_done)
     return run_dir
+
+
+def apply_resume_overrides(model, cfg: Config, changes: dict, train_steps: int, runtime: Runtime, run_dir: Path, step: int) -> None:
+    """A resumed run may change --learning-rate and --clipnorm (the NaN advice); say so and record it in run.json.
+
+    The optimizer was built with the new values; only the learning-rate variable came back from the checkpoint.
+    """
+    if not changes:
+        return
+    print("Resuming with changed settings: " + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changes.items()), flush=True)
+    if "learning_rate" in changes and cfg.train.lr_schedule != "warmup_cosine":  # a schedule is not checkpointed
+        model.optimizer.learning_rate = learning_rate_for(cfg.train, train_steps, runtime.replicas)
+    history = run_folder.read_run_info(run_dir).get("resume_overrides", [])
+    run_folder.update_run_info(run_dir, resume_overrides=history + [{"step": step, **changes}])
