@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from caption_tf.config import FeatureConfig
 from caption_tf.data.images import BadImageError, load_rgb
 from caption_tf.data.records import SPLITS, CaptionDataset, ImageRecord
+from caption_tf.files import build_lock
 from caption_tf.features.backbones import build_extractor, resolve_input_size, weights_tag
 from caption_tf.features.tfrecords import ShardWriter, parse_feature_example, serialize_feature_example
 
@@ -244,9 +245,18 @@ def build_feature_cache(
     request = cache_request(dataset, cfg)
     directory = cache_directory(request, cfg)
     cached = None if force else open_cache(directory, request)
-    if cached is not None:
-        print(f"Feature cache: reusing {directory}", flush=True)
-        return cached
+    if cached is None:
+        # Several workers on one filesystem: the first extracts, the others wait and reuse it.
+        with build_lock(directory):
+            cached = None if force else open_cache(directory, request)
+            if cached is None:
+                return _extract_cache(dataset, cfg, request, directory, extractor, normalizer)
+    print(f"Feature cache: reusing {directory}", flush=True)
+    return cached
+
+
+def _extract_cache(dataset, cfg: FeatureConfig, request: dict, directory: Path, extractor, normalizer) -> FeatureCache:
+    """Extract every split into `<directory>.tmp` and publish it as `directory` with one rename."""
     print(f"Feature cache: extracting {cfg.backbone} features ({request['weights']}, {request['input_size']}px) into {directory}", flush=True)
     extractor = extractor or build_extractor(cfg.backbone, cfg.weights, cfg.input_size)
     fitted_here = normalizer is None
