@@ -43,7 +43,9 @@ from caption_tf.files import atomic_path, stable_hash
 from caption_tf.run_folder import CHECKPOINT_DIR, OLD_RUN_SUFFIX
 from caption_tf.training.supervisor import EXIT_CHECKPOINT_FAILED, EXIT_NON_FINITE, TrainingStopped
 from caption_tf.training.health import HealthMonitor, NonFiniteLossGuard
+from caption_tf.training.runtime import broadcast_from_chief, is_chief, worker_write_dir
 from caption_tf.training.integrity import (
+    FOLDER_PREFIX,
     CheckpointCallback,
     CheckpointInfo,
     CheckpointMismatchError,
@@ -65,7 +67,7 @@ NEUTRAL_FIELDS = frozenset(
     {
         "data_root", "data_dir", "download", "cache_dir", "extract_batch_size",
         "runs_dir", "run_name", "tune", "trials", "epochs", "early_stopping_patience",
-        "jit",
+        "jit", "cluster_start_timeout",
         "fine_tune_layers", "fine_tune_epochs", "fine_tune_learning_rate", "fine_tune_batch_size",
         "checkpoint_every", "keep_checkpoints", "resume", "async_checkpoint", "max_restarts",
     }
@@ -348,14 +350,28 @@ class TrainingState:
     (2, 17)
     """
 
-    def __init__(self, model: keras.Model, directory: Path, checkpoint_cfg, best_metric: str = "val_loss", best_mode: str = "min"):
+    def __init__(
+        self,
+        model: keras.Model,
+        directory: Path,
+        checkpoint_cfg,
+        best_metric: str = "val_loss",
+        best_mode: str = "min",
+        restore_directory: Optional[Path] = None,
+    ):
         self.model = model
-        self.position = TrainingPosition()
+        # Multi-worker: a non-chief worker saves into its own folder (`directory`) but
+        # restores the chief's checkpoints (`restore_directory`), read-only.
+        self.restore_directory = Path(restore_directory or directory)
         optimizer = model.optimizer
-        optimizer.build(model.trainable_variables)  # slots must exist before a restore
-        self.checkpoint = tf.train.Checkpoint(
-            model=model, optimizer=optimizer, position=self.position, rng=rng_state_variables(model)
-        )
+        # The position is host-side bookkeeping (plain variables, read with int()); the
+        # optimizer slots are created in the model's strategy scope, mirrored like its weights.
+        self.position = TrainingPosition()
+        with model.distribute_strategy.scope():
+            optimizer.build(model.trainable_variables)  # slots must exist before a restore
+            self.checkpoint = tf.train.Checkpoint(
+                model=model, optimizer=optimizer, position=self.position, rng=rng_state_variables(model)
+            )
         self.store = VerifiedCheckpointStore(
             directory,
             self.checkpoint,
@@ -367,12 +383,20 @@ class TrainingState:
         self.restored: Optional[CheckpointInfo] = None
 
     def restore(self, identity: RunIdentity) -> Optional[CheckpointInfo]:
-        """Restore the newest valid checkpoint (corrupt ones are quarantined and reported)."""
-        info = self.store.latest_valid()
+        """Restore the newest valid checkpoint (corrupt ones are quarantined and reported).
+
+        Multi-worker: the chief picks the checkpoint (and quarantines); every other
+        worker restores the same one from the chief's folder, without writing to it.
+        """
+        strategy = self.model.distribute_strategy
+        info = self.store.latest_valid() if is_chief(strategy) else None
         for path, reason in self.store.quarantined:
             print(f"Checkpoint quarantined: {path} ({reason})", flush=True)
-        if info is None:
+        step = broadcast_from_chief(strategy, info.step if info else -1)
+        if step < 0:
             return None
+        if info is None:
+            info = self.store.verify(self.restore_directory / f"{FOLDER_PREFIX}{step}")
         identity.check(info.metadata, f"Checkpoint {info.path}")
         self.restored = self.store.restore(info)
         print(f"Resuming from {info.path}: epoch {int(self.position.epoch) + 1}, {int(self.position.batch)} batch(es) done", flush=True)
@@ -411,13 +435,18 @@ class RecoverySession:
         best_mode = "max" if "bleu" in monitor_key else "min"
         self.identity = identity
         self.steps_per_epoch = steps_per_epoch
-        self.state = TrainingState(model, run_dir / CHECKPOINT_DIR, cfg.checkpoint, best_metric=monitor_key, best_mode=best_mode)
+        # Only the chief writes the run folder; another worker writes into its own temporary folder.
+        write_dir = worker_write_dir(run_dir, model.distribute_strategy)
+        self.state = TrainingState(
+            model, write_dir / CHECKPOINT_DIR, cfg.checkpoint, best_metric=monitor_key, best_mode=best_mode,
+            restore_directory=run_dir / CHECKPOINT_DIR,
+        )
         self.guard = NonFiniteLossGuard(self.state.store)
         self.checkpoint_callback = CheckpointCallback(
             self.state.store, self.state.position, every_n_batches=cfg.checkpoint.checkpoint_every, metadata_fn=self.metadata
         )
         self.monitor = HealthMonitor(
-            run_dir,
+            write_dir,
             log_dir=log_dir,
             checkpoint_bytes=lambda: self.state.store.last_checkpoint_bytes,
             final_save=self.checkpoint_callback.save_now,

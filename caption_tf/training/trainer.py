@@ -31,11 +31,17 @@ from caption_tf.training.autoconfig import resolve_auto_settings
 from caption_tf.training.pipeline import caption_batches, captions_table
 from caption_tf.training.runtime import (
     Runtime,
+    broadcast_from_chief,
     dataset_options,
     feature_bytes,
     fits_in_memory,
+    is_chief,
     per_replica_clipnorm,
+    remove_worker_dir,
     setup_runtime,
+    keras_multi_worker_fixes,
+    worker_loss_reported,
+    worker_write_dir,
 )
 from caption_tf.training.schedules import BleuFunction, early_stopping, learning_rate_for, schedule_callbacks, validation_bleu_callback
 
@@ -115,6 +121,8 @@ def build_model(cfg: Config, data: PreparedData, runtime: Runtime, steps_per_epo
         optimizer = keras.optimizers.Adam(learning_rate, clipnorm=per_replica_clipnorm(cfg.train.clipnorm, runtime.replicas))
         # Under mixed_float16, compile wraps the optimizer in a LossScaleOptimizer.
         model.compile(optimizer=optimizer, jit_compile=runtime.jit_compile)
+        model.optimizer.build(model.trainable_variables)  # slots now, in scope (also what a restore needs)
+    keras_multi_worker_fixes(model, runtime.strategy)  # Keras 3 + MultiWorkerMirroredStrategy workaround
     return model
 
 
@@ -148,45 +156,60 @@ def train(requested: Config, bleu: BleuFunction | None = None) -> Path:
     data = prepare_data(requested, runtime.replicas)
     cfg = data.config  # resolved: every value below is final
     run_dir = run_folder.run_directory(cfg)
-    # Resume, refuse (different settings), or report a completed run: before any file is rewritten.
+    chief = is_chief(runtime.strategy)
     identity = recovery.RunIdentity.of(cfg, data.vocab.fingerprint(), data.cache.fingerprint)
-    plan = recovery.plan_run(cfg, run_dir, identity, recovery.read_run_info(run_dir))
-    if plan.message:
-        print(plan.message, flush=True)
-    if plan.complete:
+    complete = False
+    if chief:  # only the chief decides about the run folder and writes it; other workers follow
+        # Resume, refuse (different settings), or report a completed run: before any file is rewritten.
+        plan = recovery.plan_run(cfg, run_dir, identity, recovery.read_run_info(run_dir))
+        if plan.message:
+            print(plan.message, flush=True)
+        complete = plan.complete
+    if broadcast_from_chief(runtime.strategy, int(complete)):  # a barrier too: the chief has decided
         return run_dir
-    run_folder.save_run_files(
-        run_dir,
-        cfg,
-        data.vocab,
-        {
-            "grid_shape": list(data.cache.grid_shape),
-            "feature_cache": str(data.cache.directory),
-            "feature_fingerprint": data.cache.fingerprint,
-            "dataset_fingerprint": data.dataset.fingerprint(),
-            "vocab_fingerprint": data.vocab.fingerprint(),
-            "vocab_size": data.vocab.size,
-            "precision": runtime.precision,
-            "replicas": runtime.replicas,
-            "status": "training",
-            "epochs_target": cfg.train.epochs,
-            **identity.metadata(),
-        },
-    )
-    data.dataset.skips.skipped_images.extend(data.cache.skipped())
-    data.dataset.skips.save(run_dir / run_folder.SKIPS_FILE)
+    if chief:
+        run_folder.save_run_files(run_dir, cfg, data.vocab, run_info(cfg, data, runtime, identity))
+        data.dataset.skips.skipped_images.extend(data.cache.skipped())
+        data.dataset.skips.save(run_dir / run_folder.SKIPS_FILE)
+    write_dir = worker_write_dir(run_dir, runtime.strategy)  # the chief: run_dir itself
+    remove_worker_dir(run_dir, runtime.strategy)  # what a killed run of this worker left
+    try:
+        return _fit_and_publish(cfg, data, runtime, run_dir, write_dir, identity, bleu)
+    finally:
+        remove_worker_dir(run_dir, runtime.strategy)
 
+
+def run_info(cfg: Config, data: PreparedData, runtime: Runtime, identity: recovery.RunIdentity) -> dict:
+    """The run.json of a run about to train."""
+    return {
+        "grid_shape": list(data.cache.grid_shape),
+        "feature_cache": str(data.cache.directory),
+        "feature_fingerprint": data.cache.fingerprint,
+        "dataset_fingerprint": data.dataset.fingerprint(),
+        "vocab_fingerprint": data.vocab.fingerprint(),
+        "vocab_size": data.vocab.size,
+        "precision": runtime.precision,
+        "replicas": runtime.replicas,
+        "status": "training",
+        "epochs_target": cfg.train.epochs,
+        **identity.metadata(),
+    }
+
+
+def _fit_and_publish(cfg, data, runtime, run_dir, write_dir, identity, bleu) -> Path:
+    """Build, restore and fit the model; the chief publishes the weights and the final run.json."""
+    chief = is_chief(runtime.strategy)
     train_steps = steps_per_epoch(data, "train", cfg, runtime)
     val_ds = make_split_dataset(data, "val", cfg, runtime, training=False) if data.cache.image_ids("val") else None
     model = build_model(cfg, data, runtime, steps_per_epoch=train_steps)
     print(f"Decoder: {cfg.model.decoder} + {cfg.model.attention}, {model.count_params():,} parameters, vocabulary {data.vocab.size}")
 
     # Checkpoints (every --checkpoint-every batches and each epoch), NaN guard, health monitor.
-    session = recovery.RecoverySession(model, run_dir, cfg, identity, train_steps, run_dir / run_folder.LOG_DIR)
+    session = recovery.RecoverySession(model, run_dir, cfg, identity, train_steps, write_dir / run_folder.LOG_DIR)
     start = session.restore()
-    recovery.trim_history(run_dir / run_folder.HISTORY_FILE, start[0])  # epochs trained again
+    recovery.trim_history(write_dir / run_folder.HISTORY_FILE, start[0])  # epochs trained again
     started = time.time()
-    callbacks = schedule_callbacks(cfg.train, validation_bleu(data, cfg, bleu), val_ds is not None) + make_callbacks(cfg, run_dir)
+    callbacks = schedule_callbacks(cfg.train, validation_bleu(data, cfg, bleu), val_ds is not None) + make_callbacks(cfg, write_dir)
 
     train_captions = data.captions("train")
 
@@ -194,18 +217,21 @@ def train(requested: Config, bleu: BleuFunction | None = None) -> Path:
         return make_split_dataset(data, "train", cfg, runtime, True, seed=cfg.train.seed + epoch_seed, captions=train_captions)
 
     try:
-        recovery.fit_from_position(
-            model, make_epoch, start, train_steps, cfg.train.epochs, val_ds,
-            session.callbacks(callbacks), session.checkpoint_callback, dataset_options=dataset_options(runtime.strategy),
-        )
+        with worker_loss_reported(runtime.strategy):  # a dead peer: a clear error, not a hang
+            recovery.fit_from_position(
+                model, make_epoch, start, train_steps, cfg.train.epochs, val_ds,
+                session.callbacks(callbacks), session.checkpoint_callback, dataset_options=dataset_options(runtime.strategy),
+            )
     finally:
         stopped = session.finish_status()
     if stopped is not None:
-        run_folder.update_run_info(run_dir, status=stopped.status)
+        if chief:
+            run_folder.update_run_info(run_dir, status=stopped.status)
         raise stopped
-    with atomic_path(run_dir / run_folder.WEIGHTS_FILE) as tmp:
-        model.save_weights(tmp)
-    run_folder.update_run_info(
-        run_dir, status="complete", train_seconds=round(time.time() - started, 1), epochs_run=session.epochs_done
-    )
+    if chief:
+        with atomic_path(run_dir / run_folder.WEIGHTS_FILE) as tmp:
+            model.save_weights(tmp)
+        run_folder.update_run_info(
+            run_dir, status="complete", train_seconds=round(time.time() - started, 1), epochs_run=session.epochs_done
+        )
     return run_dir
