@@ -44,6 +44,7 @@ from caption_tf.training.runtime import (
     worker_write_dir,
 )
 from caption_tf.training.schedules import BleuFunction, early_stopping, learning_rate_for, schedule_callbacks, validation_bleu_callback
+from caption_tf.training.supervisor import TrainingStopped
 
 
 @dataclass
@@ -112,6 +113,9 @@ def make_split_dataset(
 
 
 def build_model(cfg: Config, data: PreparedData, runtime: Runtime, steps_per_epoch: int):
+    # Reseed: the initial weights must not depend on what ran before in this process
+    # (e.g. extracting the feature cache with a randomly initialised backbone).
+    keras.utils.set_random_seed(cfg.train.seed)
     with runtime.strategy.scope():
         model = build_decoder(
             cfg.model, data.vocab.size, data.cache.grid_shape, data.vocab.max_length, recompute_grad=cfg.train.recompute_grad
@@ -216,14 +220,18 @@ def _fit_and_publish(cfg, data, runtime, run_dir, write_dir, identity, bleu) -> 
     def make_epoch(epoch_seed):  # epoch e is shuffled with seed + e: a resumed run replays it exactly
         return make_split_dataset(data, "train", cfg, runtime, True, seed=cfg.train.seed + epoch_seed, captions=train_captions)
 
+    lost = None
     try:
-        with worker_loss_reported(runtime.strategy):  # a dead peer: a clear error, not a hang
+        with worker_loss_reported(runtime.strategy):  # a dead worker: a clear error, not a hang
             recovery.fit_from_position(
                 model, make_epoch, start, train_steps, cfg.train.epochs, val_ds,
                 session.callbacks(callbacks), session.checkpoint_callback, dataset_options=dataset_options(runtime.strategy),
             )
+    except TrainingStopped as err:  # another worker died; the last checkpoint stays the resume point
+        lost = err
     finally:
         stopped = session.finish_status()
+    stopped = lost or stopped
     if stopped is not None:
         if chief:
             run_folder.update_run_info(run_dir, status=stopped.status)
