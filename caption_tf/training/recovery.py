@@ -118,9 +118,12 @@ class RunIdentity:
     config: dict
 
     @classmethod
-    def of(cls, cfg: Config, vocab_hash: str, feature_fingerprint: str) -> "RunIdentity":
+    def of(cls, cfg: Config, vocab_hash: str, feature_fingerprint: str, replicas: int = 1) -> "RunIdentity":
         config = compat_config(cfg)
-        return cls(stable_hash(config), vocab_hash, feature_fingerprint, config)
+        # The global batch, so the steps per epoch and a checkpoint's data position, depend on
+        # the replicas. Hashed only when > 1: one-device runs keep the identity they had.
+        shown = {**config, "train": {**config["train"], "replicas": replicas}}
+        return cls(stable_hash(shown if replicas != 1 else config), vocab_hash, feature_fingerprint, shown)
 
     def metadata(self) -> dict:
         """For checkpoint metadata and run.json; `compat_config` lets a mismatch name the changed flags."""

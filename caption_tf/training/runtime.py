@@ -212,20 +212,18 @@ def select_strategy(requested: str, cpu_replicas: int = 1, cluster_start_timeout
     """
     if requested not in ("auto", "default", "mirrored", "multiworker"):
         raise ValueError(f"--distribute must be auto, default, mirrored or multiworker, got {requested!r}")
+    if requested == "auto" and cluster_workers():
+        requested = "multiworker"
+    if requested == "multiworker" and cpu_replicas > 1:
+        raise ValueError(
+            f"--cpu-replicas {cpu_replicas} with MultiWorkerMirroredStrategy: TensorFlow runs one replica per "
+            "CPU-only worker. Start one train.py process per replica instead (see docs/distributed.md)."
+        )
     configure_cpu_replicas(cpu_replicas)
     if requested == "auto":
-        if cluster_workers():
-            requested = "multiworker"
-        elif len(tf.config.list_logical_devices("GPU")) > 1 or len(tf.config.list_logical_devices("CPU")) > 1:
-            requested = "mirrored"
-        else:
-            requested = "default"
+        several = len(tf.config.list_logical_devices("GPU")) > 1 or len(tf.config.list_logical_devices("CPU")) > 1
+        requested = "mirrored" if several else "default"
     if requested == "multiworker":
-        if cpu_replicas > 1:
-            raise ValueError(
-                f"--cpu-replicas {cpu_replicas} with MultiWorkerMirroredStrategy: TensorFlow runs one replica per "
-                "CPU-only worker. Start one train.py process per replica instead (see docs/distributed.md)."
-            )
         global _PROCESS_CLUSTER
         if _PROCESS_CLUSTER is None:  # once per process: it starts TensorFlow's collective runtime
             with give_up_after(cluster_start_timeout, _cluster_did_not_form(cluster_start_timeout)):
@@ -447,7 +445,27 @@ def _cluster_did_not_form(seconds: float) -> str:
     )
 
 
-_LOST_TASK = re.compile(r"unhealthy[^/]*(/job:\w+/replica:\d+/task:\d+)")
+_TASK = re.compile(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)")
+
+
+def describe_lost_worker(text: str, strategy: tf.distribute.Strategy) -> str:
+    """'worker /job:worker/task:1 stopped sending heartbeats (...)' from TensorFlow's error text.
+
+    Example:
+
+    >>> describe_lost_worker("... unhealthy (stopped sending heartbeats): /job:worker/replica:0/task:1 ...", strategy)
+    'worker /job:worker/task:1 stopped sending heartbeats (it crashed or was killed)'
+    """
+    resolver = strategy.cluster_resolver
+    me = (resolver.task_type, str(resolver.task_id))
+    others = [f"/job:{job}/task:{task}" for job, task in _TASK.findall(text) if (job, task) != me]
+    who = f"worker {others[0]}" if others else "another worker"
+    if "heartbeat" in text:
+        return f"{who} stopped sending heartbeats (it crashed or was killed)"
+    if "incarnation" in text:
+        return f"{who} was restarted while the job ran"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{who} stopped responding ({lines[-1][:300] if lines else type(text).__name__})"
 
 
 # What TensorFlow raises in the survivors when a worker dies: the coordination service
@@ -479,13 +497,10 @@ def worker_loss_reported(strategy: tf.distribute.Strategy):
     try:
         yield
     except WORKER_LOST_ERRORS as err:
-        text = str(getattr(err, "message", err))
-        lost = _LOST_TASK.search(text)
-        who = f"worker {lost.group(1)} stopped sending heartbeats" if lost else "another worker stopped responding"
-        reason = text.strip().splitlines()[-1][:300] if not lost else "it crashed or was killed"
         raise TrainingStopped(
-            f"Training stopped: {who} ({reason}); a {len(cluster_workers())}-worker job cannot go on without it."
-            " Restart every worker with its command: training resumes from the last checkpoint.",
+            f"Training stopped: {describe_lost_worker(str(getattr(err, 'message', err)), strategy)}; a"
+            f" {len(cluster_workers())}-worker job cannot go on without it. Restart every worker with its command:"
+            " training resumes from the last checkpoint.",
             EXIT_WORKER_LOST,
             "stopped: a worker was lost",
         ) from None

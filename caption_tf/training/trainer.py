@@ -36,10 +36,10 @@ from caption_tf.training.runtime import (
     feature_bytes,
     fits_in_memory,
     is_chief,
+    keras_multi_worker_fixes,
     per_replica_clipnorm,
     remove_worker_dir,
     setup_runtime,
-    keras_multi_worker_fixes,
     worker_loss_reported,
     worker_write_dir,
 )
@@ -154,14 +154,22 @@ def train(requested: Config, bleu: BleuFunction | None = None) -> Path:
     `requested` is left unchanged; training uses its resolved copy (`prepare_data`).
     `bleu` (e.g. `caption_tf.evaluation.metrics.corpus_bleu_scores`) enables the
     per-epoch `val_bleu4` (needed by `--early-stopping-monitor val_bleu4`).
+    In a multi-worker job every worker calls it: only the chief writes the run folder
+    (`runtime.is_chief`), the others train alongside and write only into their
+    `runtime.worker_write_dir`, deleted at the end (docs/distributed.md).
     """
     runtime = setup_runtime(requested.train)
     print(f"Runtime: {runtime.replicas} replica(s), precision {runtime.precision}, XLA {'on' if runtime.jit_compile else 'off'}")
+    with worker_loss_reported(runtime.strategy):  # a worker that dies: one clear error, not a hang
+        return _train(requested, runtime, bleu)
+
+
+def _train(requested: Config, runtime: Runtime, bleu: BleuFunction | None) -> Path:
     data = prepare_data(requested, runtime.replicas)
     cfg = data.config  # resolved: every value below is final
     run_dir = run_folder.run_directory(cfg)
     chief = is_chief(runtime.strategy)
-    identity = recovery.RunIdentity.of(cfg, data.vocab.fingerprint(), data.cache.fingerprint)
+    identity = recovery.RunIdentity.of(cfg, data.vocab.fingerprint(), data.cache.fingerprint, runtime.replicas)
     complete = False
     if chief:  # only the chief decides about the run folder and writes it; other workers follow
         # Resume, refuse (different settings), or report a completed run: before any file is rewritten.
