@@ -222,6 +222,26 @@ def test_two_workers_build_once_fail_fast_and_resume_exactly(two_replica_runs, t
     assert not list(run_dir.glob("worker-*")), "the other worker's temporary folder was left behind"
     assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
 
+    # The same command without TF_CONFIG is 1 replica: another global batch, so the
+    # checkpoint's data position means other examples. Refused, naming the change.
+    from caption_tf.config import load_config
+    from caption_tf.training.integrity import CheckpointMismatchError
+    from caption_tf.training.trainer import train
+
+    with pytest.raises(CheckpointMismatchError, match="--replicas 2 -> 1"):
+        train(load_config("minimal", values))
+
+
+def test_a_worker_alone_gives_up_after_the_cluster_start_timeout(tmp_path):
+    """TensorFlow waits forever for missing workers; train.py gives up after --cluster-start-timeout."""
+    ports = free_ports(2)
+    tf_config = {"cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]}, "task": {"type": "worker", "index": 1}}
+    proc = train_py({**overrides(tmp_path, "alone"), "cluster_start_timeout": 3}, tmp_path / "alone.log", tf_config=tf_config)
+    assert proc.wait(PROCESS_TIMEOUT_S) == -signal.SIGKILL
+    log = (tmp_path / "alone.log").read_text()
+    assert "did not start: not every worker of TF_CONFIG" in log and "within 3 s (--cluster-start-timeout)" in log
+    assert not (tmp_path / "runs").exists()  # nothing was written
+
 
 GRADIENT_SCRIPT = textwrap.dedent(
     """
@@ -273,3 +293,17 @@ def test_train_step_gradient_is_the_global_token_mean_on_two_replicas(tmp_path):
     out = json.loads(result.read_text())
     assert out["max_update"] > 1e-2  # training moved the weights, so agreement means something
     assert out["max_weight_diff"] < 1e-5, out
+
+
+def test_bad_distribution_flags_are_refused_before_devices_are_touched():
+    import tensorflow as tf
+
+    from caption_tf.config import load_config
+    from caption_tf.training.runtime import is_chief, select_strategy, worker_write_dir
+
+    with pytest.raises(ValueError, match="--cpu-replicas must be >= 1"):
+        load_config("minimal", {"cpu_replicas": 0})
+    with pytest.raises(ValueError, match="one replica per CPU-only worker"):
+        select_strategy("multiworker", cpu_replicas=2)
+    one_device = tf.distribute.get_strategy()
+    assert is_chief(one_device) and worker_write_dir("runs/x", one_device).as_posix() == "runs/x"
