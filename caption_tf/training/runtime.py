@@ -1,5 +1,12 @@
 """Runtime setup: seeds, precision policy, XLA, distribution strategy, memory.
 
+The strategy is one device, MirroredStrategy over GPUs or logical CPU devices
+(`--cpu-replicas`), or MultiWorkerMirroredStrategy from `TF_CONFIG`. In a
+multi-worker job `is_chief` decides who writes the run folder, `worker_write_dir`
+is where the others write, `broadcast_from_chief` makes them follow the chief's
+decisions, and a worker that dies or never starts ends the job in bounded time
+with one clear message (docs/distributed.md).
+
 Under `mixed_float16`, `model.compile` wraps the optimizer in a Keras
 `LossScaleOptimizer` (the decoder's dtype policy is the global one), and
 `CaptionDecoder.train_step` scales the loss with `optimizer.scale_loss`.
