@@ -273,6 +273,8 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {value!r}")
+    if cfg.text.vocab_size is not None and cfg.text.vocab_size < 5:
+        raise ValueError(f"--vocab-size must be at least 5 (4 reserved tokens and one word) or auto, got {cfg.text.vocab_size}")
     if cfg.text.max_length is not None and cfg.text.max_length < 3:
         raise ValueError("--max-length must be at least 3 (<start>, a word, <end>)")
     if cfg.train.cpu_replicas < 1:

@@ -105,9 +105,8 @@ def history(run_dir) -> list[dict]:
 
 
 def published_steps(run_dir) -> list[int]:
-    folder = run_dir / "checkpoints"
-    names = [p.name[5:] for p in folder.glob("ckpt-*") if (p / "manifest.json").exists()] if folder.is_dir() else []
-    return sorted(int(n) for n in names if n.isdigit())
+    """Steps of the checkpoints whose manifest (written last, once the files are complete) exists."""
+    return sorted(int(p.name[5:].split(".")[0]) for p in (run_dir / "checkpoints").glob("ckpt-*.manifest.json"))
 
 
 def kill_after_checkpoint(proc, log_path, run_dir, rng) -> int:
@@ -210,7 +209,7 @@ def test_two_workers_build_once_fail_fast_and_resume_exactly(two_replica_runs, t
     assert any("Waiting for another process to finish building" in text for text in logs)
     assert not list(run_dir.glob("worker-*"))  # worker 1 cleaned up on its way out
 
-    stale = run_dir / "worker-1.tmp" / "checkpoints" / "ckpt-99"  # as a SIGKILLed worker leaves it
+    stale = run_dir / "worker-1.tmp" / "checkpoints" / "ckpt-99_temp"  # as a SIGKILLed worker leaves it
     stale.mkdir(parents=True)
     workers = start_workers(values, tmp_path, "second", ports, [{}, {}])
     logs = [finish(proc, log) for proc, log in workers]
@@ -225,7 +224,7 @@ def test_two_workers_build_once_fail_fast_and_resume_exactly(two_replica_runs, t
     # The same command without TF_CONFIG is 1 replica: another global batch, so the
     # checkpoint's data position means other examples. Refused, naming the change.
     from caption_tf.config import load_config
-    from caption_tf.training.integrity import CheckpointMismatchError
+    from caption_tf.run_folder import CheckpointMismatchError
     from caption_tf.training.trainer import train
 
     with pytest.raises(CheckpointMismatchError, match="--replicas 2 -> 1"):

@@ -45,7 +45,8 @@ def finish(proc, log_path) -> str:
 
 
 def published_steps(runs_dir) -> list[int]:
-    return sorted(int(p.name[5:]) for p in runs_dir.glob("*/checkpoints/ckpt-*") if p.name[5:].isdigit() and (p / "manifest.json").exists())
+    """Steps of the checkpoints whose manifest (written last, once the files are complete) exists."""
+    return sorted(int(p.name[5:].split(".")[0]) for p in runs_dir.glob("*/checkpoints/ckpt-*.manifest.json"))
 
 
 def h5_arrays(path) -> dict:
@@ -56,11 +57,16 @@ def h5_arrays(path) -> dict:
 
 
 def loss_scale_state(run_dir) -> dict:
-    """The LossScaleOptimizer's variables in the run's newest checkpoint."""
-    newest = max((run_dir / "checkpoints").glob("ckpt-*"), key=lambda p: int(p.name[5:]))
-    prefix = str(newest / "ckpt")
-    names = [n for n, _ in tf.train.list_variables(prefix) if "dynamic_scale" in n or "step_counter" in n]
-    return {n.split("/")[1]: float(tf.train.load_variable(prefix, n)) for n in names}
+    """The LossScaleOptimizer's variables in the run's newest checkpoint.
+
+    The checkpoint holds the optimizer's variables as a list (`optimizer/<i>`); their positions
+    are those of a LossScaleOptimizer's `variables`, which start with its own.
+    """
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam())
+    optimizer.build([keras.Variable(np.zeros(1, "float32"))])
+    wanted = {i: v.name for i, v in enumerate(optimizer.variables) if v.name in ("dynamic_scale", "step_counter")}
+    prefix = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))
+    return {name: float(tf.train.load_variable(prefix, f"optimizer/{i}/.ATTRIBUTES/VARIABLE_VALUE")) for i, name in wanted.items()}
 
 
 def test_mixed_float16_xla_recompute_resume_exactly_after_sigkill(tmp_path):

@@ -66,12 +66,56 @@ def test_truncated_run_json_one_clear_line_then_resume_rewrites_it(tiny_run, tmp
     assert f"error: {run_dir / RUN_FILE} is truncated or damaged" in evaluated.stderr
     assert "Traceback" not in evaluated.stderr
 
-    (run_dir / RUN_FILE).unlink()
     # The command that made the run (the tiny_run fixture's settings), with the copy's runs folder.
-    overrides = tiny_overrides(Path(cfg.data.data_root).parent, epochs=2, runs_dir=tmp_path / "runs")
-    flags = [item for name, value in overrides.items() for item in (f"--{name.replace('_', '-')}", value)]
+    flags = _train_flags(cfg, tmp_path / "runs")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    refused = _run("train.py", "--preset", "minimal", *flags, cwd=tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"error: {run_dir / RUN_FILE} is truncated or damaged" in refused.stderr and "Delete it and rerun" in refused.stderr
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before  # nothing touched
+
+    (run_dir / RUN_FILE).unlink()
     trained = _run("train.py", "--preset", "minimal", *flags, cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "Resuming from" in trained.stdout
     assert read_run_info(run_dir)["status"] == "complete"
     assert weight_values(run_dir / WEIGHTS_FILE) == weights  # resumed at the end: nothing retrained
+
+
+def _train_flags(cfg, runs_dir: Path) -> list[str]:
+    overrides = tiny_overrides(Path(cfg.data.data_root).parent, epochs=2, runs_dir=runs_dir)
+    return [item for name, value in overrides.items() for item in (f"--{name.replace('_', '-')}", str(value))]
+
+
+def test_damaged_weights_are_named_then_written_again_from_the_checkpoint(tiny_run, tmp_path):
+    cfg, original = tiny_run
+    run_dir = tmp_path / "runs" / original.name
+    shutil.copytree(original, run_dir)
+    weights = weight_values(run_dir / WEIGHTS_FILE)
+    data = (run_dir / WEIGHTS_FILE).read_bytes()
+    (run_dir / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
+
+    evaluated = _run("evaluate.py", "--run", run_dir, "--out", tmp_path / "report", cwd=tmp_path)
+    assert evaluated.returncode == 2 and "Traceback" not in evaluated.stderr
+    assert f"error: {run_dir / WEIGHTS_FILE} is damaged" in evaluated.stderr and "Rerun the train.py command" in evaluated.stderr
+
+    trained = _run("train.py", "--preset", "minimal", *_train_flags(cfg, tmp_path / "runs"), cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert f"{run_dir / WEIGHTS_FILE} is damaged" in trained.stdout and "writing it again from the newest verified checkpoint" in trained.stdout
+    assert weight_values(run_dir / WEIGHTS_FILE) == weights and read_run_info(run_dir)["status"] == "complete"
+
+
+def test_a_run_name_is_a_name_and_foreign_folders_are_left_alone(tmp_path, capsys):
+    from caption_tf.cli import main_guard, train_main
+
+    foreign = tmp_path / "runs" / "my-notes"
+    foreign.mkdir(parents=True)
+    (foreign / "history.csv").write_text("my own file\n")
+    for run_name, expected in [(str(tmp_path / "elsewhere"), "is not a plain name"), ("my-notes", "is not a caption_tf run folder")]:
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in tiny_overrides(tmp_path, run_name=run_name).items()]
+        with pytest.raises(SystemExit) as stop:
+            main_guard(lambda: train_main(flags))
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and expected in err and err.count("\n") == 1
+    assert sorted(p.name for p in foreign.iterdir()) == ["history.csv"] and (foreign / "history.csv").read_text() == "my own file\n"
+    assert not (tmp_path / "elsewhere").exists()

@@ -385,9 +385,7 @@ def _unique_id(stem: str, seen: set[str]) -> str:
 def _finish(name: str, records: list[ImageRecord], report: SkipReport, folder: Path) -> CaptionDataset:
     if not records:
         raise ValueError(f"Dataset {name!r} in {folder} has no usable image ({report.summary()})")
-    ds = CaptionDataset(name, records, report)
-    print(f"Loaded {ds.summary()}", flush=True)
-    return ds
+    return CaptionDataset(name, records, report)  # its summary() is printed once, by whoever loads it
 
 
 # ---------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+STORED_DTYPE = np.float16  # grids and pooled vectors are stored (and fed to the decoder) at this precision
+
 FEATURE_SPEC = {
     "index": tf.io.FixedLenFeature([], tf.int64),
     "image_id": tf.io.FixedLenFeature([], tf.string),
@@ -45,8 +47,8 @@ def serialize_feature_example(index: int, image_id: str, grid: np.ndarray, poole
             feature={
                 "index": tf.train.Feature(int64_list=tf.train.Int64List(value=[index])),
                 "image_id": _bytes(image_id.encode()),
-                "grid": _bytes(grid.astype(np.float16).tobytes()),
-                "pooled": _bytes(pooled.astype(np.float16).tobytes()),
+                "grid": _bytes(grid.astype(STORED_DTYPE).tobytes()),
+                "pooled": _bytes(pooled.astype(STORED_DTYPE).tobytes()),
             }
         )
     ).SerializeToString()
@@ -74,6 +76,13 @@ class ShardWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def write_shard(path: Path, payloads: Sequence[bytes]) -> None:
+    """One shard file holding `payloads` in order (used to rewrite a damaged shard)."""
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for payload in payloads:
+            writer.write(payload)
 
 
 def parse_feature_example(serialized, grid_shape, fields: Sequence[str] = tuple(FEATURE_SPEC)) -> dict:

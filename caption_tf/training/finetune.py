@@ -22,8 +22,9 @@ it, so `evaluate.py` scores the fine-tuned model unchanged.
 
 Each phase has its own completion marker in `run.json` (`phases`), keyed by a
 hash of the requested configuration: rerunning the same command after a
-crash skips a completed phase 1 and resumes phase 2 (from its last finished
-epoch, via `keras.callbacks.BackupAndRestore`).
+crash skips a completed phase 1 and resumes phase 2 exactly where it stopped,
+through the same resume path as phase 1 (`recovery.ResumableTraining`, verified
+checkpoints in `checkpoints_fine_tune/`).
 
 Example:
 
@@ -34,8 +35,10 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import math
 import shutil
 import time
 from pathlib import Path
@@ -50,25 +53,22 @@ from caption_tf import run_folder
 from caption_tf.config import Config, save_config
 from caption_tf.data.datasets import load_dataset
 from caption_tf.data.images import load_rgb
-from caption_tf.features.backbones import FeatureExtractor, build_extractor
-from caption_tf.features.cache import (
-    FeatureCache,
-    build_feature_cache,
-    cache_request,
-    open_cache,
-)
-from caption_tf.files import atomic_path
+from caption_tf.features.backbones import FeatureExtractor
+from caption_tf.features.cache import FeatureCache, build_feature_cache, cache_request, open_cache, repair_cache
+from caption_tf.features.encoder import EncoderSpec, ImageEncoder
+from caption_tf.files import atomic_path, file_sha256, stable_hash
 from caption_tf.models.decoder import build_decoder, masked_loss
 from caption_tf.run_folder import (
     BACKBONE_WEIGHTS_FILE,
-    FINE_TUNE_BACKUP_DIR,
+    FINE_TUNE_CHECKPOINT_DIR,
     FINE_TUNE_HISTORY_FILE,
     FINE_TUNE_LOG_DIR,
     PHASE1_WEIGHTS_FILE,
     config_hash,
 )
+from caption_tf.training import recovery
 from caption_tf.training.pipeline import captions_table
-from caption_tf.training.runtime import cluster_workers, process_is_chief, setup_runtime
+from caption_tf.training.runtime import cluster_workers, is_chief, process_is_chief, setup_runtime
 from caption_tf.training.schedules import BleuFunction, LearningRateLogger
 from caption_tf.training.trainer import train
 
@@ -220,10 +220,17 @@ def fine_tune(cfg: Config, run_dir: Path) -> Path:
     cache = open_cache(Path(phase1["feature_cache"]), cache_request(dataset, features_cfg))
     if cache is None:
         raise FileNotFoundError(f"{phase1['feature_cache']}: the phase-1 feature cache is missing; rerun without it to rebuild")
+    cache = repair_cache(cache, dataset)
     runtime = setup_runtime(saved.train)
+    with run_folder.locked_run(run_dir, enabled=is_chief(runtime.strategy)):
+        return _fine_tune_locked(cfg, run_dir, run, saved, features_cfg, dataset, cache, runtime)
+
+
+def _fine_tune_locked(cfg, run_dir, run, saved, features_cfg, dataset, cache, runtime) -> Path:
     batch = runtime.global_batch_size(saved.train.fine_tune_batch_size)
     with runtime.strategy.scope():
-        extractor = build_extractor(features_cfg.backbone, features_cfg.weights, features_cfg.input_size)
+        # The very backbone (a random one rebuilt from its seed) and statistics the decoder learned on.
+        extractor = cache.encoder_spec.build_extractor()
         unfrozen = unfreeze_last_layers(extractor.backbone, saved.features.fine_tune_layers)
         decoder = build_decoder(saved.model, run.vocab.size, cache.grid_shape, run.vocab.max_length)
         decoder.load_weights(run_dir / PHASE1_WEIGHTS_FILE)
@@ -240,29 +247,56 @@ def fine_tune(cfg: Config, run_dir: Path) -> Path:
         flush=True,
     )
     size = extractor.input_size
-    train_ds = split_batches(dataset, cache, run.vocab, "train", size, batch, True, saved.train.seed)
+    records, train_ids = dataset.by_id(), cache.image_ids("train")
+    table, _ = captions_table([run.vocab.encode(records[i].captions) for i in train_ids], run.vocab.max_length)
+    paths, steps = [records[i].path for i in train_ids], math.ceil(len(train_ids) / batch)
+
+    def make_epoch(epoch):  # epoch e is shuffled with seed + e: a resumed run replays it exactly
+        ds = image_caption_batches(paths, table, size, batch, shuffle=True, seed=saved.train.seed + epoch)
+        return ds.apply(tf.data.experimental.assert_cardinality(steps))
+
     val_ds = split_batches(dataset, cache, run.vocab, "val", size, batch, False, 0)
     callbacks = [
         LearningRateLogger(),
-        keras.callbacks.BackupAndRestore(str(run_dir / FINE_TUNE_BACKUP_DIR), save_freq="epoch"),
         keras.callbacks.CSVLogger(str(run_dir / FINE_TUNE_HISTORY_FILE), append=True),
         keras.callbacks.TensorBoard(str(run_dir / run_folder.LOG_DIR / FINE_TUNE_LOG_DIR), update_freq="epoch"),
     ]
+    # What phase-2 checkpoints must match: the phase-1 decoder they start from and the phase-2 settings.
+    phase2 = {k: getattr(saved.train, k) for k in ("fine_tune_learning_rate", "fine_tune_batch_size", "seed")}
+    phase2.update(fine_tune_layers=saved.features.fine_tune_layers, decoder=file_sha256(run_dir / PHASE1_WEIGHTS_FILE))
+    identity = run_folder.RunIdentity(stable_hash(phase2), run.vocab.fingerprint(), cache.fingerprint, {"fine_tune": phase2})
+    session = recovery.ResumableTraining(
+        model, run_dir, run_dir / FINE_TUNE_CHECKPOINT_DIR, saved, identity, steps, callbacks, runtime.strategy,
+        run_dir / run_folder.LOG_DIR / FINE_TUNE_LOG_DIR,
+    )
+    start = session.restore()
+    run_folder.trim_history(run_dir / FINE_TUNE_HISTORY_FILE, start[0])
     started = time.time()
-    model.fit(train_ds, validation_data=val_ds, epochs=saved.train.fine_tune_epochs, callbacks=callbacks, shuffle=False)
+    try:
+        session.fit(make_epoch, saved.train.fine_tune_epochs, val_ds)
+    finally:
+        stopped = session.finish_status()
+    if stopped is not None:
+        run_folder.release_disk_reserve(run_dir)  # room for run.json on a full disk
+        with contextlib.suppress(OSError):
+            run_folder.update_run_info(run_dir, status=f"phase 2 {stopped.status}")
+        raise stopped
 
     # Publish: backbone, cache, decoder, then config and run.json; the marker is written last.
     backbone_path = (run_dir / BACKBONE_WEIGHTS_FILE).resolve()
     with atomic_path(backbone_path) as tmp:
         extractor.backbone.save_weights(tmp)
     tuned_features = dataclasses.replace(saved.features, weights=str(backbone_path))
-    tuned_cache = build_feature_cache(dataset, tuned_features, extractor=extractor, normalizer=normalizer)
+    tuned_encoder = ImageEncoder(EncoderSpec.from_config(tuned_features), normalizer, extractor=extractor)
+    tuned_cache = build_feature_cache(dataset, tuned_features, encoder=tuned_encoder)
     with atomic_path(run_dir / run_folder.WEIGHTS_FILE) as tmp:
         decoder.save_weights(tmp)
     tuned_config = copy.deepcopy(saved)
     tuned_config.features = tuned_features
     save_config(tuned_config, run_dir / run_folder.CONFIG_FILE)
-    run_folder.update_run_info(run_dir, feature_cache=str(tuned_cache.directory), feature_fingerprint=tuned_cache.fingerprint)
+    run_folder.record_weights(
+        run_dir, feature_cache=str(tuned_cache.directory), feature_fingerprint=tuned_cache.fingerprint, encoder=tuned_cache.manifest["encoder"]
+    )
     mark_phase(
         run_dir,
         PHASE_FINE_TUNE,
@@ -283,26 +317,29 @@ def train_in_phases(cfg: Config, bleu: Optional[BleuFunction] = None) -> Path:
     """
     requested = config_hash(cfg)
     run_dir = run_folder.run_directory(cfg)
-    if cfg.features.fine_tune_layers > 0 and cfg.train.distribute in ("auto", "multiworker") and cluster_workers():
+    two_phases = cfg.features.fine_tune_layers > 0
+    if two_phases and cfg.train.distribute in ("auto", "multiworker") and cluster_workers():
         raise ValueError(
             "--fine-tune-layers: two-phase training does not run on several workers yet (TF_CONFIG is set)."
             " Run it on one machine (without TF_CONFIG; several GPUs there are used), or train the decoder alone"
             " on the workers with --fine-tune-layers 0"
         )
-    if phase_complete(run_dir, PHASE_DECODER, requested) and (run_dir / PHASE1_WEIGHTS_FILE).exists():
+    # The weights of a finished run are checked too: damaged ones are written again from its checkpoints.
+    weights_ok = not run_folder.weights_problem(run_dir, run_folder.read_run_info(run_dir, missing_ok=True))
+    if phase_complete(run_dir, PHASE_DECODER, requested) and (run_dir / PHASE1_WEIGHTS_FILE).exists() and (weights_ok or two_phases):
         print(f"Phase 1 (decoder) already complete in {run_dir}: skipping it", flush=True)
     else:
-        # A (re)trained decoder invalidates any half-finished phase 2.
-        shutil.rmtree(run_dir / FINE_TUNE_BACKUP_DIR, ignore_errors=True)
         run_dir = train(cfg, bleu)
         if not process_is_chief():  # multi-worker: the chief publishes the phase
             return run_dir
+        # A (re)trained decoder invalidates any half-finished phase 2 (phase 2 starts only after this).
+        shutil.rmtree(run_dir / FINE_TUNE_CHECKPOINT_DIR, ignore_errors=True)
         with atomic_path(run_dir / PHASE1_WEIGHTS_FILE) as tmp:
             shutil.copyfile(run_dir / run_folder.WEIGHTS_FILE, tmp)
         mark_phase(run_dir, PHASE_DECODER, requested, feature_cache=run_folder.read_run_info(run_dir)["feature_cache"])
-    if cfg.features.fine_tune_layers <= 0:
+    if not two_phases:
         return run_dir
-    if phase_complete(run_dir, PHASE_FINE_TUNE, requested):
+    if phase_complete(run_dir, PHASE_FINE_TUNE, requested) and weights_ok:
         print(f"Phase 2 (fine-tune) already complete in {run_dir}", flush=True)
         return run_dir
     return fine_tune(cfg, run_dir)

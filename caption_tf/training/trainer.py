@@ -9,7 +9,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +25,8 @@ from caption_tf import run_folder
 from caption_tf.config import Config
 from caption_tf.data.datasets import load_dataset
 from caption_tf.data.records import CaptionDataset
-from caption_tf.data.text import CaptionVocabulary, clean_caption
-from caption_tf.features.cache import FeatureCache, build_feature_cache
+from caption_tf.data.text import CaptionVocabulary, clean_caption, truncation_warning
+from caption_tf.features.cache import NORMALIZER_FILE, FeatureCache, build_feature_cache
 from caption_tf.files import atomic_path
 from caption_tf.models.decoder import build_decoder
 from caption_tf.training import recovery
@@ -44,7 +47,7 @@ from caption_tf.training.runtime import (
     worker_write_dir,
 )
 from caption_tf.training.schedules import BleuFunction, early_stopping, learning_rate_for, schedule_callbacks, validation_bleu_callback
-from caption_tf.training.supervisor import TrainingStopped
+from caption_tf.training.supervisor import EXIT_CHECKPOINT_FAILED
 
 
 @dataclass
@@ -73,13 +76,17 @@ def prepare_data(cfg: Config, replicas: int = 1) -> PreparedData:
     `cfg` is the requested config and is left unchanged; use `PreparedData.config` from here on.
     """
     dataset = load_dataset(cfg.data)
-    print(dataset.summary(), flush=True)
+    details = "" if dataset.skips.summary() == "nothing skipped" else f" (details: {run_folder.SKIPS_FILE} in the run folder)"
+    print(f"Dataset {dataset.summary()}{details}", flush=True)
     cache = build_feature_cache(dataset, cfg.features)
     records = dataset.by_id()
     train_captions = [c for i in cache.image_ids("train") for c in records[i].captions]
     if not train_captions:
         raise ValueError(f"Dataset {dataset.name!r} has no training image with captions")
     resolved = resolve_auto_settings(cfg, train_captions, len(cache.image_ids("train")), replicas)
+    warning = truncation_warning(train_captions, resolved.text.max_length)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     vocab = CaptionVocabulary.build(train_captions, resolved.text)
     return PreparedData(resolved, dataset, cache, vocab)
 
@@ -113,8 +120,9 @@ def make_split_dataset(
 
 
 def build_model(cfg: Config, data: PreparedData, runtime: Runtime, steps_per_epoch: int):
-    # Reseed: the initial weights must not depend on what ran before in this process
-    # (e.g. extracting the feature cache with a randomly initialised backbone).
+    # The same seed, however much randomness preparing the data used (e.g. building a backbone
+    # for a fresh feature cache, which only one worker does): the same command always starts
+    # from the same decoder.
     keras.utils.set_random_seed(cfg.train.seed)
     with runtime.strategy.scope():
         model = build_decoder(
@@ -160,94 +168,118 @@ def train(requested: Config, bleu: BleuFunction | None = None) -> Path:
     """
     runtime = setup_runtime(requested.train)
     print(f"Runtime: {runtime.replicas} replica(s), precision {runtime.precision}, XLA {'on' if runtime.jit_compile else 'off'}")
+    run_dir = run_folder.run_directory(requested)  # a plain name; the same for the resolved config
+    run_folder.check_run_folder(run_dir)  # before any work: a folder that is not a run is never written to
     with worker_loss_reported(runtime.strategy):  # a worker that dies: one clear error, not a hang
-        return _train(requested, runtime, bleu)
+        with run_folder.locked_run(run_dir, enabled=is_chief(runtime.strategy)):  # the chief holds it for the job
+            return _train_locked(requested, bleu, runtime, run_dir)
 
 
-def _train(requested: Config, runtime: Runtime, bleu: BleuFunction | None) -> Path:
+def _train_locked(requested: Config, bleu: BleuFunction | None, runtime: Runtime, run_dir: Path) -> Path:
     data = prepare_data(requested, runtime.replicas)
     cfg = data.config  # resolved: every value below is final
-    run_dir = run_folder.run_directory(cfg)
     chief = is_chief(runtime.strategy)
-    identity = recovery.RunIdentity.of(cfg, data.vocab.fingerprint(), data.cache.fingerprint, runtime.replicas)
+    identity = run_folder.RunIdentity.of(cfg, data.vocab.fingerprint(), data.cache.fingerprint, runtime.replicas)
     complete = False
     if chief:  # only the chief decides about the run folder and writes it; other workers follow
         # Resume, refuse (different settings), or report a completed run: before any file is rewritten.
-        plan = recovery.plan_run(cfg, run_dir, identity, recovery.read_run_info(run_dir))
+        previous = run_folder.read_run_info(run_dir, missing_ok=True)
+        plan = recovery.plan_run(cfg, run_dir, identity, previous)
         if plan.message:
             print(plan.message, flush=True)
         complete = plan.complete
-    if broadcast_from_chief(runtime.strategy, int(complete)):  # a barrier too: the chief has decided
+        if not complete:
+            kept = {k: previous[k] for k in ("phases", "resume_overrides") if k in previous and plan.moved_to is None}
+            save_run_files(cfg, data, runtime, identity, run_dir, kept)
+    if broadcast_from_chief(runtime.strategy, int(complete)):  # a barrier too: the chief has decided and written
         return run_dir
-    if chief:
-        run_folder.save_run_files(run_dir, cfg, data.vocab, run_info(cfg, data, runtime, identity))
-        data.dataset.skips.skipped_images.extend(data.cache.skipped())
-        data.dataset.skips.save(run_dir / run_folder.SKIPS_FILE)
-    write_dir = worker_write_dir(run_dir, runtime.strategy)  # the chief: run_dir itself
     remove_worker_dir(run_dir, runtime.strategy)  # what a killed run of this worker left
     try:
-        return _fit_and_publish(cfg, data, runtime, run_dir, write_dir, identity, bleu)
+        return _fit_and_publish(cfg, data, runtime, run_dir, identity, bleu)
     finally:
         remove_worker_dir(run_dir, runtime.strategy)
 
 
-def run_info(cfg: Config, data: PreparedData, runtime: Runtime, identity: recovery.RunIdentity) -> dict:
-    """The run.json of a run about to train."""
-    return {
-        "grid_shape": list(data.cache.grid_shape),
-        "feature_cache": str(data.cache.directory),
-        "feature_fingerprint": data.cache.fingerprint,
-        "dataset_fingerprint": data.dataset.fingerprint(),
-        "vocab_fingerprint": data.vocab.fingerprint(),
-        "vocab_size": data.vocab.size,
-        "precision": runtime.precision,
-        "replicas": runtime.replicas,
-        "status": "training",
-        "epochs_target": cfg.train.epochs,
-        **identity.metadata(),
-    }
+def save_run_files(cfg: Config, data: PreparedData, runtime: Runtime, identity: run_folder.RunIdentity, run_dir: Path, kept: dict) -> None:
+    """config.yaml, vocab.json, run.json, the feature statistics and skips.json of a run about to train."""
+    run_folder.save_run_files(
+        run_dir,
+        cfg,
+        data.vocab,
+        {
+            **kept,
+            "grid_shape": list(data.cache.grid_shape),
+            "feature_cache": str(data.cache.directory),
+            "feature_fingerprint": data.cache.fingerprint,
+            "encoder": data.cache.manifest["encoder"],  # with feature_normalizer.npz: new images are encoded like the cache
+            "dataset_fingerprint": data.dataset.fingerprint(),
+            "vocab_fingerprint": data.vocab.fingerprint(),
+            "vocab_size": data.vocab.size,
+            "precision": runtime.precision,
+            "replicas": runtime.replicas,
+            "status": "training",
+            "epochs_target": cfg.train.epochs,
+            **identity.metadata(),
+        },
+    )
+    with atomic_path(run_dir / run_folder.FEATURE_NORMALIZER_FILE) as tmp:
+        shutil.copyfile(data.cache.directory / NORMALIZER_FILE, tmp)
+    data.dataset.skips.skipped_images.extend(data.cache.skipped())
+    data.dataset.skips.save(run_dir / run_folder.SKIPS_FILE)
 
 
-def _fit_and_publish(cfg, data, runtime, run_dir, write_dir, identity, bleu) -> Path:
+def _fit_and_publish(cfg: Config, data: PreparedData, runtime: Runtime, run_dir: Path, identity: run_folder.RunIdentity, bleu) -> Path:
     """Build, restore and fit the model; the chief publishes the weights and the final run.json."""
     chief = is_chief(runtime.strategy)
+    write_dir = worker_write_dir(run_dir, runtime.strategy)  # the chief: run_dir itself
     train_steps = steps_per_epoch(data, "train", cfg, runtime)
     val_ds = make_split_dataset(data, "val", cfg, runtime, training=False) if data.cache.image_ids("val") else None
     model = build_model(cfg, data, runtime, steps_per_epoch=train_steps)
     print(f"Decoder: {cfg.model.decoder} + {cfg.model.attention}, {model.count_params():,} parameters, vocabulary {data.vocab.size}")
 
-    # Checkpoints (every --checkpoint-every batches and each epoch), NaN guard, health monitor.
-    session = recovery.RecoverySession(model, run_dir, cfg, identity, train_steps, write_dir / run_folder.LOG_DIR)
-    start = session.restore()
-    recovery.trim_history(write_dir / run_folder.HISTORY_FILE, start[0])  # epochs trained again
-    started = time.time()
+    # Verified checkpoints every --checkpoint-every batches and each epoch, exact resume, NaN guard, health monitor.
     callbacks = schedule_callbacks(cfg.train, validation_bleu(data, cfg, bleu), val_ds is not None) + make_callbacks(cfg, write_dir)
-
+    session = recovery.ResumableTraining(
+        model, run_dir, run_dir / run_folder.CHECKPOINT_DIR, cfg, identity, train_steps, callbacks, runtime.strategy, write_dir / run_folder.LOG_DIR
+    )
+    start = session.restore()
+    apply_resume_overrides(model, cfg, session.overrides(), train_steps, runtime, run_dir, step=session.backup.position["step"], chief=chief)
+    run_folder.trim_history(write_dir / run_folder.HISTORY_FILE, start[0])  # epochs trained again
+    started = time.time()
     train_captions = data.captions("train")
 
-    def make_epoch(epoch_seed):  # epoch e is shuffled with seed + e: a resumed run replays it exactly
-        return make_split_dataset(data, "train", cfg, runtime, True, seed=cfg.train.seed + epoch_seed, captions=train_captions)
+    def make_epoch(epoch):  # epoch e is shuffled with seed + e: a resumed run replays it exactly
+        return make_split_dataset(data, "train", cfg, runtime, True, seed=cfg.train.seed + epoch, captions=train_captions)
 
-    lost = None
     try:
-        with worker_loss_reported(runtime.strategy):  # a dead worker: a clear error, not a hang
-            recovery.fit_from_position(
-                model, make_epoch, start, train_steps, cfg.train.epochs, val_ds,
-                session.callbacks(callbacks), session.checkpoint_callback, dataset_options=dataset_options(runtime.strategy),
-            )
-    except TrainingStopped as err:  # another worker died; the last checkpoint stays the resume point
-        lost = err
+        session.fit(make_epoch, cfg.train.epochs, val_ds, dataset_options=dataset_options(runtime.strategy))
     finally:
         stopped = session.finish_status()
-    stopped = lost or stopped
     if stopped is not None:
         if chief:
-            run_folder.update_run_info(run_dir, status=stopped.status)
+            if stopped.exit_code == EXIT_CHECKPOINT_FAILED:
+                run_folder.release_disk_reserve(run_dir)  # room for run.json on a full disk
+            with contextlib.suppress(OSError):
+                run_folder.update_run_info(run_dir, status=stopped.status)
         raise stopped
     if chief:
         with atomic_path(run_dir / run_folder.WEIGHTS_FILE) as tmp:
             model.save_weights(tmp)
-        run_folder.update_run_info(
-            run_dir, status="complete", train_seconds=round(time.time() - started, 1), epochs_run=session.epochs_done
-        )
+        run_folder.record_weights(run_dir, status="complete", train_seconds=round(time.time() - started, 1), epochs_run=session.epochs_done)
     return run_dir
+
+
+def apply_resume_overrides(model, cfg: Config, changes: dict, train_steps: int, runtime: Runtime, run_dir: Path, step: int, chief: bool = True) -> None:
+    """A resumed run may change --learning-rate and --clipnorm (the NaN advice); say so and record it in run.json (the chief).
+
+    The optimizer was built with the new values; only the learning-rate variable came back from the checkpoint.
+    """
+    if not changes:
+        return
+    print("Resuming with changed settings: " + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changes.items()), flush=True)
+    if "learning_rate" in changes and cfg.train.lr_schedule != "warmup_cosine":  # a schedule is not checkpointed
+        model.optimizer.learning_rate = learning_rate_for(cfg.train, train_steps, runtime.replicas)
+    if not chief:
+        return
+    history = run_folder.read_run_info(run_dir).get("resume_overrides", [])
+    run_folder.update_run_info(run_dir, resume_overrides=history + [{"step": step, **changes}])
