@@ -13,7 +13,8 @@ Keras restores only the epoch, and no callback can skip batches: Keras owns the
 data iterator. So the data order is a function of the position instead: epoch `e`
 is shuffled with seed `seed + e`, and `fit_from_position` feeds `fit` from the
 restored (epoch, batch), one short `fit` for the rest of an interrupted epoch and
-one for the other epochs. docs/recovery.md describes the whole design.
+one for the other epochs. docs/recovery.md describes the whole design, and
+docs/distributed.md what each worker of a multi-worker job reads and writes.
 """
 
 from __future__ import annotations
@@ -190,7 +191,9 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
                  async_save: bool = True, chief: bool = True, metadata_fn: Callable[[], dict] = dict,
                  check: Optional[Callable[[CheckpointInfo], None]] = None, write_dir=None):
         super().__init__(str(backup_dir), save_freq=save_freq, delete_checkpoint=False)
-        model.optimizer.build(model.trainable_variables)  # slots must exist before a restore
+        if not model.optimizer.built:  # slots must exist before a restore
+            # Once: LossScaleOptimizer.build adds another loss scale and step counter on every call.
+            model.optimizer.build(model.trainable_variables)
         self.steps_per_epoch, self.metadata_fn, self.check, self._model_ref = steps_per_epoch, metadata_fn, check, model
         self.position, self.states = TrainingPosition(), CallbackState(callbacks, model)
         # The TF variables under the Keras ones, by position: Keras 3.15's Variable makes a new CPU copy
@@ -308,6 +311,11 @@ class ResumableTraining:
     Callback order: NaN guard, epoch timer, the caller's callbacks, `ExactBackupAndRestore`
     (it sets their state after their reset, saves the epoch after their updates), the
     health monitor (its final save sees the updated position), test hooks.
+
+    Multi-worker (docs/distributed.md): a worker other than the chief saves under its
+    `runtime.worker_write_dir` and restores the checkpoint the chief chose, from the
+    chief's `checkpoint_dir`; another worker's death stops `fit` like a full disk does
+    (`finish_status` returns it: exit code 5).
     """
 
     def __init__(self, model: keras.Model, run_dir: Path, checkpoint_dir: Path, cfg: Config, identity: run_folder.RunIdentity, steps_per_epoch: int,
@@ -317,7 +325,7 @@ class ResumableTraining:
         # Multi-worker: only the chief writes the run folder; another worker writes the same files
         # (checkpoints, alerts) under its own `worker_write_dir`, and restores the chief's checkpoint.
         self.write_dir = worker_write_dir(run_dir, strategy)
-        own_checkpoint_dir = self.write_dir / Path(checkpoint_dir).relative_to(run_dir)
+        own_checkpoint_dir = checkpoint_dir if chief else self.write_dir / Path(checkpoint_dir).relative_to(run_dir)
         # TensorFlow's async checkpoint copies plain variables only: mirrored ones are saved synchronously.
         async_save = cfg.checkpoint.async_checkpoint and strategy.num_replicas_in_sync == 1
         with strategy.scope():  # every variable of the stack: position, callback state, optimizer slots
