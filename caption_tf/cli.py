@@ -27,6 +27,10 @@ def train_main(argv: list[str] | None = None) -> int:
 
     if supervising(cfg.checkpoint.max_restarts):  # rerun training in a child process after a crash
         return supervise(sys.argv[1:] if argv is None else argv, cfg.checkpoint.max_restarts)
+    from caption_tf.training.runtime import configure_cpu_replicas, process_is_chief
+
+    # Before anything runs a TensorFlow op: devices are fixed when TensorFlow first uses them.
+    configure_cpu_replicas(cfg.train.cpu_replicas)
     from caption_tf.evaluation.captioning import evaluate_run
     from caption_tf.evaluation.metrics import corpus_bleu_scores
     from caption_tf.training.finetune import train_in_phases
@@ -40,6 +44,9 @@ def train_main(argv: list[str] | None = None) -> int:
     # Phase 1 (decoder on cached features), then phase 2 when --fine-tune-layers > 0.
     try:
         run_dir = train_in_phases(cfg, bleu=corpus_bleu_scores)  # bleu enables the per-epoch val_bleu4
+        if not process_is_chief():  # multi-worker: the chief writes and evaluates the run
+            print(f"\nThis worker's part is done; the chief writes and evaluates the run folder {run_dir}")
+            return 0
         metrics = evaluate_run(run_dir)
     except TrainingStopped as stop:  # NaN loss, disk full: clean stop, last good checkpoint kept
         print(f"error: {stop}", file=sys.stderr)

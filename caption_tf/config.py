@@ -100,6 +100,8 @@ class TrainConfig:
     jit: str = "auto"  # auto | on | off
     recompute_grad: bool = False
     distribute: str = "auto"  # auto | default | mirrored | multiworker
+    cpu_replicas: int = 1  # split the CPU into N logical devices (MirroredStrategy without GPUs)
+    cluster_start_timeout: int = 600  # seconds a multi-worker job waits for all its workers to start
     runs_dir: str = "runs"
     run_name: Optional[str] = None
     tune: bool = False
@@ -275,6 +277,8 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--vocab-size must be at least 5 (4 reserved tokens and one word) or auto, got {cfg.text.vocab_size}")
     if cfg.text.max_length is not None and cfg.text.max_length < 3:
         raise ValueError("--max-length must be at least 3 (<start>, a word, <end>)")
+    if cfg.train.cpu_replicas < 1:
+        raise ValueError(f"--cpu-replicas must be >= 1, got {cfg.train.cpu_replicas}")
     if (cfg.train.batch_size is not None and cfg.train.batch_size < 1) or cfg.train.epochs < 0:
         raise ValueError("--batch-size must be >= 1 and --epochs >= 0")
 

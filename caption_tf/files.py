@@ -7,6 +7,10 @@ disk, then renamed over the old one. A crash leaves the old file or the new
 one, never half of one. The temporary name keeps the file's suffix, so
 writers that check it (Keras wants `.weights.h5`) accept it.
 
+Shared outputs that take long to make (a generated dataset, a feature cache)
+are built once under `build_lock`: several processes on one filesystem (the
+workers of a multi-worker job) wait for the first one and reuse its result.
+
 Example:
 
 >>> write_json(Path("runs/x/run.json"), {"status": "complete"})
@@ -17,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 PARTIAL_PREFIX = "partial-"  # a file being published: partial-<name>
+LOCK_SUFFIX = ".lock"  # <target>.lock beside what a process is building
 CHUNK_BYTES = 1 << 20
 
 
@@ -58,6 +64,38 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def build_lock(target: str | Path) -> Iterator[None]:
+    """Hold the exclusive lock of `target` (the file `<target>.lock` beside it) while building it.
+
+    Whoever gets the lock first builds; the others wait here, then find the
+    result and reuse it, so call it as: check, lock, check again, build.
+    It is the kernel's lock (`fcntl.flock`, also honoured over NFS on Linux): a
+    process killed while holding it releases it, so a crash never leaves a stale
+    lock. The lock file stays (removing it would race with a waiting process).
+
+    Example:
+
+    >>> if not done(target):
+    ...     with build_lock(target):
+    ...         if not done(target):   # another process may have built it meanwhile
+    ...             build(target)
+    """
+    target = Path(target)
+    lock_path = target.with_name(target.name + LOCK_SUFFIX)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"Waiting for another process to finish building {target} (it holds {lock_path}) ...", flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

@@ -121,9 +121,10 @@ def config_hash(cfg: Config) -> str:
 
 RESUME_OVERRIDES = ("learning_rate", "clipnorm")  # a resume may change them (the NaN advice); run.json records it
 # Config fields that do not change the training maths; `epochs` may grow (except under warmup_cosine).
+# How the replicas come about (`cpu_replicas`, GPUs, workers) is neutral; their number is not (`RunIdentity.of`).
 NEUTRAL_FIELDS = frozenset({
     "data_root", "data_dir", "download", "cache_dir", "extract_batch_size", "runs_dir", "run_name", "tune", "trials",
-    "epochs", "early_stopping_patience", "jit", "fine_tune_layers", "fine_tune_epochs", "fine_tune_learning_rate",
+    "epochs", "early_stopping_patience", "jit", "cpu_replicas", "cluster_start_timeout", "fine_tune_layers", "fine_tune_epochs", "fine_tune_learning_rate",
     "fine_tune_batch_size", "checkpoint_every", "keep_checkpoints", "resume", "async_checkpoint", "max_restarts",
     *RESUME_OVERRIDES,
 })
@@ -155,9 +156,15 @@ class RunIdentity:
     KEYS = ("config_hash", "vocab_hash", "feature_fingerprint")
 
     @classmethod
-    def of(cls, cfg: Config, vocab_hash: str, feature_fingerprint: str) -> "RunIdentity":
+    def of(cls, cfg: Config, vocab_hash: str, feature_fingerprint: str, replicas: int = 1) -> "RunIdentity":
+        """The identity of `cfg` trained on `replicas` replicas (devices and workers together)."""
         config = compat_config(cfg)
-        return cls(stable_hash(config), vocab_hash, feature_fingerprint, config, {k: getattr(cfg.train, k) for k in RESUME_OVERRIDES})
+        # The global batch, so the steps per epoch and a checkpoint's data position, depend on the
+        # replicas. Hashed only when > 1: one-device runs keep their identity; shown always, so a
+        # refusal names the change ("--replicas 2 -> 1").
+        shown = {**config, "train": {**config["train"], "replicas": replicas}}
+        settings = {k: getattr(cfg.train, k) for k in RESUME_OVERRIDES}
+        return cls(stable_hash(shown if replicas != 1 else config), vocab_hash, feature_fingerprint, shown, settings)
 
     def metadata(self) -> dict:
         return {k: getattr(self, k) for k in self.KEYS} | {"compat_config": self.config, "resume_settings": self.settings}

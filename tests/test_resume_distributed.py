@@ -13,19 +13,14 @@ import textwrap
 
 from conftest import REPO_ROOT, tiny_overrides
 
-# Two logical CPUs must exist before TensorFlow initialises: each run is a fresh process.
-# `--distribute mirrored` alone takes only CPU:0 on a machine without GPUs, so the script builds
-# the two-device MirroredStrategy itself (the product flag for it is --cpu-replicas, issue 11).
+# Two logical CPUs must exist before TensorFlow initialises: each run is a fresh process, and
+# `cpu_replicas=2` (train.py --cpu-replicas 2) splits the CPU before any TensorFlow op.
 CHILD = textwrap.dedent(
     """
     import json, sys
     import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from caption_tf.config import load_config
-    from caption_tf.training import runtime
     from caption_tf.training.trainer import train
-    runtime.select_strategy = lambda requested: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     result, last = {}, {}
     for name, overrides in json.loads(sys.argv[1]):
         run_dir = train(load_config("minimal", overrides))
@@ -54,7 +49,7 @@ def test_two_replicas_sigkilled_mid_epoch_resume_exactly(tmp_path):
     from caption_tf.training.trainer import prepare_data
 
     # max_length 6: the decoder's unrolled steps are traced per replica; shorter is cheaper.
-    overrides = tiny_overrides(tmp_path, epochs=2, checkpoint_every=2, dropout=0.3, max_length=6, distribute="mirrored")
+    overrides = tiny_overrides(tmp_path, epochs=2, checkpoint_every=2, dropout=0.3, max_length=6, distribute="mirrored", cpu_replicas=2)
     # Built once beforehand: today the decoder's initial weights depend on whether the cache existed (issue 12, hole 3).
     prepare_data(load_config("minimal", overrides))
     killed = _run([["killed", overrides]], tmp_path, env={"CAPTION_TF_CRASH_AFTER_BATCHES": str(CRASH_AFTER)})

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from caption_tf.config import DataConfig
 from caption_tf.data.layouts import flickr8k_present
-from caption_tf.files import file_sha256
+from caption_tf.files import build_lock, file_sha256
 
 FLICKR8K_BASE_URL = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/"
 BASE_URL_ENV = "CAPTION_TF_FLICKR8K_URL"
@@ -186,6 +186,13 @@ def ensure_flickr8k(cfg: DataConfig) -> DataConfig:
     cfg = dataclasses.replace(cfg, data_dir=str(root))
     if flickr8k_present(root):
         return cfg
+    with build_lock(root):  # several workers on one filesystem: one downloads, the others wait
+        if not flickr8k_present(root):
+            _download_flickr8k(root)
+    return cfg
+
+
+def _download_flickr8k(root: Path) -> None:
     base = flickr8k_base_url().rstrip("/") + "/"
     downloads = root / DOWNLOADS_SUBDIR
     for name, sha256 in FLICKR8K_ARCHIVES.items():
@@ -207,4 +214,3 @@ def ensure_flickr8k(cfg: DataConfig) -> DataConfig:
         raise DownloadError(
             f"The archives from {base} did not contain the expected files.\n{FLICKR8K_MANUAL_LAYOUT.format(root=root)}"
         )
-    return cfg

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 from caption_tf.config import DataConfig
 from caption_tf.data.records import CaptionDataset, ImageRecord, SceneObject, assign_splits
-from caption_tf.files import write_json
+from caption_tf.files import build_lock, write_json
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
@@ -184,8 +184,10 @@ def load_shapes(cfg: DataConfig) -> CaptionDataset:
     out_dir = shapes_dir(cfg)
     ann = out_dir / "annotations.json"
     if not ann.exists():
-        print(f"Generating the shapes dataset ({cfg.num_images} scenes) in {out_dir} ...", flush=True)
-        generate_shapes(cfg, out_dir)
+        with build_lock(out_dir):  # several workers on one filesystem: one generates, the others wait
+            if not ann.exists():
+                print(f"Generating the shapes dataset ({cfg.num_images} scenes) in {out_dir} ...", flush=True)
+                generate_shapes(cfg, out_dir)
     with open(ann) as fh:
         entries = json.load(fh)["images"]
     records = [

@@ -26,6 +26,10 @@ manifest's encoder, and the same statistics) and the repair is recorded in
 the manifest; what cannot be repaired stops with a `FeatureCacheError`
 naming the file and the fix.
 
+Extraction and repair run under `files.build_lock`: several processes on one
+filesystem (the workers of a multi-worker job) write an entry once; the others
+wait and reuse it.
+
 Example:
 
 >>> cache = build_feature_cache(dataset, FeatureConfig(backbone="densenet121", weights="none"))
@@ -53,7 +57,7 @@ from caption_tf.config import FeatureConfig
 from caption_tf.data.records import SPLITS, CaptionDataset, ImageRecord
 from caption_tf.features.encoder import EncoderSpec, FeatureNormalizer, ImageEncoder
 from caption_tf.features.tfrecords import ShardWriter, parse_feature_example, serialize_feature_example, write_shard
-from caption_tf.files import file_sha256, write_json
+from caption_tf.files import build_lock, file_sha256, write_json
 
 CACHE_FORMAT_VERSION = 3  # 3: encoder spec (seeded random backbones), file sizes and hashes
 MANIFEST = "manifest.json"
@@ -263,14 +267,26 @@ def build_feature_cache(dataset: CaptionDataset, cfg: FeatureConfig, force: bool
     request = cache_request(dataset, cfg)
     directory = cache_directory(request, cfg)
     cached = None if force else open_cache(directory, request)
-    if cached is not None:
+    if cached is not None and not cached.damaged():  # the common case: nothing to write, no lock
         print(f"Feature cache: reusing {directory}", flush=True)
-        try:
-            return repair_cache(cached, dataset)
-        except FeatureCacheError as err:
-            if encoder is not None or cached.manifest.get("normalizer") != "fitted on the training images":
-                raise
-            print(f"{err}\nFeature cache: extracting the whole entry again", flush=True)
+        return cached
+    # A repair or an extraction. Several workers on one filesystem: the first one writes,
+    # the others wait here and then find the entry whole (checked again under the lock).
+    with build_lock(directory):
+        cached = None if force else open_cache(directory, request)
+        if cached is not None:
+            print(f"Feature cache: reusing {directory}", flush=True)
+            try:
+                return repair_cache(cached, dataset)
+            except FeatureCacheError as err:
+                if encoder is not None or cached.manifest.get("normalizer") != "fitted on the training images":
+                    raise
+                print(f"{err}\nFeature cache: extracting the whole entry again", flush=True)
+        return _extract_cache(dataset, cfg, request, directory, encoder)
+
+
+def _extract_cache(dataset: CaptionDataset, cfg: FeatureConfig, request: dict, directory: Path, encoder: Optional[ImageEncoder]) -> FeatureCache:
+    """Extract every split into `<directory>.tmp` and publish it as `directory` with one rename."""
     spec = EncoderSpec.from_config(cfg)
     if encoder is not None and encoder.spec.identity() != spec.identity():
         raise ValueError(f"build_feature_cache: the encoder given ({encoder.spec.identity()}) is not the configured one ({spec.identity()})")

@@ -38,6 +38,20 @@ def masked_loss(targets, logits):
     return ops.sum(ce * mask) / ops.maximum(ops.sum(mask), 1.0)
 
 
+def replica_token_share(targets, replicas: int):
+    """This replica's share of the real (non-padding) target tokens of the global batch.
+
+    1 on one device. Captions differ in length, so the replicas' halves of a batch
+    hold different numbers of tokens, and the plain 1/replicas weighting would not
+    reproduce the single-device gradient. Call in a replica context (`train_step`).
+    """
+    if replicas == 1:
+        return 1.0
+    local = ops.sum(ops.cast(ops.not_equal(targets, 0), "float32"))
+    total = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, local)
+    return local / ops.maximum(total, 1.0)
+
+
 def masked_accuracy(targets, logits):
     hits = ops.cast(ops.equal(ops.cast(ops.argmax(logits, -1), targets.dtype), targets), "float32")
     mask = ops.cast(ops.not_equal(targets, 0), "float32")
@@ -240,9 +254,13 @@ class CaptionDecoder(keras.Model):
             else:
                 logits = self((grid, inputs), training=True)
                 loss, accuracy = masked_loss(targets, logits), None
-            total = loss + ops.sum(self.losses) if self.losses else loss
-            # Gradients are summed across replicas, so each replica contributes 1/replicas.
-            scaled = self.optimizer.scale_loss(total / replicas)
+            # Gradients are summed across replicas: weighting each replica's token mean by its
+            # share of the global batch's real tokens makes the update the token mean of the
+            # global batch, as on one device. Other losses count once: 1/replicas each.
+            total = loss * replica_token_share(targets, replicas)
+            if self.losses:
+                total += ops.sum(self.losses) / replicas
+            scaled = self.optimizer.scale_loss(total)
         grads = tape.gradient(scaled, self.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
         if accuracy is None:

@@ -211,13 +211,20 @@ class VerifiedCheckpointManager:
         max_to_keep: how many of the newest checkpoints the manager keeps.
         async_save: write in the background (`CheckpointOptions(enable_async=True)`).
         chief: False on a worker that is not the chief of a multi-worker cluster: every
-            worker takes part in a save, the others write to a temporary folder of their
-            own (removed at `close()`), as Keras' callbacks do; they never quarantine.
+            worker takes part in a save (reading a variable is a collective), the others
+            write to a folder of their own (removed at `close()`), as Keras' callbacks do;
+            they read `directory` but never quarantine or rewrite anything in it.
+        write_directory: that folder for a worker that is not the chief (default: a new
+            temporary folder); ignored on the chief, which writes `directory`.
     """
 
-    def __init__(self, checkpoint: tf.train.Checkpoint, directory: str | Path, max_to_keep: int = 3, async_save: bool = True, chief: bool = True):
+    def __init__(self, checkpoint: tf.train.Checkpoint, directory: str | Path, max_to_keep: int = 3, async_save: bool = True, chief: bool = True,
+                 write_directory: Optional[str | Path] = None):
         self.directory, self.chief = Path(directory), chief
-        self.write_directory = self.directory if chief else Path(tempfile.mkdtemp(prefix="caption_tf_worker_ckpt_"))
+        if chief:
+            self.write_directory = self.directory
+        else:
+            self.write_directory = Path(write_directory) if write_directory else Path(tempfile.mkdtemp(prefix="caption_tf_worker_ckpt_"))
         self.write_directory.mkdir(parents=True, exist_ok=True)
         self.checkpoint, self.max_to_keep, self.async_save = checkpoint, max_to_keep, async_save
         self.last_published: Optional[CheckpointInfo] = None
@@ -239,9 +246,19 @@ class VerifiedCheckpointManager:
             self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.directory), self.max_to_keep, checkpoint_name=CHECKPOINT_NAME)
         return info
 
-    def restore(self, info: Optional[CheckpointInfo] = None, check: Optional[Callable[[CheckpointInfo], None]] = None) -> Optional[CheckpointInfo]:
-        """Verify and restore `info` (default: the newest valid one; None if none). `check(info)` may refuse it first."""
-        info = self.latest_valid() if info is None else verify(info.path)
+    def restore(self, info: Optional[CheckpointInfo] = None, check: Optional[Callable[[CheckpointInfo], None]] = None,
+                step: Optional[int] = None) -> Optional[CheckpointInfo]:
+        """Verify and restore `info`, or `directory`'s checkpoint of `step` (default: the newest valid one; None if none).
+
+        `check(info)` may refuse it first.
+
+        Raises:
+            CorruptCheckpointError: `info` or the checkpoint of `step` fails verification.
+        """
+        if step is not None:
+            info = verify(self.directory / f"{CHECKPOINT_NAME}-{step}")
+        else:
+            info = self.latest_valid() if info is None else verify(info.path)
         if info is not None:
             if check is not None:
                 check(info)

@@ -68,7 +68,7 @@ from caption_tf.run_folder import (
 )
 from caption_tf.training import recovery
 from caption_tf.training.pipeline import captions_table
-from caption_tf.training.runtime import is_chief, setup_runtime
+from caption_tf.training.runtime import cluster_workers, is_chief, process_is_chief, setup_runtime
 from caption_tf.training.schedules import BleuFunction, LearningRateLogger
 from caption_tf.training.trainer import train
 
@@ -317,15 +317,23 @@ def train_in_phases(cfg: Config, bleu: Optional[BleuFunction] = None) -> Path:
     """
     requested = config_hash(cfg)
     run_dir = run_folder.run_directory(cfg)
+    two_phases = cfg.features.fine_tune_layers > 0
+    if two_phases and cfg.train.distribute in ("auto", "multiworker") and cluster_workers():
+        raise ValueError(
+            "--fine-tune-layers: two-phase training does not run on several workers yet (TF_CONFIG is set)."
+            " Run it on one machine (without TF_CONFIG; several GPUs there are used), or train the decoder alone"
+            " on the workers with --fine-tune-layers 0"
+        )
     # The weights of a finished run are checked too: damaged ones are written again from its checkpoints.
     weights_ok = not run_folder.weights_problem(run_dir, run_folder.read_run_info(run_dir, missing_ok=True))
-    two_phases = cfg.features.fine_tune_layers > 0
     if phase_complete(run_dir, PHASE_DECODER, requested) and (run_dir / PHASE1_WEIGHTS_FILE).exists() and (weights_ok or two_phases):
         print(f"Phase 1 (decoder) already complete in {run_dir}: skipping it", flush=True)
     else:
-        # A (re)trained decoder invalidates any half-finished phase 2.
-        shutil.rmtree(run_dir / FINE_TUNE_CHECKPOINT_DIR, ignore_errors=True)
         run_dir = train(cfg, bleu)
+        if not process_is_chief():  # multi-worker: the chief publishes the phase
+            return run_dir
+        # A (re)trained decoder invalidates any half-finished phase 2 (phase 2 starts only after this).
+        shutil.rmtree(run_dir / FINE_TUNE_CHECKPOINT_DIR, ignore_errors=True)
         with atomic_path(run_dir / PHASE1_WEIGHTS_FILE) as tmp:
             shutil.copyfile(run_dir / run_folder.WEIGHTS_FILE, tmp)
         mark_phase(run_dir, PHASE_DECODER, requested, feature_cache=run_folder.read_run_info(run_dir)["feature_cache"])

@@ -13,7 +13,8 @@ Keras restores only the epoch, and no callback can skip batches: Keras owns the
 data iterator. So the data order is a function of the position instead: epoch `e`
 is shuffled with seed `seed + e`, and `fit_from_position` feeds `fit` from the
 restored (epoch, batch), one short `fit` for the rest of an interrupted epoch and
-one for the other epochs. docs/recovery.md describes the whole design.
+one for the other epochs. docs/recovery.md describes the whole design, and
+docs/distributed.md what each worker of a multi-worker job reads and writes.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from caption_tf import run_folder
 from caption_tf.config import Config
 from caption_tf.training.checkpoints import CheckpointInfo, CheckpointWriteError, SaveRefusedError, VerifiedCheckpointManager, latest_valid
 from caption_tf.training.health import HealthMonitor, NonFiniteLossGuard
-from caption_tf.training.runtime import is_chief
+from caption_tf.training.runtime import broadcast_from_chief, is_chief, is_multi_worker, worker_loss_reported, worker_write_dir
 from caption_tf.training.supervisor import EXIT_CHECKPOINT_FAILED, EXIT_NON_FINITE, TrainingStopped, is_disk_full
 
 EPOCH_SECONDS_KEY, CHECKPOINT_SECONDS_KEY = "epoch_seconds", "checkpoint_seconds"
@@ -55,9 +56,9 @@ class RunPlan:
     message: str = ""
 
 
-def check_checkpoints(directory: Path, identity: run_folder.RunIdentity, chief: bool = True) -> Optional[CheckpointInfo]:
+def check_checkpoints(directory: Path, identity: run_folder.RunIdentity) -> Optional[CheckpointInfo]:
     """The newest valid checkpoint (damaged ones quarantined and reported), checked against `identity`."""
-    info, moved = latest_valid(directory, quarantine=chief)
+    info, moved = latest_valid(directory)
     for path, reason in moved:
         print(f"Checkpoint quarantined: {path} ({reason})", flush=True)
     if moved:
@@ -67,21 +68,23 @@ def check_checkpoints(directory: Path, identity: run_folder.RunIdentity, chief: 
     return info
 
 
-def plan_run(cfg: Config, run_dir: Path, identity: run_folder.RunIdentity, info: dict, chief: bool = True) -> RunPlan:
+def plan_run(cfg: Config, run_dir: Path, identity: run_folder.RunIdentity, info: dict) -> RunPlan:
     """Decide what training does with `run_dir`, before any of its files is rewritten.
 
     `--resume never` moves a non-empty run aside; a complete run (same settings,
     `--epochs` not larger, weights intact) is not trained again; anything else
-    trains, resuming from the newest valid checkpoint. Only the chief moves anything.
+    trains, resuming from the newest valid checkpoint. Multi-worker: only the chief
+    calls it (it moves and quarantines); the others follow its decision
+    (`runtime.broadcast_from_chief`).
     """
     run_folder.check_run_folder(run_dir)
     plan = RunPlan(run_dir)
     if cfg.checkpoint.resume == "never":
-        if chief and run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and any(run_dir.iterdir()):
             plan.moved_to = run_folder.move_aside(run_dir)
             plan.message = f"--resume never: moved the existing run to {plan.moved_to}; starting fresh in {run_dir}"
         return plan
-    latest = check_checkpoints(run_dir / run_folder.CHECKPOINT_DIR, identity, chief)
+    latest = check_checkpoints(run_dir / run_folder.CHECKPOINT_DIR, identity)
     if info.get("status") != "complete":
         return plan
     if latest is None:  # a completed run without checkpoints: its run.json holds the identity
@@ -178,15 +181,19 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
         callbacks: the other callbacks of `fit`; the stateful ones are carried.
         max_to_keep, async_save, chief: see `VerifiedCheckpointManager`.
         metadata_fn: extra manifest metadata; check: raises to refuse another run's checkpoint.
+        write_dir: where a worker that is not the chief saves (`VerifiedCheckpointManager`'s
+            `write_directory`); it restores the checkpoint the chief chose from `backup_dir`.
 
     Create it inside `strategy.scope()`: it creates variables.
     """
 
     def __init__(self, backup_dir, model: keras.Model, steps_per_epoch: int, save_freq="epoch", callbacks=(), max_to_keep: int = 3,
                  async_save: bool = True, chief: bool = True, metadata_fn: Callable[[], dict] = dict,
-                 check: Optional[Callable[[CheckpointInfo], None]] = None):
+                 check: Optional[Callable[[CheckpointInfo], None]] = None, write_dir=None):
         super().__init__(str(backup_dir), save_freq=save_freq, delete_checkpoint=False)
-        model.optimizer.build(model.trainable_variables)  # slots must exist before a restore
+        if not model.optimizer.built:  # slots must exist before a restore
+            # Once: LossScaleOptimizer.build adds another loss scale and step counter on every call.
+            model.optimizer.build(model.trainable_variables)
         self.steps_per_epoch, self.metadata_fn, self.check, self._model_ref = steps_per_epoch, metadata_fn, check, model
         self.position, self.states = TrainingPosition(), CallbackState(callbacks, model)
         # The TF variables under the Keras ones, by position: Keras 3.15's Variable makes a new CPU copy
@@ -194,7 +201,7 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
         plain = lambda variables: [getattr(v, "value", v) for v in variables]  # noqa: E731
         checkpoint = tf.train.Checkpoint(model=plain(model.variables), optimizer=plain(model.optimizer.variables), position=self.position,
                                          callbacks=[*self.states.values, self.states.flags, *self.states.best_weights])
-        self.store = VerifiedCheckpointManager(checkpoint, backup_dir, max_to_keep, async_save, chief)
+        self.store = VerifiedCheckpointManager(checkpoint, backup_dir, max_to_keep, async_save, chief, write_directory=write_dir)
         self.restored: Optional[CheckpointInfo] = None
         self.failure: Optional[BaseException] = None
         self.blocking_seconds = 0.0  # how long saves held training up
@@ -204,9 +211,19 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
     def restore(self) -> tuple[int, int]:
         """Restore the newest valid checkpoint (once per process); (epoch, batch) where training continues."""
         if not self._restore_done:
-            self.restored, self._restore_done = self.store.restore(check=self.check), True
+            self.restored, self._restore_done = self._restore_agreed(), True
         epoch, batch = self.position["epoch"], self.position["batch"]
         return (epoch + 1, 0) if batch >= self.steps_per_epoch else (epoch, batch)
+
+    def _restore_agreed(self) -> Optional[CheckpointInfo]:
+        strategy = self._model_ref.distribute_strategy
+        if not is_multi_worker(strategy):
+            return self.store.restore(check=self.check)
+        # Multi-worker: every worker must start from the same state. The chief picks the checkpoint
+        # (quarantining damaged ones); the others restore that step from the chief's folder, read-only.
+        chosen = self.store.latest_valid() if self.store.chief else None
+        step = broadcast_from_chief(strategy, chosen.step if chosen else -1)
+        return None if step < 0 else self.store.restore(chosen, check=self.check, step=None if chosen else step)
 
     def restore_best_weights(self) -> None:
         """What EarlyStopping does at the end of `fit`, for a resumed run with nothing left to train."""
@@ -294,25 +311,36 @@ class ResumableTraining:
     Callback order: NaN guard, epoch timer, the caller's callbacks, `ExactBackupAndRestore`
     (it sets their state after their reset, saves the epoch after their updates), the
     health monitor (its final save sees the updated position), test hooks.
+
+    Multi-worker (docs/distributed.md): a worker other than the chief saves under its
+    `runtime.worker_write_dir` and restores the checkpoint the chief chose, from the
+    chief's `checkpoint_dir`; another worker's death stops `fit` like a full disk does
+    (`finish_status` returns it: exit code 5).
     """
 
     def __init__(self, model: keras.Model, run_dir: Path, checkpoint_dir: Path, cfg: Config, identity: run_folder.RunIdentity, steps_per_epoch: int,
                  callbacks: Sequence[keras.callbacks.Callback], strategy: tf.distribute.Strategy, log_dir: Optional[Path] = None):
         self.model, self.identity, self.others, chief = model, identity, list(callbacks), is_chief(strategy)
+        self.strategy = strategy
+        # Multi-worker: only the chief writes the run folder; another worker writes the same files
+        # (checkpoints, alerts) under its own `worker_write_dir`, and restores the chief's checkpoint.
+        self.write_dir = worker_write_dir(run_dir, strategy)
+        own_checkpoint_dir = checkpoint_dir if chief else self.write_dir / Path(checkpoint_dir).relative_to(run_dir)
         # TensorFlow's async checkpoint copies plain variables only: mirrored ones are saved synchronously.
         async_save = cfg.checkpoint.async_checkpoint and strategy.num_replicas_in_sync == 1
         with strategy.scope():  # every variable of the stack: position, callback state, optimizer slots
             self.backup = ExactBackupAndRestore(
                 checkpoint_dir, model, steps_per_epoch, cfg.checkpoint.checkpoint_every or "epoch", self.others, cfg.checkpoint.keep_checkpoints,
                 async_save, chief, lambda: {**identity.metadata(), "steps_per_epoch": steps_per_epoch},
-                check=lambda info: identity.check(info.metadata, f"Checkpoint {info.path}"),
+                check=lambda info: identity.check(info.metadata, f"Checkpoint {info.path}"), write_dir=own_checkpoint_dir,
             )
         store = self.backup.store
         self.guard = NonFiniteLossGuard(store)
-        self.monitor = HealthMonitor(run_dir, log_dir=log_dir if chief else None, final_save=self.backup.save_now,
+        self.monitor = HealthMonitor(self.write_dir, log_dir=log_dir if chief else None, final_save=self.backup.save_now,
                                      checkpoint_bytes=lambda: store.last_published.total_bytes if store.last_published else None)
         self.faults = FaultInjection.from_environment(self.backup.position)
         self.disk_error: Optional[BaseException] = None
+        self.worker_lost: Optional[TrainingStopped] = None
 
     def restore(self) -> tuple[int, int]:
         start = self.backup.restore()
@@ -325,10 +353,15 @@ class ResumableTraining:
         return self.identity.overrides(self.backup.restored.metadata) if self.backup.restored else {}
 
     def fit(self, make_epoch: Callable[[tf.Tensor], tf.data.Dataset], epochs: int, validation_data=None, dataset_options=None) -> dict:
-        """`fit_from_position` with this stack; a full disk anywhere (TensorBoard, CSV, checkpoint) stops cleanly."""
+        """`fit_from_position` with this stack; a full disk anywhere (TensorBoard, CSV, checkpoint) stops cleanly,
+        and so does another worker's death (multi-worker: `runtime.worker_loss_reported`)."""
         callbacks = [self.guard, EpochTimer(self.backup), *self.others, self.backup, self.monitor] + ([self.faults] if self.faults else [])
         try:
-            return fit_from_position(self.model, make_epoch, self.backup, epochs, validation_data, callbacks, dataset_options)
+            with worker_loss_reported(self.strategy):
+                return fit_from_position(self.model, make_epoch, self.backup, epochs, validation_data, callbacks, dataset_options)
+        except TrainingStopped as lost:  # the last checkpoint stays the resume point
+            self.worker_lost = lost
+            return {}
         except Exception as err:
             if not is_disk_full(err):
                 raise
@@ -347,6 +380,8 @@ class ResumableTraining:
             self.backup.failure = self.backup.failure or err
         last = self.backup.store.last_published
         last_text = f"{last.path} (step {last.step})" if last else "none"
+        if self.worker_lost is not None:
+            return self.worker_lost
         failure = self.disk_error or self.backup.failure
         reason = f" ({str(failure).splitlines()[0]})" if failure is not None else ""
         if self.guard.tripped_at is not None:

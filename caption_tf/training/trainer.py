@@ -34,12 +34,17 @@ from caption_tf.training.autoconfig import resolve_auto_settings
 from caption_tf.training.pipeline import caption_batches, captions_table
 from caption_tf.training.runtime import (
     Runtime,
+    broadcast_from_chief,
     dataset_options,
     feature_bytes,
     fits_in_memory,
     is_chief,
+    keras_multi_worker_fixes,
     per_replica_clipnorm,
+    remove_worker_dir,
     setup_runtime,
+    worker_loss_reported,
+    worker_write_dir,
 )
 from caption_tf.training.schedules import BleuFunction, early_stopping, learning_rate_for, schedule_callbacks, validation_bleu_callback
 from caption_tf.training.supervisor import EXIT_CHECKPOINT_FAILED
@@ -115,6 +120,10 @@ def make_split_dataset(
 
 
 def build_model(cfg: Config, data: PreparedData, runtime: Runtime, steps_per_epoch: int):
+    # The same seed, however much randomness preparing the data used (e.g. building a backbone
+    # for a fresh feature cache, which only one worker does): the same command always starts
+    # from the same decoder.
+    keras.utils.set_random_seed(cfg.train.seed)
     with runtime.strategy.scope():
         model = build_decoder(
             cfg.model, data.vocab.size, data.cache.grid_shape, data.vocab.max_length, recompute_grad=cfg.train.recompute_grad
@@ -124,6 +133,8 @@ def build_model(cfg: Config, data: PreparedData, runtime: Runtime, steps_per_epo
         optimizer = keras.optimizers.Adam(learning_rate, clipnorm=per_replica_clipnorm(cfg.train.clipnorm, runtime.replicas))
         # Under mixed_float16, compile wraps the optimizer in a LossScaleOptimizer.
         model.compile(optimizer=optimizer, jit_compile=runtime.jit_compile)
+        model.optimizer.build(model.trainable_variables)  # slots now, in scope (also what a restore needs)
+    keras_multi_worker_fixes(model, runtime.strategy)  # Keras 3 + MultiWorkerMirroredStrategy workaround
     return model
 
 
@@ -151,27 +162,46 @@ def train(requested: Config, bleu: BleuFunction | None = None) -> Path:
     `requested` is left unchanged; training uses its resolved copy (`prepare_data`).
     `bleu` (e.g. `caption_tf.evaluation.metrics.corpus_bleu_scores`) enables the
     per-epoch `val_bleu4` (needed by `--early-stopping-monitor val_bleu4`).
+    In a multi-worker job every worker calls it: only the chief writes the run folder
+    (`runtime.is_chief`), the others train alongside and write only into their
+    `runtime.worker_write_dir`, deleted at the end (docs/distributed.md).
     """
     runtime = setup_runtime(requested.train)
     print(f"Runtime: {runtime.replicas} replica(s), precision {runtime.precision}, XLA {'on' if runtime.jit_compile else 'off'}")
     run_dir = run_folder.run_directory(requested)  # a plain name; the same for the resolved config
     run_folder.check_run_folder(run_dir)  # before any work: a folder that is not a run is never written to
-    with run_folder.locked_run(run_dir, enabled=is_chief(runtime.strategy)):
-        return _train_locked(requested, bleu, runtime, run_dir)
+    with worker_loss_reported(runtime.strategy):  # a worker that dies: one clear error, not a hang
+        with run_folder.locked_run(run_dir, enabled=is_chief(runtime.strategy)):  # the chief holds it for the job
+            return _train_locked(requested, bleu, runtime, run_dir)
 
 
 def _train_locked(requested: Config, bleu: BleuFunction | None, runtime: Runtime, run_dir: Path) -> Path:
     data = prepare_data(requested, runtime.replicas)
     cfg = data.config  # resolved: every value below is final
-    # Resume, refuse (different settings), or report a completed run: before any file is rewritten.
-    identity = run_folder.RunIdentity.of(cfg, data.vocab.fingerprint(), data.cache.fingerprint)
-    previous = run_folder.read_run_info(run_dir, missing_ok=True)
-    plan = recovery.plan_run(cfg, run_dir, identity, previous, chief=is_chief(runtime.strategy))
-    if plan.message:
-        print(plan.message, flush=True)
-    if plan.complete:
+    chief = is_chief(runtime.strategy)
+    identity = run_folder.RunIdentity.of(cfg, data.vocab.fingerprint(), data.cache.fingerprint, runtime.replicas)
+    complete = False
+    if chief:  # only the chief decides about the run folder and writes it; other workers follow
+        # Resume, refuse (different settings), or report a completed run: before any file is rewritten.
+        previous = run_folder.read_run_info(run_dir, missing_ok=True)
+        plan = recovery.plan_run(cfg, run_dir, identity, previous)
+        if plan.message:
+            print(plan.message, flush=True)
+        complete = plan.complete
+        if not complete:
+            kept = {k: previous[k] for k in ("phases", "resume_overrides") if k in previous and plan.moved_to is None}
+            save_run_files(cfg, data, runtime, identity, run_dir, kept)
+    if broadcast_from_chief(runtime.strategy, int(complete)):  # a barrier too: the chief has decided and written
         return run_dir
-    kept = {k: previous[k] for k in ("phases", "resume_overrides") if k in previous and plan.moved_to is None}
+    remove_worker_dir(run_dir, runtime.strategy)  # what a killed run of this worker left
+    try:
+        return _fit_and_publish(cfg, data, runtime, run_dir, identity, bleu)
+    finally:
+        remove_worker_dir(run_dir, runtime.strategy)
+
+
+def save_run_files(cfg: Config, data: PreparedData, runtime: Runtime, identity: run_folder.RunIdentity, run_dir: Path, kept: dict) -> None:
+    """config.yaml, vocab.json, run.json, the feature statistics and skips.json of a run about to train."""
     run_folder.save_run_files(
         run_dir,
         cfg,
@@ -197,22 +227,24 @@ def _train_locked(requested: Config, bleu: BleuFunction | None, runtime: Runtime
     data.dataset.skips.skipped_images.extend(data.cache.skipped())
     data.dataset.skips.save(run_dir / run_folder.SKIPS_FILE)
 
+
+def _fit_and_publish(cfg: Config, data: PreparedData, runtime: Runtime, run_dir: Path, identity: run_folder.RunIdentity, bleu) -> Path:
+    """Build, restore and fit the model; the chief publishes the weights and the final run.json."""
+    chief = is_chief(runtime.strategy)
+    write_dir = worker_write_dir(run_dir, runtime.strategy)  # the chief: run_dir itself
     train_steps = steps_per_epoch(data, "train", cfg, runtime)
     val_ds = make_split_dataset(data, "val", cfg, runtime, training=False) if data.cache.image_ids("val") else None
-    # The same seed, however much randomness preparing the data used (e.g. building a backbone
-    # for a fresh feature cache): the same command always starts from the same decoder.
-    keras.utils.set_random_seed(cfg.train.seed)
     model = build_model(cfg, data, runtime, steps_per_epoch=train_steps)
     print(f"Decoder: {cfg.model.decoder} + {cfg.model.attention}, {model.count_params():,} parameters, vocabulary {data.vocab.size}")
 
     # Verified checkpoints every --checkpoint-every batches and each epoch, exact resume, NaN guard, health monitor.
-    callbacks = schedule_callbacks(cfg.train, validation_bleu(data, cfg, bleu), val_ds is not None) + make_callbacks(cfg, run_dir)
+    callbacks = schedule_callbacks(cfg.train, validation_bleu(data, cfg, bleu), val_ds is not None) + make_callbacks(cfg, write_dir)
     session = recovery.ResumableTraining(
-        model, run_dir, run_dir / run_folder.CHECKPOINT_DIR, cfg, identity, train_steps, callbacks, runtime.strategy, run_dir / run_folder.LOG_DIR
+        model, run_dir, run_dir / run_folder.CHECKPOINT_DIR, cfg, identity, train_steps, callbacks, runtime.strategy, write_dir / run_folder.LOG_DIR
     )
     start = session.restore()
-    apply_resume_overrides(model, cfg, session.overrides(), train_steps, runtime, run_dir, step=session.backup.position["step"])
-    run_folder.trim_history(run_dir / run_folder.HISTORY_FILE, start[0])  # epochs trained again
+    apply_resume_overrides(model, cfg, session.overrides(), train_steps, runtime, run_dir, step=session.backup.position["step"], chief=chief)
+    run_folder.trim_history(write_dir / run_folder.HISTORY_FILE, start[0])  # epochs trained again
     started = time.time()
     train_captions = data.captions("train")
 
@@ -224,19 +256,21 @@ def _train_locked(requested: Config, bleu: BleuFunction | None, runtime: Runtime
     finally:
         stopped = session.finish_status()
     if stopped is not None:
-        if stopped.exit_code == EXIT_CHECKPOINT_FAILED:
-            run_folder.release_disk_reserve(run_dir)  # room for run.json on a full disk
-        with contextlib.suppress(OSError):
-            run_folder.update_run_info(run_dir, status=stopped.status)
+        if chief:
+            if stopped.exit_code == EXIT_CHECKPOINT_FAILED:
+                run_folder.release_disk_reserve(run_dir)  # room for run.json on a full disk
+            with contextlib.suppress(OSError):
+                run_folder.update_run_info(run_dir, status=stopped.status)
         raise stopped
-    with atomic_path(run_dir / run_folder.WEIGHTS_FILE) as tmp:
-        model.save_weights(tmp)
-    run_folder.record_weights(run_dir, status="complete", train_seconds=round(time.time() - started, 1), epochs_run=session.epochs_done)
+    if chief:
+        with atomic_path(run_dir / run_folder.WEIGHTS_FILE) as tmp:
+            model.save_weights(tmp)
+        run_folder.record_weights(run_dir, status="complete", train_seconds=round(time.time() - started, 1), epochs_run=session.epochs_done)
     return run_dir
 
 
-def apply_resume_overrides(model, cfg: Config, changes: dict, train_steps: int, runtime: Runtime, run_dir: Path, step: int) -> None:
-    """A resumed run may change --learning-rate and --clipnorm (the NaN advice); say so and record it in run.json.
+def apply_resume_overrides(model, cfg: Config, changes: dict, train_steps: int, runtime: Runtime, run_dir: Path, step: int, chief: bool = True) -> None:
+    """A resumed run may change --learning-rate and --clipnorm (the NaN advice); say so and record it in run.json (the chief).
 
     The optimizer was built with the new values; only the learning-rate variable came back from the checkpoint.
     """
@@ -245,5 +279,7 @@ def apply_resume_overrides(model, cfg: Config, changes: dict, train_steps: int, 
     print("Resuming with changed settings: " + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changes.items()), flush=True)
     if "learning_rate" in changes and cfg.train.lr_schedule != "warmup_cosine":  # a schedule is not checkpointed
         model.optimizer.learning_rate = learning_rate_for(cfg.train, train_steps, runtime.replicas)
+    if not chief:
+        return
     history = run_folder.read_run_info(run_dir).get("resume_overrides", [])
     run_folder.update_run_info(run_dir, resume_overrides=history + [{"step": step, **changes}])
