@@ -12,7 +12,7 @@ from PIL import Image
 
 from caption_tf.cli import evaluate_main
 from caption_tf.evaluation.report import DECODINGS, ReportOptions, build_report
-from tests.conftest import tiny_overrides
+from conftest import tiny_overrides
 
 VOID_TAGS = {"meta", "img", "br", "hr", "link", "input", "source", "col", "area", "base", "wbr"}
 HEADLINE = {"bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l", "meteor"}
