@@ -33,6 +33,23 @@ CHILD = (
 )
 PROCESS_TIMEOUT_S = 180
 POLL_S = 0.01
+SEED_ENV = "CAPTION_TF_TEST_SEED"  # set it to draw the same kill points (checkpoint step, delay) as a failed run
+
+
+def kill_seed() -> int:
+    """The seed of the kill moments: $CAPTION_TF_TEST_SEED when set, else a fresh one; printed either way."""
+    text = os.environ.get(SEED_ENV, "").strip()
+    seed = int(text) if text else random.SystemRandom().randrange(10**6)
+    print(f"kill moments drawn with seed {seed} (replay: {SEED_ENV}={seed} python -m pytest {__file__})", flush=True)
+    return seed
+
+
+def test_kill_seed_comes_from_the_environment_and_is_printed(monkeypatch, capsys):
+    monkeypatch.setenv(SEED_ENV, "4242")
+    assert kill_seed() == 4242 and f"{SEED_ENV}=4242" in capsys.readouterr().out
+    monkeypatch.delenv(SEED_ENV)
+    drawn = kill_seed()
+    assert f"{SEED_ENV}={drawn}" in capsys.readouterr().out
 
 
 def overrides_for(tmp, runs, **extra):
@@ -97,7 +114,7 @@ def test_sigkill_three_times_then_resume_matches_an_uninterrupted_run_exactly(tm
     bleu = history(ref_dir, "val_bleu4")
     assert len(bleu) == EPOCHS and int(np.argmax(bleu)) < EPOCHS - 1, f"the best epoch must not be the last: {bleu}"
 
-    seed = random.SystemRandom().randrange(10**6)
+    seed = kill_seed()
     rng = random.Random(seed)
     overrides = overrides_for(tmp_path, "killed")
     run_dir = tmp_path / "killed" / ref_dir.name
