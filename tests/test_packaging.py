@@ -35,3 +35,25 @@ def test_plain_pytest_from_another_directory(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "test_text.py::test_cleaning_and_wrapping" in done.stdout  # conftest and caption_tf were imported
+
+
+def test_every_requirement_is_installed_at_an_allowed_version():
+    # A missing requirement fails here, once, instead of silently skipping the tests that need it.
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    problems = []
+    for line in (REPO_ROOT / "requirements.txt").read_text().splitlines():
+        text = line.split("#")[0].strip()
+        if not text:
+            continue
+        requirement = Requirement(text)
+        try:
+            installed = version(requirement.name)
+        except PackageNotFoundError:
+            problems.append(f"{requirement.name}: not installed (pip install -r requirements.txt)")
+            continue
+        if not requirement.specifier.contains(installed, prereleases=True):
+            problems.append(f"{requirement.name}: {installed} installed, requirements.txt asks for {requirement.specifier}")
+    assert not problems, problems
