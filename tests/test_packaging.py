@@ -57,3 +57,12 @@ def test_every_requirement_is_installed_at_an_allowed_version():
         if not requirement.specifier.contains(installed, prereleases=True):
             problems.append(f"{requirement.name}: {installed} installed, requirements.txt asks for {requirement.specifier}")
     assert not problems, problems
+
+
+def test_pyproject_lists_every_package_and_ships_the_presets():
+    import tomllib
+
+    setuptools = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {".".join(p.parent.relative_to(REPO_ROOT).parts) for p in (REPO_ROOT / "caption_tf").rglob("__init__.py")}
+    assert set(setuptools["packages"]) == on_disk | {"caption_tf.configs"}
+    assert setuptools["package-dir"]["caption_tf.configs"] == "configs" and any((REPO_ROOT / "configs").glob("*.yaml"))
