@@ -99,20 +99,6 @@ def how_to_provide(model: str) -> str:
     )
 
 
-def normalize_caption(text: str) -> str:
-    """Clean a generated caption exactly like our references (`caption_tf.data.text.clean_caption`).
-
-    Lowercase, every non-alphanumeric run becomes one space. Content is left alone
-    (BLIP's habit of starting with "arafed" stays).
-
-    Example:
-
-    >>> normalize_caption("  A dog, running on the GRASS.\n")
-    'a dog running on the grass'
-    """
-    return clean_caption(text)
-
-
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in _TRUE_STRINGS
 
@@ -459,7 +445,7 @@ class LLMCaptioner:
                 latencies_ms.extend([per_image_ms] * len(pil_images))
                 for path, text in zip(batch_paths, texts):
                     result.raw_captions[path] = text
-                    result.captions[path] = normalize_caption(text)
+                    result.captions[path] = clean_caption(text)  # as the references; content left alone ("arafed" stays)
         total_s = time.perf_counter() - start
         result.resources = self._resources(
             latencies_ms, total_s, rss, gpu_before if gpu else None,
