@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import keras
 import numpy as np
@@ -10,32 +11,43 @@ import pytest
 from conftest import tiny_overrides
 
 from caption_tf.config import TrainConfig, load_config
-from caption_tf.training.schedules import (
-    WarmupCosine,
-    early_stopping,
-    learning_rate_for,
-    schedule_callbacks,
-)
+from caption_tf.training.schedules import early_stopping, learning_rate_for, schedule_callbacks, warmup_cosine
 
 
-def test_warmup_cosine_shape_and_config_round_trip():
-    schedule = WarmupCosine(peak=1e-3, warmup_steps=10, total_steps=110)
-    rates = np.array([float(schedule(s)) for s in range(111)])
-    assert rates[0] == pytest.approx(1e-4)  # first update already moves: (0+1)/10 of the peak
-    assert np.all(np.diff(rates[:10]) > 0)
-    assert rates[10] == pytest.approx(1e-3)
-    assert rates[60] == pytest.approx(5e-4, rel=1e-4)  # half-way through the cosine
-    assert np.all(np.diff(rates[10:]) <= 1e-12) and rates[110] == pytest.approx(0.0, abs=1e-9)
-    clone = WarmupCosine.from_config(schedule.get_config())
-    assert float(clone(37)) == pytest.approx(float(schedule(37)))
-    with pytest.raises(ValueError):
-        WarmupCosine(1e-3, warmup_steps=1, total_steps=0)
+def hand_written_warmup_cosine(step, peak, warmup_steps, total_steps, floor=0.0):
+    """The schedule this project used before Keras' CosineDecay (kept here to compare against)."""
+    warm = peak * min(step + 1, warmup_steps) / max(warmup_steps, 1)
+    progress = min(max((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)
+    cosine = peak * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return warm if step < warmup_steps else cosine
+
+
+@pytest.mark.parametrize("warmup_steps,total_steps,floor", [(10, 110, 0.0), (0, 50, 0.0), (7, 40, 0.1), (5, 5, 0.0)])
+def test_warmup_cosine_is_keras_cosine_decay_and_matches_the_old_formula(warmup_steps, total_steps, floor):
+    peak = 1e-3
+    schedule = warmup_cosine(peak, warmup_steps, total_steps, floor)
+    assert isinstance(schedule, keras.optimizers.schedules.CosineDecay)
+    steps = range(total_steps + 20)
+    rates = np.array([float(schedule(s)) for s in steps])
+    old = np.array([hand_written_warmup_cosine(s, peak, warmup_steps, total_steps, floor) for s in steps])
+    # The same first rate (peak / warmup: the first update moves), the same peak and cosine after warmup ...
+    np.testing.assert_allclose(rates[0], old[0], rtol=1e-6)
+    np.testing.assert_allclose(rates[warmup_steps:], old[warmup_steps:], rtol=1e-5, atol=1e-6 * peak)  # float32
+    # ... and a linear warmup between: Keras' reaches the peak one step later than the old one did.
+    if warmup_steps > 1:
+        np.testing.assert_allclose(np.diff(rates[: warmup_steps + 1]), (peak - peak / warmup_steps) / warmup_steps, rtol=1e-4)
+    assert rates[-1] == pytest.approx(floor * peak, abs=1e-6 * peak)
+    clone = keras.optimizers.schedules.CosineDecay.from_config(schedule.get_config())
+    assert float(clone(3)) == float(schedule(3))
+    with pytest.raises(ValueError, match="total_steps >= 1"):
+        warmup_cosine(1e-3, warmup_steps=1, total_steps=0)
 
 
 def test_learning_rate_for_each_schedule():
     assert learning_rate_for(TrainConfig(learning_rate=2e-3), steps_per_epoch=7, replicas=2) == pytest.approx(4e-3)
-    schedule = learning_rate_for(TrainConfig(lr_schedule="warmup_cosine", learning_rate=1e-3, epochs=4, warmup_epochs=0.5), 10)
-    assert isinstance(schedule, WarmupCosine) and schedule.total_steps == 40 and schedule.warmup_steps == 5
+    schedule = learning_rate_for(TrainConfig(lr_schedule="warmup_cosine", learning_rate=1e-3, epochs=4, warmup_epochs=0.5), 10, replicas=2)
+    assert isinstance(schedule, keras.optimizers.schedules.CosineDecay) and schedule.warmup_target == pytest.approx(2e-3)
+    assert schedule.warmup_steps == 5 and schedule.decay_steps == 35  # 4 epochs x 10 steps, the first 5 warm up
     plateau = schedule_callbacks(TrainConfig(lr_schedule="plateau"))
     assert any(isinstance(c, keras.callbacks.ReduceLROnPlateau) for c in plateau)
     with pytest.raises(ValueError, match="validation split"):
