@@ -24,7 +24,7 @@ import os
 import time
 
 import numpy as np
-from common import ROOT, report  # noqa: F401  (puts the repository on sys.path)
+from common import ROOT, report
 
 SAMPLE = ROOT.parent / "shared" / "data" / "flickr8k_sample" / "Flickr8k.token.txt"
 

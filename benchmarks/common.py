@@ -19,9 +19,12 @@ import time
 from pathlib import Path
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+
+try:  # the benchmarks use the installed package (pyproject.toml), from any folder
+    import caption_tf  # noqa: F401
+except ImportError:
+    raise SystemExit("The benchmarks import caption_tf: install it once with `pip install -e .` in the repository root.") from None
 
 
 def machine() -> dict:

@@ -25,7 +25,9 @@ import yaml
 
 from caption_tf.files import write_text
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The presets: configs/ beside the package in a checkout (or an editable install), caption_tf/configs in a wheel.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_DIR = _PACKAGE_DIR / "configs" if (_PACKAGE_DIR / "configs").is_dir() else _PACKAGE_DIR.parent / "configs"
 
 
 @dataclass

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from caption_tf.evaluation.captioner import Captioner
-from tests.conftest import REPO_ROOT, tiny_overrides
+from conftest import REPO_ROOT, tiny_overrides
 
 # Enough training (4 epochs at lr 0.01, ~20 s here) for the tiny decoder to name colours and shapes,
 # so that different images get different captions and a wrong encoding shows.

@@ -10,7 +10,7 @@ from PIL import Image
 
 from caption_tf.config import load_config
 from caption_tf.data.datasets import load_dataset
-from tests.conftest import tiny_overrides
+from conftest import tiny_overrides
 
 LONG = "a man in a yellow shirt and a helmet is standing on a rock near the water"  # 17 words
 

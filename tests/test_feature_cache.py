@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -105,14 +106,26 @@ def test_weights_from_a_local_file_round_trip(tmp_path):
         build_backbone("mobilenet_v3_small", str(tmp_path / "missing.weights.h5"), 48)
 
 
-def test_imagenet_offline_fails_with_the_way_out(monkeypatch):
-    # The real download path, pointed at an address that refuses connections.
-    import keras.src.utils.file_utils as file_utils
+def refusing_port() -> int:
+    """A local port nothing listens on: bound, then closed, so a connection to it is refused."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    monkeypatch.setattr(file_utils, "urlretrieve", lambda *a, **k: (_ for _ in ()).throw(OSError("URL fetch failure")))
-    monkeypatch.setenv("KERAS_HOME", "/nonexistent-keras-home")
-    with pytest.raises(BackboneWeightsError, match="--weights none"):
+
+def test_imagenet_offline_fails_with_the_way_out(monkeypatch, tmp_path):
+    # Keras' real download (get_file -> urlretrieve), from a local address that refuses the connection.
+    import keras.src.applications.mobilenet_v3 as mobilenet_v3
+    import keras.src.backend.config as keras_config
+
+    port = refusing_port()
+    monkeypatch.setattr(mobilenet_v3, "BASE_WEIGHT_PATH", f"http://127.0.0.1:{port}/keras-applications/mobilenet_v3/")
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(tmp_path / "keras-home"))  # no cached weights to fall back on
+    with pytest.raises(BackboneWeightsError, match="--weights none") as info:
         build_backbone("mobilenet_v3_small", "imagenet", 48)
+    message = str(info.value)
+    assert f"URL fetch failure on http://127.0.0.1:{port}/" in message and "Connection refused" in message
+    assert "--weights /path/to/backbone.weights.h5" in message
 
 
 def test_user_images_of_any_mode_are_encoded(dataset, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,12 +75,30 @@ def test_phase2_changes_only_the_last_layers_and_writes_the_run(fine_tuned):
     assert (run_dir / PHASE1_WEIGHTS_FILE).exists() and (run_dir / "history_fine_tune.csv").exists()
 
 
-def test_evaluation_uses_the_fine_tuned_run(fine_tuned):
-    from caption_tf.evaluation.captioning import evaluate_run
+def test_evaluation_captions_the_fine_tuned_backbones_features(fine_tuned):
+    from caption_tf.data.datasets import load_dataset
+    from caption_tf.evaluation.captioner import Captioner
+    from caption_tf.evaluation.captioning import evaluate_run, open_run_cache
+    from caption_tf.features.cache import MANIFEST, FeatureCache
 
     _, run_dir, _ = fine_tuned
     metrics = evaluate_run(run_dir)
-    assert metrics["images"] > 0 and 0.0 <= metrics["greedy"]["bleu4"] <= 1.0
+    captioner = Captioner.from_run(run_dir)
+    cache = open_run_cache(captioner.run)
+    ids = cache.image_ids("test")
+    records = load_dataset(captioner.run.config.data).by_id()
+    paths = [records[i].path for i in ids]
+    # The test images as files, through the fine-tuned backbone: the features evaluate_run read ...
+    grids, ok = captioner.encoder.encode(paths)
+    assert ok.all() and metrics["images"] == len(ids) > 0
+    np.testing.assert_allclose(cache.load_split("test")["grid"].astype(np.float32), grids.astype(np.float32), atol=2e-2, rtol=1e-2)
+    # ... which are not phase 1's ...
+    phase1_dir = Path(json.loads((run_dir / "run.json").read_text())["phases"]["decoder"]["feature_cache"])
+    phase1 = FeatureCache(phase1_dir, json.loads((phase1_dir / MANIFEST).read_text())).load_split("test")["grid"]
+    assert np.abs(phase1.astype(np.float32) - grids.astype(np.float32)).max() > 0.1
+    # ... and the captions it scored are the fine-tuned model's captions of those files.
+    captions = {r.path: r.greedy for r in captioner.caption(paths)}
+    assert [e["caption"] for e in metrics["examples"]] == [captions[records[e["image_id"]].path] for e in metrics["examples"]]
 
 
 def test_rerun_after_a_phase2_crash_resumes_phase2_only(fine_tuned, monkeypatch, capsys):

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from pathlib import Path
+
 from conftest import read_scalars
 
 from caption_tf.training.health import (
@@ -41,8 +43,6 @@ def data(inf_batch=None, batch=8):
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
 
 
-
-
 def test_system_health_reads_real_values(tmp_path):
     sample = system_health(tmp_path)
     assert 0 < sample["ram_percent"] <= 100
@@ -71,10 +71,7 @@ def test_monitor_logs_ram_and_disk_to_tensorboard_and_alerts(tmp_path, caplog):
     assert all(0 < v <= 100 for v in scalars["health/ram_percent"])
     assert all(v > 0 for v in scalars["health/disk_free_gb"])
     assert all(v > 0 for v in scalars["health/process_rss_gb"])
-    if not probe.available:  # this machine: no NVIDIA driver, no GPU scalars
-        assert not any(tag.startswith("health/gpu") for tag in scalars)
-    else:
-        assert "health/gpu0_memory_percent" in scalars
+    assert any(tag.startswith("health/gpu") for tag in scalars) == probe.available  # GPU scalars: test_gpu_readings_*
 
     alerts = read_alerts(tmp_path)
     assert sorted(a["kind"] for a in alerts) == ["disk_free_gb", "ram_percent"]
@@ -82,6 +79,55 @@ def test_monitor_logs_ram_and_disk_to_tensorboard_and_alerts(tmp_path, caplog):
     assert ram["threshold"] == 0.0 and 0 < ram["value"] <= 100
     assert any("HEALTH ALERT" in r.getMessage() for r in caplog.records)
     assert not monitor.stopped_for_disk
+
+
+def test_gpu_probe_reads_every_gpu_or_says_why_there_is_none():
+    import pynvml  # nvidia-ml-py is a pinned requirement: its absence fails here
+
+    probe = GpuProbe()
+    if Path("/proc/driver/nvidia/version").exists():  # an NVIDIA driver is loaded: NVML must work
+        assert probe.available, probe.reason
+        readings = probe.read()
+        assert [r["index"] for r in readings] == list(range(pynvml.nvmlDeviceGetCount()))
+        for reading in readings:
+            assert 0 <= reading["util_percent"] <= 100 and 0 < reading["memory_percent"] <= 100
+            assert reading["memory_used_gb"] > 0 and 0 < reading["temp_c"] < 120
+    else:  # no driver: the one acceptable reason, not any NVML error swallowed
+        assert not probe.available and probe.read() == []
+        assert probe.reason.startswith(("NVMLError_LibraryNotFound", "NVMLError_DriverNotLoaded")), probe.reason
+
+
+class FixedGpuProbe(GpuProbe):
+    """A probe that returns the given readings, one list per sample, instead of asking NVML."""
+
+    def __init__(self, samples):
+        self.available, self.reason, self._samples = True, "", iter(samples)
+
+    def read(self):
+        return next(self._samples)
+
+
+def gpu(index, memory_percent, temp_c, util_percent=50.0):
+    return {"index": index, "util_percent": util_percent, "memory_percent": memory_percent, "memory_used_gb": memory_percent / 10, "temp_c": temp_c}
+
+
+def test_gpu_readings_go_to_tensorboard_and_alert_once_per_crossing(tmp_path):
+    memory = [50.0, 96.0, 99.0, 60.0, 97.0]  # crosses 95% at samples 2 and 5 (back below at 4)
+    temps = [70.0, 70.0, 86.0, 86.0, 84.0]  # crosses 85 C at sample 3, once
+    samples = [[gpu(0, m, t), gpu(1, 10.0, 40.0)] for m, t in zip(memory, temps)]
+    monitor = HealthMonitor(tmp_path, log_dir=tmp_path / "logs", gpu_probe=FixedGpuProbe(samples), every_n_batches=0, every_seconds=0,
+                            ram_percent_max=100.0, min_free_disk_gb=0.0, gpu_memory_percent_max=95.0, gpu_temp_c_max=85.0)
+    monitor.on_train_begin()  # sample 1
+    for _ in range(len(samples) - 1):
+        monitor.sample()
+    monitor.on_train_end()
+
+    scalars = read_scalars(tmp_path / "logs")
+    assert scalars["health/gpu0_memory_percent"] == memory and scalars["health/gpu0_temp_c"] == temps
+    assert scalars["health/gpu1_memory_percent"] == [10.0] * 5 and scalars["health/gpu0_util_percent"] == [50.0] * 5
+    alerts = [(a["kind"], a["value"], a["threshold"]) for a in read_alerts(tmp_path)]
+    assert alerts == [("gpu0_memory_percent", 96.0, 95.0), ("gpu0_temp_c", 86.0, 85.0), ("gpu0_memory_percent", 97.0, 95.0)]
+    assert format_sample(monitor.last_sample).endswith("GPU0 50% util, mem 97%, 84C | GPU1 50% util, mem 10%, 40C")
 
 
 def all_finite(variables):

@@ -363,3 +363,57 @@ def _bit_flip_step(ckpts, step):
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     data.write_bytes(bytes(raw))
+
+
+class SaveNowEveryBatch(keras.callbacks.Callback):
+    """Asks for a save after every batch, as the health monitor's final save may right after a scheduled one."""
+
+    def __init__(self, backup):
+        super().__init__()
+        self.backup = backup
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.backup.save_now()
+
+
+def recorded_saves(backup, delay_s=0.0):
+    """The steps `backup` saves, in order; each real save is held up `delay_s` first (a slow disk)."""
+    steps, save = [], backup.store.save
+
+    def recording(step, metadata=None):
+        steps.append(step)
+        time.sleep(delay_s)
+        return save(step, metadata)
+
+    backup.store.save = recording
+    return steps
+
+
+def test_each_step_is_saved_once_when_the_interval_divides_the_epoch(tmp_path):
+    model = compiled_model()
+    backup = ExactBackupAndRestore(tmp_path / "every2", model, steps_per_epoch=8, save_freq=2, async_save=False)
+    saves = recorded_saves(backup)
+    model.fit(_regression_data(), epochs=2, callbacks=[backup], verbose=0)
+    assert saves == [2, 4, 6, 8, 10, 12, 14, 16]  # steps 8 and 16 once, at their epoch's end (after validation)
+
+    model = compiled_model()
+    backup = ExactBackupAndRestore(tmp_path / "asked", model, steps_per_epoch=8, save_freq=2, async_save=False)
+    saves = recorded_saves(backup)
+    model.fit(_regression_data(), epochs=2, callbacks=[backup, SaveNowEveryBatch(backup)], verbose=0)
+    assert saves == list(range(1, 17))
+
+
+def test_epoch_rows_and_the_run_total_count_every_save_and_the_final_wait(tmp_path):
+    from caption_tf.training.recovery import CHECKPOINT_SECONDS_KEY, EPOCH_SECONDS_KEY, EpochTimer
+
+    delay = 0.2
+    model = compiled_model()
+    backup = ExactBackupAndRestore(tmp_path / "ckpts", model, steps_per_epoch=8, save_freq="epoch", async_save=True)
+    saves = recorded_saves(backup, delay_s=delay)
+    history = model.fit(_regression_data(), epochs=3, callbacks=[EpochTimer(backup), backup], verbose=0).history
+    assert saves == [8, 16, 24]  # epoch ends only
+    rows = history[CHECKPOINT_SECONDS_KEY]
+    # Each epoch-end save is written after the epoch's row: the next row counts it; the last is in the total only.
+    assert rows[0] < delay <= rows[1] and delay <= rows[2]
+    assert all(e >= c for e, c in zip(history[EPOCH_SECONDS_KEY], rows))
+    assert backup.blocking_seconds >= sum(rows) + delay  # the total has the last save and the wait for its write

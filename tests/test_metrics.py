@@ -1,5 +1,7 @@
 """Caption metrics on hand-made examples with known answers."""
 
+import sys
+
 import pytest
 
 from caption_tf.evaluation.metrics import BLEU_WEIGHTS, corpus_bleu_scores
@@ -167,11 +169,20 @@ def test_semantic_similarity_identical_similar_unrelated_and_oov(tmp_path):
     assert sim["oov"]["oov_hypothesis"] == 1 and sim["oov"]["top"] == [("zzz", 1)]
     assert sim["oov"]["hypothesis_tokens"] == 10 and sim["oov"]["oov_reference"] == 0
     assert sim["cosine_max"] == pytest.approx(np.mean([p["cosine_max"] for p in per.values()]))
-    if sim["wmd"]["available"]:
-        assert per["same"]["wmd_min"] == pytest.approx(0.0, abs=1e-6)
-        assert 0.0 < per["similar"]["wmd_min"] < per["unrelated"]["wmd_min"]
-    else:
-        assert "POT" in sim["wmd"]["reason"] and not wmd_status()["available"]
+    # POT is a pinned requirement (requirements.txt): WMD must run.
+    assert sim["wmd"]["available"], sim["wmd"].get("reason")
+    assert per["same"]["wmd_min"] == pytest.approx(0.0, abs=1e-6)
+    assert 0.0 < per["similar"]["wmd_min"] < per["unrelated"]["wmd_min"]
+
+
+def test_wmd_without_pot_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ot", None)  # `import ot` raises ImportError, as on a machine without POT
+    status = wmd_status()
+    assert status["available"] is False and "pip install POT" in status["reason"]
+    kv, source = word_vectors_for(str(_write_glove(tmp_path / "glove.txt")), training_captions=[])
+    sim = semantic_similarity({"a": ["a red circle"]}, {"a": "a red circle"}, kv, source, wmd=True)
+    assert sim["wmd"]["available"] is False and "POT" in sim["wmd"]["reason"]
+    assert sim["per_image"]["a"]["cosine_max"] == pytest.approx(1.0)  # the rest is still scored
 
 
 def test_semantic_similarity_with_word2vec_trained_on_captions():

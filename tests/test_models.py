@@ -48,8 +48,9 @@ def test_decoder_learns_a_feature_dependent_task(decoder, attention):
     model.compile(optimizer=keras.optimizers.Adam(0.01))
     history = model.fit((x, y[:, :-1]), y[:, 1:], batch_size=16, epochs=15, verbose=0)
     assert history.history["loss"][-1] < 0.1 * history.history["loss"][0]
-    tokens_out, attention_maps = CaptionGenerator(model, start_id=2, end_id=3, max_length=4).greedy(grids)
-    assert tokens_out.numpy().tolist() == [[4, 5, 3], [4, 6, 3]]
+    # Decoded past its captions' length: <end> at step 3, padding after it.
+    tokens_out, attention_maps = CaptionGenerator(model, start_id=2, end_id=3, max_length=6).greedy(grids)
+    assert tokens_out.numpy().tolist() == [[4, 5, 3, 0, 0], [4, 6, 3, 0, 0]]
     np.testing.assert_allclose(attention_maps.numpy().sum(-1), 1.0, atol=1e-5)
 
 
@@ -71,13 +72,25 @@ def test_saved_and_reloaded_model_gives_the_same_captions(tmp_path):
     np.testing.assert_array_equal(CaptionGenerator(loaded, 2, 3, 6).greedy(grid)[0], before[0])
 
 
-def test_greedy_pads_after_the_end_token():
-    model = build_decoder(ModelConfig(embedding_dim=4, units=8), vocab_size=6, grid_shape=(4, 3), max_length=8)
-    tokens, _ = CaptionGenerator(model, 2, 3, 8).greedy(np.ones((5, 4, 3), "float32"))
-    for row in tokens.numpy():
-        ends = np.flatnonzero(row == 3)
-        if ends.size:
-            assert (row[ends[0] + 1 :] == 0).all()
+def forced_decoder(token: int, vocab_size: int = 6):
+    """A decoder whose every step predicts `token`: zero output kernel, a large bias on that token."""
+    model = build_decoder(ModelConfig(embedding_dim=4, units=8), vocab_size=vocab_size, grid_shape=(4, 3), max_length=8)
+    kernel, bias = model.to_logits.get_weights()
+    bias[:] = 0.0
+    bias[token] = 10.0
+    model.to_logits.set_weights([np.zeros_like(kernel), bias])
+    return model
+
+
+def test_greedy_and_beam_pad_after_the_end_token():
+    grid = np.random.default_rng(0).normal(size=(5, 4, 3)).astype("float32")
+    generator = CaptionGenerator(forced_decoder(token=3), start_id=2, end_id=3, max_length=8)
+    ended = [3, 0, 0, 0, 0, 0, 0]  # <end> first, then only padding
+    assert generator.greedy(grid)[0].numpy().tolist() == [ended] * 5
+    assert generator.beam(grid, beam_size=2)[0].numpy().tolist() == [ended] * 5
+    # Without <end> no step is padded: the padding above comes from <end>, not from the loop's length.
+    never_ends = CaptionGenerator(forced_decoder(token=4), start_id=2, end_id=3, max_length=8).greedy(grid)[0]
+    assert never_ends.numpy().tolist() == [[4] * 7] * 5
 
 
 def test_train_on_batch_and_sample_weights_are_accepted():

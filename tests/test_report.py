@@ -12,7 +12,7 @@ from PIL import Image
 
 from caption_tf.cli import evaluate_main
 from caption_tf.evaluation.report import DECODINGS, ReportOptions, build_report
-from tests.conftest import tiny_overrides
+from conftest import tiny_overrides
 
 VOID_TAGS = {"meta", "img", "br", "hr", "link", "input", "source", "col", "area", "base", "wbr"}
 HEADLINE = {"bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l", "meteor"}
@@ -98,19 +98,53 @@ def test_metrics_json_has_every_section_for_both_decodings(report, two_runs):
             assert set(entry["headline"]) == HEADLINE
             assert entry["headline"]["meteor"] is None  # turned off: unavailable with its reason
             assert entry["scores"]["meteor"]["reason"]
-            assert 0.0 <= entry["headline"]["bleu4"] <= 1.0
+            assert entry["headline"]["bleu4"] == entry["scores"]["bleu4"]  # the model's numbers: test_a_trained_model_*
             assert set(entry["captions"]) == set(entry["per_image"])
             assert entry["semantic"]["vectors"].startswith("word2vec trained on")
             assert {"score_distribution", "best_and_worst", "words", "lengths", "objects"} <= set(entry["errors"])
             loc = entry["localisation"]
-            for values in loc["by_type"].values():
-                assert 0.0 <= values["mass_in_box"] <= 1.0 and 0.0 < values["uniform_baseline"] < 1.0
+            assert sum(values["count"] for values in loc["by_type"].values()) == loc["words_scored"]
         assert set(run["retrieval"]["image_to_text"]) == {"R@1", "R@5", "R@10"}
         usage = run["resources"]
         assert usage["decoder_parameters"] > 0 and usage["backbone_parameters"] > 0 and usage["peak_rss_mb"] > 0
         assert set(usage["throughput"]) == {"1", "2"}
     # The LLM model does not exist offline: the column says why, the rest of the report is there.
     assert saved["llm"]["available"] is False and "no-such-captioner" in saved["llm"]["reason"]
+
+
+@pytest.fixture(scope="module")
+def trained_report(tmp_path_factory):
+    """A run trained long enough to name colours and look at them (DenseNet121 4x4 grid, 200 scenes, 10 epochs), and its report."""
+    from caption_tf.config import load_config
+    from caption_tf.training.trainer import train
+
+    tmp = tmp_path_factory.mktemp("trained_report")
+    cfg = load_config("minimal", tiny_overrides(tmp, num_images=200, scene_size=96, backbone="densenet121", input_size=128, units=64,
+                                                epochs=10, learning_rate=0.01, run_name="trained"))
+    run_dir = train(cfg)
+    options = ReportOptions(out_dir=str(tmp / "report"), meteor=False, beam_size=2, resources=False, embeddings=False, retrieval=False)
+    build_report([str(run_dir)], options)
+    return run_dir, json.loads((tmp / "report" / "metrics.json").read_text())["runs"]["trained"]
+
+
+def test_a_trained_model_beats_the_blind_baseline_and_looks_at_what_it_names(trained_report):
+    from caption_tf.data.datasets import load_dataset
+    from caption_tf.evaluation.captioning import blind_caption
+    from caption_tf.evaluation.metrics import caption_metrics
+    from caption_tf.run_folder import load_run
+
+    run_dir, run = trained_report
+    dataset = load_dataset(load_run(run_dir, with_model=False).config.data)
+    records = dataset.by_id()
+    ids = list(run["greedy"]["captions"])
+    # The blind baseline: the most frequent training caption for every test image, scored like the model.
+    blind = caption_metrics({i: records[i].captions for i in ids}, {i: blind_caption(dataset) for i in ids}, meteor=False)
+    for decoding in DECODINGS:
+        model = run[decoding]["headline"]
+        assert model["bleu4"] > blind["bleu4"] and model["cider"] > blind["cider"], (decoding, model, blind["bleu4"], blind["cider"])
+        # Attention on the object a colour word names: well above the box area a uniform map puts there.
+        colour = run[decoding]["localisation"]["by_type"]["colour"]
+        assert colour["count"] >= 20 and colour["mass_in_box"] > 1.3 * colour["uniform_baseline"], colour
 
 
 def test_every_stage_is_timed_and_retrieval_names_its_protocol(report, two_runs):

@@ -190,6 +190,13 @@ def test_supervised_child_command_runs_the_training_cli():
     assert result.returncode == 0 and "--max-restarts" in result.stdout and "--checkpoint-every" in result.stdout
 
 
+def test_run_json_records_how_long_checkpoints_held_training_up(shared):
+    _, run_dir = shared
+    info = json.loads((run_dir / "run.json").read_text())
+    assert 0 < info["checkpoint_seconds"] < info["train_seconds"]
+    assert len(checkpoint_steps(run_dir)) == 3  # steps 3, 6, 9 and the epoch end (10), 3 kept
+
+
 def test_health_monitor_records_ram_and_disk_of_a_real_run(shared):
     _, finished = shared
     scalars = read_scalars(finished / "logs")

@@ -18,6 +18,7 @@ import collections
 import hashlib
 import json
 import re
+import unicodedata
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -28,12 +29,24 @@ from caption_tf.files import write_json
 
 START, END = "<start>", "<end>"
 PAD, UNK = "", "[UNK]"  # TextVectorization's reserved tokens at index 0 and 1
-_NON_WORD = re.compile(r"[^a-z0-9]+")
+_NON_WORD = re.compile(r"[\W_]+")  # a run of anything but letters and digits, in any script
 
 
 def clean_caption(text: str) -> str:
-    """Lowercase, drop punctuation and extra spaces: 'A dog, running!' -> 'a dog running'."""
-    return _NON_WORD.sub(" ", text.lower()).strip()
+    """The caption normaliser: vocabulary, metrics and the LLM column all see captions through it.
+
+    Unicode NFKC (so "café" is one word however it was typed), lowercase, and every
+    run of characters that are not letters or digits (punctuation, "_", spaces)
+    becomes one space.
+
+    Example:
+
+    >>> clean_caption("  A Dog, running!  ")
+    'a dog running'
+    >>> clean_caption("Un CAFÉ near_the T-shirt.")
+    'un café near the t shirt'
+    """
+    return _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
 
 
 def wrap_caption(text: str, max_length: int) -> str:

@@ -33,16 +33,17 @@ Example:
 from __future__ import annotations
 
 import os
-import statistics
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 from caption_tf.data.images import BadImageError, open_rgb
 from caption_tf.data.text import clean_caption
+from caption_tf.evaluation.resources import PeakRSS
 
 DEFAULT_LLM = "Salesforce/blip-image-captioning-base"
 
@@ -54,8 +55,6 @@ DEFAULT_BATCH_SIZE = 16
 # A hub that does not answer within this time counts as unreachable: better a quick
 # "unavailable" than transformers' own retries (about 25 s here without network).
 NETWORK_PROBE_TIMEOUT_S = 3.0
-# How often the CPU memory sampler reads the process RSS while captioning.
-RSS_SAMPLE_INTERVAL_S = 0.01
 BYTES_PER_MB = 1024.0 * 1024.0
 LATENCY_PERCENTILE = 95
 
@@ -97,20 +96,6 @@ def how_to_provide(model: str) -> str:
         f"`.from_pretrained({model!r}).save_pretrained('/path/to/folder')` "
         f"and pass `--llm /path/to/folder`."
     )
-
-
-def normalize_caption(text: str) -> str:
-    """Clean a generated caption exactly like our references (`caption_tf.data.text.clean_caption`).
-
-    Lowercase, every non-alphanumeric run becomes one space. Content is left alone
-    (BLIP's habit of starting with "arafed" stays).
-
-    Example:
-
-    >>> normalize_caption("  A dog, running on the GRASS.\n")
-    'a dog running on the grass'
-    """
-    return clean_caption(text)
 
 
 def _env_flag(name: str) -> bool:
@@ -243,46 +228,6 @@ def _torch_dtype(name: str) -> Any:
     return dtypes[name]
 
 
-class _PeakRSS:
-    """Samples this process's resident memory in a thread; `.peak` is the highest seen.
-
-    psutil has no portable "peak RSS since X", so a short-interval sampler is the
-    honest measurement (it can miss spikes shorter than RSS_SAMPLE_INTERVAL_S).
-
-    Example:
-
-    >>> with _PeakRSS() as rss:
-    ...     big = bytearray(10**8)
-    >>> rss.peak >= rss.start
-    True
-    """
-
-    def __init__(self, interval_s: float = RSS_SAMPLE_INTERVAL_S):
-        import psutil
-
-        self._process = psutil.Process()
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.start = self.peak = self._process.memory_info().rss
-
-    def _sample(self) -> None:
-        self.peak = max(self.peak, self._process.memory_info().rss)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            self._sample()
-
-    def __enter__(self) -> "_PeakRSS":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-
 @dataclass
 class LLMSettings:
     """Decoding settings shared with our own decoders, plus the LLM's batch size.
@@ -363,7 +308,7 @@ class LLMCaptioner:
         self.device = device
         self.dtype = dtype
         self.load_info = load_info
-        self.num_parameters = sum(p.numel() for p in model.parameters())
+        self.num_parameters = model.num_parameters()
 
     @classmethod
     def load(cls, model: str = DEFAULT_LLM, device: str = "auto", dtype: str = "float32",
@@ -448,7 +393,7 @@ class LLMCaptioner:
         gpu = self.device.startswith("cuda")
         gpu_before = self._reset_gpu_peak() if gpu else 0
         start = time.perf_counter()
-        with _PeakRSS() as rss:
+        with PeakRSS() as rss:
             for first in range(0, len(paths), batch_size):
                 batch_start = time.perf_counter()
                 batch_paths, pil_images = self._read_batch(paths[first:first + batch_size], result.skipped)
@@ -459,7 +404,7 @@ class LLMCaptioner:
                 latencies_ms.extend([per_image_ms] * len(pil_images))
                 for path, text in zip(batch_paths, texts):
                     result.raw_captions[path] = text
-                    result.captions[path] = normalize_caption(text)
+                    result.captions[path] = clean_caption(text)  # as the references; content left alone ("arafed" stays)
         total_s = time.perf_counter() - start
         result.resources = self._resources(
             latencies_ms, total_s, rss, gpu_before if gpu else None,
@@ -489,7 +434,7 @@ class LLMCaptioner:
         torch.cuda.reset_peak_memory_stats(self.device)
         return torch.cuda.memory_allocated(self.device)
 
-    def _resources(self, latencies_ms: list[float], total_s: float, rss: _PeakRSS,
+    def _resources(self, latencies_ms: list[float], total_s: float, rss: PeakRSS,
                    gpu_before: Optional[int], settings: dict[str, Any]) -> dict[str, Any]:
         import torch
 
@@ -503,9 +448,9 @@ class LLMCaptioner:
             "images": images,
             **settings,
             "total_seconds": round(total_s, 3),
-            "latency_ms_mean": round(statistics.fmean(latencies_ms), 2) if images else None,
-            "latency_ms_p50": round(statistics.median(latencies_ms), 2) if images else None,
-            "latency_ms_p95": round(_percentile(latencies_ms, LATENCY_PERCENTILE), 2) if images else None,
+            "latency_ms_mean": round(float(np.mean(latencies_ms)), 2) if images else None,
+            "latency_ms_p50": round(float(np.percentile(latencies_ms, 50)), 2) if images else None,
+            "latency_ms_p95": round(float(np.percentile(latencies_ms, LATENCY_PERCENTILE)), 2) if images else None,
             "throughput_images_per_s": round(images / total_s, 3) if images and total_s > 0 else None,
             "cpu_threads": torch.get_num_threads(),
             **self.load_info,
@@ -549,14 +494,6 @@ def _current_rss() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def _out_of_memory_errors() -> tuple[type[BaseException], ...]:

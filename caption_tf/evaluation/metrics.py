@@ -35,6 +35,8 @@ from typing import Optional
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
 from tqdm.auto import tqdm
 
+from caption_tf.data.text import clean_caption
+
 BLEU_SMOOTHING = "nltk SmoothingFunction().method1 (epsilon=0.1 for zero n-gram counts)"
 BLEU_WEIGHTS = {
     "bleu1": (1.0,),
@@ -49,30 +51,18 @@ SPICE_UNAVAILABLE_REASON = (
     "SPICE is not computed: pycocoevalcap's Spice downloads Stanford CoreNLP models on first use, "
     "which needs internet access; this project evaluates offline"
 )
-_PUNCTUATION = re.compile(r"[^\w\s]")
 _METEOR_FORBIDDEN = re.compile(r"[|\n\r]")  # the METEOR jar's line protocol uses '|||' and newlines
 
 
-def normalise_caption(caption: str) -> str:
-    """Lowercase, replace punctuation with spaces, collapse whitespace.
-
-    Example:
-
-    >>> normalise_caption("A red circle , above  a Square.")
-    'a red circle above a square'
-    """
-    return " ".join(_PUNCTUATION.sub(" ", caption.lower()).split())
-
-
 def tokenize(caption: str) -> list[str]:
-    """Tokens of a normalised caption.
+    """The words of a caption as the model's vocabulary sees them (`data.text.clean_caption`).
 
     Example:
 
-    >>> tokenize("A red circle.")
-    ['a', 'red', 'circle']
+    >>> tokenize("A red circle , above  a Square.")
+    ['a', 'red', 'circle', 'above', 'a', 'square']
     """
-    return normalise_caption(caption).split()
+    return clean_caption(caption).split()
 
 
 def _bleu_from_tokens(refs: list[list[list[str]]], hyps: list[list[str]]) -> dict[str, float]:
@@ -89,7 +79,7 @@ def corpus_bleu_scores(references: list[list[str]], hypotheses: list[str]) -> di
     """Corpus BLEU-1..4 with cumulative weights and smoothing `BLEU_SMOOTHING`.
 
     `references[i]` holds all reference captions of image i, `hypotheses[i]`
-    its generated caption; both go through `normalise_caption`. Empty
+    its generated caption; both go through `tokenize`. Empty
     hypotheses count as zero-length candidates (they add to the brevity
     penalty) and do not crash.
 
@@ -145,7 +135,7 @@ def tokenize_captions(captions: dict[str, list[str]], tokenizer: str = "ptb") ->
     "ptb" runs pycocoevalcap's Stanford PTBTokenizer (Java, offline; COCO's
     standard: keeps "t-shirt" and splits "pool's" into "pool 's", then drops
     punctuation tokens). Without Java, or if it fails, it falls back to
-    "simple" (`normalise_caption`) and says why in the returned name.
+    "simple" (`data.text.clean_caption`) and says why in the returned name.
 
     Example:
 
@@ -163,8 +153,8 @@ def tokenize_captions(captions: dict[str, list[str]], tokenizer: str = "ptb") ->
                 return {k: tokenised.get(k, []) for k in captions}, "ptb"
             except Exception as err:  # noqa: BLE001 - any failure means: use the documented fallback
                 reason = f"PTBTokenizer failed: {err}"
-        return {k: [normalise_caption(c) for c in v] for k, v in captions.items()}, f"simple (ptb unavailable: {reason})"
-    return {k: [normalise_caption(c) for c in v] for k, v in captions.items()}, "simple"
+        return {k: [clean_caption(c) for c in v] for k, v in captions.items()}, f"simple (ptb unavailable: {reason})"
+    return {k: [clean_caption(c) for c in v] for k, v in captions.items()}, "simple"
 
 
 _meteor_lock = threading.Lock()

@@ -31,18 +31,21 @@ BYTES_PER_MB = 1024.0 * 1024.0
 
 
 class PeakRSS:
-    """Context manager sampling this process's resident memory; `.peak_mb` after exit.
+    """Context manager sampling this process's resident memory in a thread: `.start` and `.peak` (bytes), `.peak_mb`.
+
+    psutil has no portable "peak RSS since X", so a short-interval sampler is the
+    honest measurement; it can miss spikes shorter than `interval_s`.
 
     Example:
 
     >>> with PeakRSS() as rss:
-    ...     _ = np.ones(10_000_000)
-    >>> rss.peak_mb > 0
+    ...     block = np.ones(50_000_000, np.uint8)  # 50 MB, touched
+    >>> rss.peak - rss.start >= 40 * 2**20
     True
     """
 
     def __init__(self, interval_s: float = RSS_SAMPLE_INTERVAL_S):
-        self.interval_s, self.peak = interval_s, 0
+        self.interval_s, self.start, self.peak = interval_s, 0, 0
         self._process = psutil.Process()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -55,6 +58,7 @@ class PeakRSS:
             self._sample()
 
     def __enter__(self) -> "PeakRSS":
+        self.start = self._process.memory_info().rss
         self._sample()
         self._thread.start()
         return self
@@ -72,17 +76,6 @@ class PeakRSS:
 def gpu_device() -> str | None:
     gpus = tf.config.list_logical_devices("GPU")
     return gpus[0].name if gpus else None
-
-
-def parameter_count(model) -> int:
-    """Number of weights (trainable and not) of a built Keras model.
-
-    Example:
-
-    >>> parameter_count(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]))
-    8
-    """
-    return int(sum(int(np.prod(w.shape)) for w in model.weights))
 
 
 def _time_batches(infer, images: np.ndarray, repeats: int) -> list[float]:
@@ -135,8 +128,8 @@ def measure_resources(run, encoder=None, batch_sizes: Sequence[int] = RESOURCE_B
         "device": device or "CPU",
         "backbone": encoder.spec.backbone,
         "input_size": int(extractor.input_size),
-        "decoder_parameters": parameter_count(run.model),
-        "backbone_parameters": parameter_count(extractor.backbone),
+        "decoder_parameters": run.model.count_params(),
+        "backbone_parameters": extractor.backbone.count_params(),
         "peak_rss_mb": rss.peak_mb,
         "throughput": throughput,
         "repeats": repeats,

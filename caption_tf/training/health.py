@@ -69,18 +69,21 @@ def system_health(path: str | Path) -> dict[str, float]:
 class GpuProbe:
     """Reads NVIDIA GPU utilisation, memory and temperature via NVML.
 
-    Without a driver (or without `nvidia-ml-py`) `available` is False, one
-    info line says why, and `read()` returns an empty list.
+    Without a driver (or without `nvidia-ml-py`) `available` is False, `reason`
+    and one info line say why, and `read()` returns an empty list. Each reading
+    is {"index", "util_percent", "memory_percent", "memory_used_gb", "temp_c"}.
 
-    Example:
+    Example (on a machine without an NVIDIA driver):
 
-    >>> probe = GpuProbe()
-    >>> probe.read()   # [] on a machine without an NVIDIA driver
-    [{'index': 0, 'util_percent': 87.0, 'memory_percent': 41.2, ...}]
+    ```python
+    probe = GpuProbe()
+    probe.available, probe.reason  # False, 'NVMLError_LibraryNotFound: NVML Shared Library Not Found'
+    probe.read()  # []
+    ```
     """
 
     def __init__(self):
-        self.available = False
+        self.available, self.reason = False, ""
         self._handles: list = []
         try:
             import pynvml
@@ -89,8 +92,10 @@ class GpuProbe:
             self._nvml = pynvml
             self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
             self.available = bool(self._handles)
+            self.reason = "" if self._handles else "NVML sees no GPU"
         except Exception as err:  # noqa: BLE001 - any NVML failure means "no GPU metrics"
-            logger.info("GPU health metrics skipped: no usable NVIDIA driver (%s).", err)
+            self.reason = f"{type(err).__name__}: {err}"
+            logger.info("GPU health metrics skipped: no usable NVIDIA driver (%s).", self.reason)
 
     def read(self) -> list[dict[str, float]]:
         readings = []

@@ -204,14 +204,16 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
         self.store = VerifiedCheckpointManager(checkpoint, backup_dir, max_to_keep, async_save, chief, write_directory=write_dir)
         self.restored: Optional[CheckpointInfo] = None
         self.failure: Optional[BaseException] = None
-        self.blocking_seconds = 0.0  # how long saves held training up
+        self.blocking_seconds = 0.0  # how long saves and waits for background writes held training up
         self.final_segment = True  # False while fit_from_position runs the rest of an interrupted epoch
         self._restore_done, self._offset, self._epoch, self._last_loss = False, 0, 0, None
+        self._saved_step: Optional[int] = None  # a step is saved once, whoever asks again
 
     def restore(self) -> tuple[int, int]:
         """Restore the newest valid checkpoint (once per process); (epoch, batch) where training continues."""
         if not self._restore_done:
             self.restored, self._restore_done = self._restore_agreed(), True
+            self._saved_step = self.restored.step if self.restored else None
         epoch, batch = self.position["epoch"], self.position["batch"]
         return (epoch + 1, 0) if batch >= self.steps_per_epoch else (epoch, batch)
 
@@ -261,10 +263,13 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
             self.states.early_stopping.best_weights = None  # saved; else its on_train_end would restore them already
 
     def on_train_end(self, logs=None):
+        started = time.perf_counter()
         try:
-            self.store.flush()
+            self.store.flush()  # the wait for the last background write is part of the cost
         except CheckpointWriteError as err:
             self._fail(err)
+        finally:
+            self.blocking_seconds += time.perf_counter() - started
 
     def _save_model(self, logs=None, epoch_end: bool = False) -> None:
         if self.failure is not None or self.store.refusal or (not epoch_end and self.position["batch"] >= self.steps_per_epoch):
@@ -272,11 +277,15 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
         variables = [v for v in self.model.weights + self.model.optimizer.variables if v.dtype.startswith("float")]
         if (self._last_loss is not None and not math.isfinite(self._last_loss)) or not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in variables):
             return
+        step = self.position["step"]
+        if step == self._saved_step:  # e.g. the health monitor's final save right after a scheduled one
+            return
         self.states.capture()
         metrics = {k: float(np.asarray(v)) for k, v in (logs or {}).items() if np.size(v) == 1}
         started = time.perf_counter()
         try:
-            self.store.save(self.position["step"], {**self.position.as_dict(), **metrics, **self.metadata_fn()})
+            self.store.save(step, {**self.position.as_dict(), **metrics, **self.metadata_fn()})
+            self._saved_step = step
         except (CheckpointWriteError, SaveRefusedError) as err:
             self._fail(err)
         finally:
@@ -288,18 +297,32 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Adds `epoch_seconds` and `checkpoint_seconds` (how long saves held training up) to the epoch logs."""
+    """Adds `epoch_seconds` and `checkpoint_seconds` to the epoch logs (so to `history.csv`).
+
+    `epoch_seconds`: the time since the previous epoch's row (since training began for
+    the first); `checkpoint_seconds`: how long saves, and waits for background writes,
+    held training up in that time. The windows follow each other without a gap, so the
+    rows add up to the whole run: an epoch's end checkpoint is saved after its row is
+    written (an epoch counts as done only once it is logged), so it is counted in the
+    next row; the last one, with the final wait, is in run.json's `checkpoint_seconds`.
+    """
 
     def __init__(self, backup: ExactBackupAndRestore):
         super().__init__()
         self.backup = backup
+        self._started: Optional[float] = None
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def _start_window(self) -> None:
         self._started, self._blocked = time.perf_counter(), self.backup.blocking_seconds
+
+    def on_train_begin(self, logs=None):
+        if self._started is None:  # fit_from_position may call fit twice: one run, one clock
+            self._start_window()
 
     def on_epoch_end(self, epoch, logs=None):
         logs[EPOCH_SECONDS_KEY] = time.perf_counter() - self._started
         logs[CHECKPOINT_SECONDS_KEY] = self.backup.blocking_seconds - self._blocked
+        self._start_window()
 
 
 # ------------------------------------------------------------------ one training process
@@ -374,10 +397,13 @@ class ResumableTraining:
 
     def finish_status(self) -> Optional[TrainingStopped]:
         """Wait for the last save; a `TrainingStopped` (not raised) when training did not end normally."""
+        started = time.perf_counter()
         try:
             self.backup.store.close()
         except CheckpointWriteError as err:
             self.backup.failure = self.backup.failure or err
+        finally:
+            self.backup.blocking_seconds += time.perf_counter() - started
         last = self.backup.store.last_published
         last_text = f"{last.path} (step {last.step})" if last else "none"
         if self.worker_lost is not None:

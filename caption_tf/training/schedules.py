@@ -1,10 +1,10 @@
 """Learning-rate schedules and the callbacks that steer training.
 
 - `--lr-schedule constant`: the configured learning rate throughout.
-- `--lr-schedule warmup_cosine`: `WarmupCosine`, linear warmup over the first
-  `--warmup-epochs` then cosine decay to `COSINE_FLOOR` x the peak at the end of
-  training; driven by optimizer steps (steps per epoch come from the dataset
-  cardinality).
+- `--lr-schedule warmup_cosine`: `warmup_cosine`, Keras' `CosineDecay`: linear
+  warmup over the first `--warmup-epochs`, then cosine decay to `COSINE_FLOOR` x the
+  peak at the end of training; driven by optimizer steps (steps per epoch come from
+  the dataset cardinality).
 - `--lr-schedule plateau`: `keras.callbacks.ReduceLROnPlateau` on `val_loss`.
 
 `ValidationBleu` greedy-decodes the validation images at each epoch end and
@@ -12,22 +12,14 @@ writes `val_bleu4` into the epoch logs, so `EarlyStopping(monitor="val_bleu4")`,
 `CSVLogger` and TensorBoard see it. Training must not import evaluation, so the
 BLEU function is passed in (the CLI passes
 `caption_tf.evaluation.metrics.corpus_bleu_scores`).
-
-Example:
-
->>> schedule = WarmupCosine(peak=1e-3, warmup_steps=10, total_steps=100)
->>> float(schedule(5)), float(schedule(10))
-(0.0005, 0.001)
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from caption_tf.config import TrainConfig
 
@@ -42,40 +34,32 @@ LR_LOG_KEY = "learning_rate"
 BleuFunction = Callable[[list[list[str]], list[str]], dict]
 
 
-@keras.saving.register_keras_serializable("caption_tf")
-class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup from 0 to `peak` over `warmup_steps`, then cosine decay to `floor * peak`.
+def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, floor: float = COSINE_FLOOR) -> keras.optimizers.schedules.CosineDecay:
+    """Linear warmup to `peak` over `warmup_steps`, then cosine decay to `floor * peak` at `total_steps`.
+
+    Keras' `CosineDecay` with `warmup_target`. The warmup starts at `peak / warmup_steps`,
+    not 0, so the first update already moves.
 
     Example:
 
-    >>> schedule = WarmupCosine(peak=1e-3, warmup_steps=0, total_steps=100)
-    >>> round(float(schedule(50)), 6)
-    0.0005
+    >>> schedule = warmup_cosine(peak=1e-3, warmup_steps=10, total_steps=110)
+    >>> [round(float(schedule(step)), 7) for step in (0, 10, 60, 110, 200)]
+    [0.0001, 0.001, 0.0005, 0.0, 0.0]
     """
-
-    def __init__(self, peak: float, warmup_steps: int, total_steps: int, floor: float = COSINE_FLOOR):
-        if total_steps < 1 or warmup_steps < 0:
-            raise ValueError(f"WarmupCosine needs total_steps >= 1 and warmup_steps >= 0, got {total_steps}, {warmup_steps}")
-        self.peak, self.floor = float(peak), float(floor)
-        self.warmup_steps = int(min(warmup_steps, total_steps))
-        self.total_steps = int(total_steps)
-
-    def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        warmup = tf.cast(self.warmup_steps, tf.float32)
-        # Step 0 of a warmup would train at rate 0: count from 1 so the first update moves.
-        warm = self.peak * tf.minimum(step + 1.0, warmup) / tf.maximum(warmup, 1.0)
-        decay_steps = tf.maximum(tf.cast(self.total_steps, tf.float32) - warmup, 1.0)
-        progress = tf.clip_by_value((step - warmup) / decay_steps, 0.0, 1.0)
-        cosine = self.peak * (self.floor + (1.0 - self.floor) * 0.5 * (1.0 + tf.cos(math.pi * progress)))
-        return tf.where(step < warmup, warm, cosine)
-
-    def get_config(self):
-        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps, "floor": self.floor}
+    if total_steps < 1 or warmup_steps < 0:
+        raise ValueError(f"warmup_cosine needs total_steps >= 1 and warmup_steps >= 0, got total_steps={total_steps}, warmup_steps={warmup_steps}")
+    warmup_steps = min(int(warmup_steps), int(total_steps))
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=peak / warmup_steps if warmup_steps else peak,
+        decay_steps=max(int(total_steps) - warmup_steps, 1),
+        alpha=floor,
+        warmup_target=peak if warmup_steps else None,
+        warmup_steps=warmup_steps,
+    )
 
 
 def learning_rate_for(cfg: TrainConfig, steps_per_epoch: int, replicas: int = 1, peak: Optional[float] = None):
-    """The optimizer's learning rate: a float, or a `WarmupCosine` schedule.
+    """The optimizer's learning rate: a float, or a `warmup_cosine` schedule.
 
     `peak` defaults to `cfg.learning_rate`; it is scaled linearly with the replicas
     (the global batch grows with them).
@@ -89,7 +73,7 @@ def learning_rate_for(cfg: TrainConfig, steps_per_epoch: int, replicas: int = 1,
     if cfg.lr_schedule != "warmup_cosine":
         return rate
     total = max(int(steps_per_epoch) * cfg.epochs, 1)
-    return WarmupCosine(rate, warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), total_steps=total)
+    return warmup_cosine(rate, warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), total_steps=total)
 
 
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:

@@ -265,7 +265,9 @@ def _fit_and_publish(cfg: Config, data: PreparedData, runtime: Runtime, run_dir:
     if chief:
         with atomic_path(run_dir / run_folder.WEIGHTS_FILE) as tmp:
             model.save_weights(tmp)
-        run_folder.record_weights(run_dir, status="complete", train_seconds=round(time.time() - started, 1), epochs_run=session.epochs_done)
+        # checkpoint_seconds: how long every save of this process, and the waits for their background writes, held training up.
+        run_folder.record_weights(run_dir, status="complete", train_seconds=round(time.time() - started, 1), epochs_run=session.epochs_done,
+                                  checkpoint_seconds=round(session.backup.blocking_seconds, 2))
     return run_dir
 
 
