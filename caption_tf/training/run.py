@@ -65,7 +65,9 @@ class Run:
     def generator(self, jit_compile: bool = False):
         from caption_tf.models.decoding import CaptionGenerator
 
-        return CaptionGenerator(self.model, self.vocab.start_id, self.vocab.end_id, self.vocab.max_length, jit_compile)
+        return CaptionGenerator(
+            self.model, self.vocab.start_id, self.vocab.end_id, self.vocab.max_length, jit_compile, self.config.eval.no_repeat_ngram
+        )
 
 
 def load_run(run_dir: str | Path, with_model: bool = True) -> Run:
