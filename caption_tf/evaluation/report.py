@@ -270,6 +270,7 @@ def comparison_table(results: list[RunResult], llm: Optional[dict]) -> dict:
             row = dict(m["headline"])
             row["cosine_max"] = m["semantic"]["cosine_max"]
             row["wmd"] = m["semantic"]["wmd"].get("mean_min_distance")
+            row["repetition_rate"] = m["errors"]["repetition"]["rate"]
             objs = m["errors"].get("objects")
             if objs:
                 row["object_accuracy"] = objs["object_accuracy"]

@@ -149,13 +149,17 @@ def _errors(name: str, run: dict) -> str:
         body += table(["most hallucinated words (images)", "most missed words (images)"],
                       [[", ".join(f"{w} ({c})" for w, c in words["hallucinated"]) or "none",
                         ", ".join(f"{w} ({c})" for w, c in words["missed"]) or "none"]])
+        repetition = errors["repetition"]
+        body += f'<p class="note">Captions that stutter or repeat a {repetition["ngram"]}-word phrase: ' \
+                f'{repetition["captions_with_repeats"]} of {repetition["num_captions"]}' + \
+                "".join(f"<br>{esc(e['caption'])} ({esc(', '.join(e['repeated']))})" for e in repetition["examples"][:3]) + "</p>"
         body += table(["length (words)", "mean", "std", "min", "max"],
                       [[k, lengths[k].get("mean"), lengths[k].get("std"), lengths[k].get("min"), lengths[k].get("max")]
                        for k in ("generated", "reference")])
         objects = errors.get("objects")
         if objects:
             keys = ("object_accuracy", "colour_accuracy", "shape_accuracy", "size_accuracy", "object_precision",
-                    "object_recall", "count_accuracy", "relation_accuracy")
+                    "object_recall", "count_accuracy", "relation_accuracy", "repeated_mention_rate")
             body += table(["object-level (shapes)", *[k.replace("_", " ") for k in keys]],
                           [["", *[objects[k] for k in keys]]])
     body += images(run["figures"].get("confusion", []), "confusion", "figs")
