@@ -259,3 +259,22 @@ def test_every_weight_is_in_a_tf_train_checkpoint(decoder, attention, tmp_path):
     tf.train.Checkpoint(model=fresh).read(tf.train.Checkpoint(model=trained).write(str(tmp_path / "ckpt")))
     for a, b in zip(trained.trainable_variables, fresh.trainable_variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
+def test_transformer_and_tied_output_train_under_mixed_precision(precision):
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        rng = np.random.default_rng(0)
+        grid = rng.random((32, 4, 8), dtype=np.float32)
+        tokens = rng.integers(4, 16, (32, 8)).astype("int32")
+        tokens[:, 0], tokens[:, 1] = 2, 4 + np.argmax(grid.mean(1), -1)  # the first word names the strongest channel
+        model = tiny_model("transformer", vocab=16, cells=4, length=8, tie_embeddings=True, attention_penalty=0.5)
+        model.compile(optimizer=keras.optimizers.Adam(0.01))
+        history = model.fit((grid, tokens[:, :-1]), tokens[:, 1:], epochs=5, batch_size=8, verbose=0).history["loss"]
+        assert np.all(np.isfinite(history)) and history[-1] < history[0]
+        logits, attention = model((grid, tokens[:, :-1]), return_attention=True)
+        assert model.compute_dtype == precision.split("_")[1]
+        assert logits.dtype == "float32" and attention.dtype == "float32"  # softmaxes stay float32
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
