@@ -31,7 +31,7 @@ import tensorflow as tf  # noqa: E402
 
 from caption_tf.config import load_config  # noqa: E402
 from caption_tf.features.backbones import build_extractor  # noqa: E402
-from caption_tf.features.cache import compiled_extractor  # noqa: E402
+from caption_tf.features.encoder import compiled_extractor  # noqa: E402
 from caption_tf.training.runtime import setup_runtime  # noqa: E402
 from caption_tf.training.trainer import build_model, make_split_dataset, prepare_data  # noqa: E402
 
@@ -81,6 +81,7 @@ def main() -> None:
         })
         runtime = setup_runtime(cfg.train)
         data = prepare_data(cfg, runtime.replicas)  # extracts the cache once (not timed)
+        cfg = data.config  # the resolved config
         train = make_split_dataset(data, "train", cfg, runtime, training=True)
         steps = int(train.cardinality())
         model = build_model(cfg, data, runtime, steps)

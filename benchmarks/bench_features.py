@@ -3,7 +3,7 @@
 ImageNet weights cannot be downloaded on the benchmark machine, so every backbone is
 built with `weights="none"`: the arithmetic, and so the speed, is the same. The images
 are synthetic shapes scenes (decoded once, outside the timing); the timed call is the
-cache's own traced extractor (`features.cache.compiled_extractor`: preprocessing +
+cache's own traced extractor (`features.encoder.compiled_extractor`: preprocessing +
 backbone + grid/pooled outputs) on one batch. Each backbone runs at its native input size
 unless `--input-size` is given.
 
@@ -25,7 +25,7 @@ from caption_tf.config import DataConfig  # noqa: E402
 from caption_tf.data.images import load_rgb  # noqa: E402
 from caption_tf.data.shapes import load_shapes  # noqa: E402
 from caption_tf.features.backbones import build_extractor  # noqa: E402
-from caption_tf.features.cache import compiled_extractor  # noqa: E402
+from caption_tf.features.encoder import compiled_extractor  # noqa: E402
 
 DEFAULT_BACKBONES = ["inception_v3", "densenet121", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0"]
 

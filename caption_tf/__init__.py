@@ -1,6 +1,12 @@
 """caption_tf: attention image captioning on TensorFlow/Keras.
 
-Data flows one way through the subpackages: data -> features -> models -> training -> evaluation.
+The model is in `models/` (`decoder.py`: the decoder, its loss and train step;
+`attention.py`; `decoding.py`: greedy and beam search); `training/trainer.py`
+runs training top to bottom.
+
+Imports flow one way (checked by tests/test_architecture.py): `config.py` and
+`files.py` -> `data/` -> `features/` -> `models/` -> `run_folder.py` ->
+`training/` -> `evaluation/` -> `cli.py`.
 """
 
 import os

@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import yaml
 
+from caption_tf.files import write_text
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -280,6 +282,8 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ValueError(f"--{name.replace('_', '-')} must be one of {choices}, got {value!r}")
+    if cfg.text.vocab_size is not None and cfg.text.vocab_size < 5:
+        raise ValueError(f"--vocab-size must be at least 5 (4 reserved tokens and one word) or auto, got {cfg.text.vocab_size}")
     if cfg.text.max_length is not None and cfg.text.max_length < 3:
         raise ValueError("--max-length must be at least 3 (<start>, a word, <end>)")
     if (cfg.train.batch_size is not None and cfg.train.batch_size < 1) or cfg.train.epochs < 0:
@@ -287,8 +291,7 @@ def validate(cfg: Config) -> None:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    with open(path, "w") as fh:
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def load_saved_config(path: str | Path) -> Config:

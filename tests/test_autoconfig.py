@@ -69,10 +69,11 @@ def test_more_devices_smaller_per_device_batch_and_explicit_values_are_kept():
 
 
 def test_resolve_fills_only_auto_fields_of_a_config(capsys):
-    cfg = load_config("minimal", {"batch_size": "auto", "max_length": "auto"})
-    assert cfg.train.batch_size is None and cfg.text.max_length is None
+    requested = load_config("minimal", {"batch_size": "auto", "max_length": "auto"})
+    assert requested.train.batch_size is None and requested.text.max_length is None
     captions = ["a red circle above a blue square"] * 400
-    resolve_auto_settings(cfg, captions, num_images=80)
+    cfg = resolve_auto_settings(requested, captions, num_images=80)
+    assert requested.train.batch_size is None and requested.text.max_length is None  # a resolved copy; the request is unchanged
     assert cfg.train.batch_size == 16  # 400 pairs / 20 steps = 20 -> 16
     assert cfg.text.max_length == 7 + 2
     assert cfg.train.learning_rate == 0.002 and cfg.text.vocab_size == 3000  # the preset's, untouched

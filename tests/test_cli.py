@@ -30,6 +30,9 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["greedy"]) >= {"bleu1", "bleu2", "bleu3", "bleu4"}
     assert "Test metrics" in done.stdout
+    # A model that ends below the blind baseline is not reported as if it were fine.
+    below = metrics["greedy"]["bleu4"] < metrics["blind_baseline"]["bleu4"]
+    assert ("is below the blind baseline" in done.stderr) == below
 
     report_dir = tmp_path / "report"
     fast = ["--no-meteor", "--no-resources", "--no-embeddings"]

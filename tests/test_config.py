@@ -53,6 +53,9 @@ def test_bad_values_are_rejected_with_the_field_name():
         apply_overrides(Config(), {"no_such_field": 1})
     with pytest.raises(FileNotFoundError, match="Known presets"):
         load_config("nonexistent")
+    with pytest.raises(ValueError, match="--vocab-size must be at least 5"):  # 0 trained a model of reserved tokens only
+        apply_overrides(Config(), {"vocab_size": 0})
+    assert apply_overrides(Config(), {"vocab_size": "auto"}).text.vocab_size is None
 
 
 def test_saved_config_round_trips(tmp_path):

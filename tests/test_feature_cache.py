@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,9 +8,9 @@ from PIL import Image
 
 from caption_tf.config import DataConfig, FeatureConfig
 from caption_tf.data.datasets import load_dataset
-from caption_tf.data.pipeline import caption_batches, captions_table
+from caption_tf.training.pipeline import caption_batches, captions_table
 from caption_tf.features.backbones import BACKBONES, BackboneWeightsError, build_backbone, build_extractor
-from caption_tf.features.cache import build_feature_cache, encode_images
+from caption_tf.features.cache import FeatureCacheError, build_feature_cache, open_cache, repair_cache
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +121,91 @@ def test_user_images_of_any_mode_are_encoded(dataset, tmp_path):
     Image.new("L", (30, 50), 128).save(tmp_path / "gray.png")
     Image.new("RGBA", (80, 40), (255, 0, 0, 100)).save(tmp_path / "rgba.png")
     (tmp_path / "empty.jpg").write_bytes(b"")
-    grids, ok = encode_images([str(tmp_path / n) for n in ("gray.png", "rgba.png", "empty.jpg")], cfg, cache.normalizer())
+    grids, ok = cache.encoder().encode([str(tmp_path / n) for n in ("gray.png", "rgba.png", "empty.jpg")])
     assert ok.tolist() == [True, True, False]
-    assert grids.shape == (3, *cache.grid_shape)
+    assert grids.shape == (3, *cache.grid_shape) and grids.dtype == np.float16
+
+
+def test_a_random_backbone_is_the_same_whatever_ran_before():
+    """--weights none: initialised from its own seed, so the cache, fine-tuning and new images share one backbone."""
+    import random
+
+    first = build_backbone("mobilenet_v3_small", "none", 48)
+    random.random()  # whatever the process drew before...
+    np.random.default_rng().random()
+    state = random.getstate()
+    again = build_backbone("mobilenet_v3_small", "none", 48)
+    assert random.getstate() == state  # ...and building it draws nothing from the caller's stream
+    for a, b in zip(first.get_weights(), again.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    other = build_backbone("mobilenet_v3_small", "none", 48, seed=1)
+    assert any(not np.array_equal(a, b) for a, b in zip(first.get_weights(), other.get_weights()))
+
+
+def test_manifest_records_the_encoder_and_every_files_size_and_hash(dataset, tmp_path):
+    from caption_tf.features.backbones import RANDOM_INIT_SEED
+    from caption_tf.files import file_sha256
+
+    cache = build_feature_cache(dataset, _features(tmp_path))
+    assert cache.manifest["encoder"] == {"backbone": "mobilenet_v3_small", "weights": "none", "weights_tag": "none",
+                                         "input_size": 48, "seed": RANDOM_INIT_SEED}
+    assert cache.manifest["seed"] == RANDOM_INIT_SEED  # part of the request: another seed is another entry
+    shards = [Path(p).name for split in ("train", "val", "test") for p in cache.shards(split)]
+    assert set(cache.manifest["files"]) == {"normalizer.npz", *shards}
+    for name, entry in cache.manifest["files"].items():
+        assert entry == {"bytes": (cache.directory / name).stat().st_size, "sha256": file_sha256(cache.directory / name)}
+    assert cache.damaged() == []
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "flip":
+        data[len(data) // 2] ^= 0x40
+        path.write_bytes(bytes(data))
+    elif how == "delete":
+        path.unlink()
+
+
+def test_damaged_shards_are_re_extracted_when_the_cache_is_reused(dataset, tmp_path, capsys):
+    """Truncated, bit-flipped and deleted shards: found by size/SHA-256, rebuilt from their images, recorded."""
+    cfg = _features(tmp_path)
+    cache = build_feature_cache(dataset, cfg)
+    before = {split: cache.load_split(split)["grid"].astype(np.float32) for split in ("train", "val")}
+    damaged = {"train-00001.tfrecord": "truncate", "train-00002.tfrecord": "flip", "val-00000.tfrecord": "delete"}
+    for name, how in damaged.items():
+        _damage(cache.directory / name, how)
+    assert {p["file"] for p in cache.damaged()} == set(damaged)
+    capsys.readouterr()
+    reused = build_feature_cache(dataset, cfg)
+    printed = capsys.readouterr().out
+    for name in damaged:
+        assert f"Feature cache: {cache.directory / name} is damaged" in printed
+    assert "re-extracting its 6 images" in printed and "extracting mobilenet_v3_small features" not in printed
+    assert reused.damaged() == []
+    assert {r["file"] for r in reused.manifest["repairs"]} == set(damaged)
+    for split in ("train", "val"):  # the same features again (to float16 rounding: other batches)
+        np.testing.assert_allclose(reused.load_split(split)["grid"].astype(np.float32), before[split], atol=2e-3, rtol=1e-3)
+
+
+def test_damage_that_cannot_be_repaired_stops_naming_the_file(dataset, tmp_path):
+    import copy
+
+    cfg = _features(tmp_path)
+    cache = build_feature_cache(dataset, cfg)
+    # The statistics file: re-extracting shards cannot restore it (evaluation stops; training rebuilds the entry).
+    _damage(cache.directory / "normalizer.npz", "truncate")
+    with pytest.raises(FeatureCacheError, match=r"normalizer.npz: .*truncated.*delete .* and rerun train.py"):
+        repair_cache(open_cache(cache.directory, {}), dataset)
+    rebuilt = build_feature_cache(dataset, cfg)
+    assert rebuilt.damaged() == [] and "repairs" not in rebuilt.manifest
+    # A damaged shard whose image is gone.
+    moved = copy.deepcopy(dataset)
+    first = rebuilt.image_ids("test")[0]
+    for record in moved.records:
+        if record.image_id == first:
+            record.path = str(tmp_path / "gone.png")
+    _damage(rebuilt.directory / "test-00000.tfrecord", "truncate")
+    with pytest.raises(FeatureCacheError, match=r"test-00000.tfrecord: damaged, and its image .*gone.png can no longer be read"):
+        repair_cache(open_cache(rebuilt.directory, {}), moved)

@@ -18,13 +18,8 @@ from caption_tf.training.health import (
     read_alerts,
     system_health,
 )
-from caption_tf.training.integrity import (
-    CheckpointCallback,
-    SaveRefusedError,
-    TrainingPosition,
-    VerifiedCheckpointStore,
-    all_finite,
-)
+from caption_tf.training.checkpoints import SaveRefusedError
+from caption_tf.training.recovery import ExactBackupAndRestore
 
 BATCHES_PER_EPOCH = 8
 
@@ -89,56 +84,57 @@ def test_monitor_logs_ram_and_disk_to_tensorboard_and_alerts(tmp_path, caplog):
     assert not monitor.stopped_for_disk
 
 
+def all_finite(variables):
+    return all(bool(np.all(np.isfinite(np.asarray(v)))) for v in variables)
+
+
 def test_low_disk_for_next_checkpoint_saves_once_more_and_stops(tmp_path):
     model = tiny_model()
-    position = TrainingPosition()
-    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, position=position)
-    store = VerifiedCheckpointStore(tmp_path / "ckpts", ckpt, async_save=False)
-    saver = CheckpointCallback(store, position, every_n_batches=3, save_at_epoch_end=False)
+    backup = ExactBackupAndRestore(tmp_path / "ckpts", model, steps_per_epoch=BATCHES_PER_EPOCH, save_freq=3, async_save=False)
     free = shutil.disk_usage(tmp_path).free
     monitor = HealthMonitor(
         tmp_path,
         every_n_batches=1,
         min_free_disk_gb=0.0,
-        checkpoint_bytes=lambda: store.last_checkpoint_bytes,
+        checkpoint_bytes=lambda: backup.store.last_published and backup.store.last_published.total_bytes,
         # Scale the safety margin so the real free space is "too little" once a
         # checkpoint exists, while one more checkpoint still fits.
         disk_safety_factor=10.0 * free / 1000,
-        final_save=saver.save_now,
+        final_save=backup.save_now,
     )
-    # Checkpoints are ~1-2 KB here, so "needed" is far above the free space.
-    model.fit(data(), epochs=3, callbacks=[saver, monitor], verbose=0)
-    store.close()
+    # Checkpoints are a few KB here, so "needed" is far above the free space.
+    model.fit(data(), epochs=3, callbacks=[backup, monitor], verbose=0)
+    backup.store.close()
 
     assert monitor.stopped_for_disk
-    assert int(position.step) == 3  # stopped right after the first checkpoint made sizes known
+    assert backup.position["step"] == 3  # stopped right after the first checkpoint made sizes known
     alerts = read_alerts(tmp_path)
     assert [a["kind"] for a in alerts] == ["disk_checkpoint"]
     assert "stopping training" in alerts[0]["message"] and "final checkpoint was requested" in alerts[0]["message"]
-    assert store.latest_valid().step == 3
+    assert backup.store.latest_valid().step == 3
+
+
+def test_disk_sizes_below_one_gigabyte_keep_their_digits():
+    assert format_sample({"ram_percent": 41.0, "process_rss_gb": 1.2, "disk_free_gb": 0.029}).endswith("disk 0.029 GB free")
 
 
 def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path, capsys):
     model = tiny_model()
-    position = TrainingPosition()
-    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, position=position)
-    store = VerifiedCheckpointStore(tmp_path / "ckpts", ckpt, keep=2)
-    # The checkpoint callback runs BEFORE the guard on each batch, so it must
-    # refuse the NaN state by itself; the guard then blocks epoch-end saves.
-    saver = CheckpointCallback(store, position, every_n_batches=1, save_at_epoch_end=True)
-    guard = NonFiniteLossGuard(store)
-    model.fit(data(inf_batch=4), epochs=2, callbacks=[saver, guard], verbose=0)
-    store.close()
+    backup = ExactBackupAndRestore(tmp_path / "ckpts", model, steps_per_epoch=BATCHES_PER_EPOCH, save_freq=1, max_to_keep=2)
+    guard = NonFiniteLossGuard(backup.store)
+    # The backup runs BEFORE the guard on each batch, so it must refuse the NaN state by
+    # itself; the guard then blocks the epoch-end save.
+    model.fit(data(inf_batch=4), epochs=2, callbacks=[backup, guard], verbose=0)
+    backup.store.close()
 
     assert guard.tripped_at == (0, 4)
     assert not all_finite(model.weights)  # the in-memory weights really are broken
-    assert "NOT saved" in capsys.readouterr().out
-    assert "ckpt-4" in guard.message
-    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["ckpt-3", "ckpt-4"]
+    assert "NOT saved" in guard.message and "epoch 1, batch 5" in guard.message
+    assert capsys.readouterr().out == ""  # reported once, by the trainer, not here
+    assert sorted(p.name for p in (tmp_path / "ckpts").glob("*.index")) == ["ckpt-3.index", "ckpt-4.index"]
     with pytest.raises(SaveRefusedError):
-        store.save(99)
+        backup.store.save(99)
 
-    fresh = VerifiedCheckpointStore(tmp_path / "ckpts", ckpt)
-    info = fresh.restore()
-    assert info.step == 4 and int(position.step) == 4
-    assert all_finite(model.weights) and all_finite(model.optimizer.variables)
+    fresh = ExactBackupAndRestore(tmp_path / "ckpts", tiny_model(), steps_per_epoch=BATCHES_PER_EPOCH)
+    assert fresh.restore() == (0, 4) and fresh.restored.step == 4
+    assert all_finite(fresh._model_ref.weights) and all_finite(fresh._model_ref.optimizer.variables)

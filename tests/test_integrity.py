@@ -1,4 +1,5 @@
-"""Verified checkpoints: atomic publish, corruption handling, async snapshot, disk full."""
+"""Verified checkpoints on tf.train.CheckpointManager: manifest, corruption handling, async snapshot,
+failed writes, and the exact resume of `fit` (mixed precision's loss scale included)."""
 
 import errno
 import json
@@ -10,20 +11,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from caption_tf.training.integrity import (
-    MANIFEST_NAME,
+from caption_tf.training import checkpoints
+from caption_tf.training.checkpoints import (
+    MANIFEST_SUFFIX,
     QUARANTINE_DIR,
     REASON_FILE,
-    CheckpointCallback,
-    CheckpointMismatchError,
     CheckpointWriteError,
-    DurableFileWriter,
-    TrainingPosition,
-    VerifiedCheckpointStore,
-    all_finite,
-    check_compatible,
-    is_disk_full,
+    VerifiedCheckpointManager,
+    verify,
 )
+from caption_tf.run_folder import CheckpointMismatchError, RunIdentity
+from caption_tf.training.recovery import ExactBackupAndRestore, check_checkpoints, fit_from_position
+from caption_tf.training.supervisor import is_disk_full
 
 
 def make_state(seed=0):
@@ -46,74 +45,95 @@ def set_weights_to(model, value):
         w.assign(np.full(w.shape, value, dtype=np.float32))
 
 
-class SlowWriter(DurableFileWriter):
-    """Real writes, slowed so the test can change variables mid-write."""
-
-    def __init__(self, delay):
-        self.delay = delay
-
-    def write(self, path, chunks):
-        time.sleep(self.delay)
-        return super().write(path, chunks)
+def names(folder):
+    return sorted(p.name for p in folder.iterdir())
 
 
-class FullDiskWriter(DurableFileWriter):
-    """Writes normally for `ok_writes` files, then fails like a full disk."""
+@pytest.fixture
+def slow_manifest(monkeypatch):
+    """Manifests are written 0.3 s late: the background write is still in flight meanwhile."""
+    write = checkpoints.write_manifest
 
-    def __init__(self, ok_writes):
-        self.ok_writes = ok_writes
+    def slow(*args):
+        time.sleep(0.3)
+        return write(*args)
 
-    def write(self, path, chunks):
-        if self.ok_writes <= 0:
-            with open(path, "wb") as fh:  # a partial file, as a real ENOSPC leaves
-                fh.write(next(iter(chunks))[:10])
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        self.ok_writes -= 1
-        return super().write(path, chunks)
+    monkeypatch.setattr(checkpoints, "write_manifest", slow)
+
+
+@pytest.fixture
+def disk_full_after(monkeypatch):
+    """`disk_full_after(n)`: the first n manifests are written, later ones fail like a full disk."""
+
+    def arm(ok_writes):
+        write, calls = checkpoints.write_manifest, []
+
+        def failing(*args):
+            calls.append(args)
+            if len(calls) > ok_writes:
+                raise OSError(errno.ENOSPC, "No space left on device", str(args[0]))
+            return write(*args)
+
+        monkeypatch.setattr(checkpoints, "write_manifest", failing)
+
+    return arm
 
 
 def test_publish_layout_manifest_and_retention(tmp_path):
     model, _, step, ckpt = make_state()
-    store = VerifiedCheckpointStore(tmp_path / "ckpts", ckpt, keep=2, best_metric="val_loss")
+    manager = VerifiedCheckpointManager(ckpt, tmp_path / "ckpts", max_to_keep=2, async_save=False)
     for s, val_loss in zip([1, 2, 3, 4], [0.5, 0.9, 0.8, 0.7]):
         step.assign(s)
-        store.save(s, {"epoch": s, "val_loss": val_loss, "config_hash": "abc"})
-    info = store.close()
+        manager.save(s, {"epoch": s, "val_loss": val_loss, "config_hash": "abc"})
+    info = manager.close()
     assert info.step == 4
-    names = sorted(p.name for p in (tmp_path / "ckpts").iterdir())
-    assert names == ["ckpt-1", "ckpt-3", "ckpt-4"]  # last two + best (val_loss 0.5)
-    manifest = json.loads((tmp_path / "ckpts" / "ckpt-4" / MANIFEST_NAME).read_text())
-    assert manifest["metadata"]["config_hash"] == "abc"
-    assert "tensorflow" in manifest["metadata"]["library_versions"]
+    files = ["ckpt-{}.data-00000-of-00001", "ckpt-{}.index", "ckpt-{}" + MANIFEST_SUFFIX]
+    assert names(tmp_path / "ckpts") == ["checkpoint"] + sorted(f.format(s) for s in (3, 4) for f in files)  # max_to_keep=2
+    assert tf.train.latest_checkpoint(str(tmp_path / "ckpts")) == str(tmp_path / "ckpts" / "ckpt-4")  # the manager's own view
+    manifest = json.loads((tmp_path / "ckpts" / f"ckpt-4{MANIFEST_SUFFIX}").read_text())
+    assert manifest["metadata"]["config_hash"] == "abc" and "tensorflow" in manifest["metadata"]["library_versions"]
     for name, entry in manifest["files"].items():
-        assert (tmp_path / "ckpts" / "ckpt-4" / name).stat().st_size == entry["size"]
+        assert (tmp_path / "ckpts" / name).stat().st_size == entry["size"]
     assert any(name.endswith(".index") for name in manifest["files"])
-    assert store.verify(tmp_path / "ckpts" / "ckpt-4").metadata["val_loss"] == 0.7
-    assert info.total_bytes == sum(p.stat().st_size for p in (tmp_path / "ckpts" / "ckpt-4").iterdir())
+    assert verify(tmp_path / "ckpts" / "ckpt-4").metadata["val_loss"] == 0.7
+    assert info.total_bytes == sum(p.stat().st_size for p in (tmp_path / "ckpts").glob("ckpt-4*"))
 
 
-def _truncate(folder):
-    data = next(folder.glob("*.data-*"))
+def _truncate(ckpts):
+    data = next(ckpts.glob("ckpt-2.data-*"))
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
 
 
-def _bit_flip(folder):
-    data = next(folder.glob("*.data-*"))
+def _bit_flip(ckpts):
+    data = next(ckpts.glob("ckpt-2.data-*"))
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     data.write_bytes(bytes(raw))
 
 
-def _missing_index(folder):
-    next(folder.glob("*.index")).unlink()
+def _zero_fill(ckpts):
+    data = next(ckpts.glob("ckpt-2.data-*"))
+    data.write_bytes(bytes(data.stat().st_size))
 
 
-def _missing_manifest(folder):
-    (folder / MANIFEST_NAME).unlink()
+def _missing_index(ckpts):
+    (ckpts / "ckpt-2.index").unlink()
 
 
-def _half_written(folder):
-    folder.rename(folder.with_name(folder.name + ".tmp"))
+def _missing_manifest(ckpts):
+    (ckpts / f"ckpt-2{MANIFEST_SUFFIX}").unlink()
+
+
+def _edited_manifest(ckpts):
+    path = ckpts / f"ckpt-2{MANIFEST_SUFFIX}"
+    path.write_text(path.read_text().replace('"epoch": 1', '"epoch": 7'))
+
+
+def _interrupted_save(ckpts):  # a kill in the middle of TensorFlow's write: temp folder, no manifest
+    for piece in ckpts.glob("ckpt-2*"):
+        piece.unlink()
+    (ckpts / "ckpt-2_temp").mkdir()
+    (ckpts / "ckpt-2_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"\x00" * 100)
 
 
 @pytest.mark.parametrize(
@@ -121,28 +141,31 @@ def _half_written(folder):
     [
         (_truncate, "truncated"),
         (_bit_flip, "SHA-256 mismatch"),
+        (_zero_fill, "SHA-256 mismatch"),
         (_missing_index, "missing file"),
         (_missing_manifest, "missing manifest"),
-        (_half_written, "half-written"),
+        (_edited_manifest, "checksum mismatch"),
+        (_interrupted_save, "missing manifest"),
     ],
 )
 def test_corrupt_newest_is_quarantined_and_previous_restored(tmp_path, caplog, damage, reason_words):
     model, iterator, step, ckpt = make_state()
-    store = VerifiedCheckpointStore(tmp_path / "ckpts", ckpt, keep=3, async_save=False)
+    ckpts = tmp_path / "ckpts"
+    manager = VerifiedCheckpointManager(ckpt, ckpts, max_to_keep=3, async_save=False)
     set_weights_to(model, 1.0)
     step.assign(1)
     next(iterator)  # the iterator's next element is now 1
-    store.save(1, {"epoch": 0})
+    manager.save(1, {"epoch": 0})
     good = weights_of(model)
     set_weights_to(model, 2.0)
     step.assign(2)
     next(iterator)
-    store.save(2, {"epoch": 1})
-    damage(tmp_path / "ckpts" / "ckpt-2")
+    manager.save(2, {"epoch": 1})
+    damage(ckpts)
 
     set_weights_to(model, -5.0)
     step.assign(99)
-    fresh = VerifiedCheckpointStore(tmp_path / "ckpts", ckpt, keep=3)
+    fresh = VerifiedCheckpointManager(ckpt, ckpts, max_to_keep=3)
     with caplog.at_level(logging.WARNING):
         info = fresh.restore()
     assert info.step == 1
@@ -151,107 +174,192 @@ def test_corrupt_newest_is_quarantined_and_previous_restored(tmp_path, caplog, d
     assert int(step.numpy()) == 1
     assert int(next(iterator).numpy()) == 1  # the iterator resumed where ckpt-1 left it
 
-    quarantined = list((tmp_path / "ckpts" / QUARANTINE_DIR).iterdir())
-    assert len(quarantined) == 1 and quarantined[0].name.startswith("ckpt-2")
-    reason = (quarantined[0] / REASON_FILE).read_text()
-    assert reason_words in reason
+    quarantined = list((ckpts / QUARANTINE_DIR).iterdir())
+    assert len(quarantined) == 1 and quarantined[0].name.startswith("ckpt-2-")
+    assert reason_words in (quarantined[0] / REASON_FILE).read_text()
     assert any("ckpt-2" in r.getMessage() and reason_words in r.getMessage() for r in caplog.records)
-    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["ckpt-1", QUARANTINE_DIR]
+    assert not list(ckpts.glob("ckpt-2*")) and QUARANTINE_DIR in names(ckpts)
+    # The manager's state lists what is left, and it goes on numbering and keeping from there.
+    assert tf.train.latest_checkpoint(str(ckpts)) == str(ckpts / "ckpt-1")
+    fresh.save(3, {"epoch": 1})
+    assert fresh.flush().step == 3 and tf.train.get_checkpoint_state(str(ckpts)).all_model_checkpoint_paths[:] == [
+        str(ckpts / "ckpt-1"), str(ckpts / "ckpt-3")]
+
+
+def test_a_damaged_state_file_loses_no_checkpoint(tmp_path):
+    model, _, step, ckpt = make_state()
+    ckpts = tmp_path / "ckpts"
+    manager = VerifiedCheckpointManager(ckpt, ckpts, max_to_keep=3, async_save=False)
+    for s in (1, 2):
+        set_weights_to(model, float(s))
+        manager.save(s, {"epoch": s})
+    (ckpts / "checkpoint").write_bytes(b"\x00" * 40)  # zero-filled
+    set_weights_to(model, 0.0)
+    info = VerifiedCheckpointManager(ckpt, ckpts).restore()
+    assert info.step == 2 and all(np.all(w == 2.0) for w in weights_of(model))
+    assert tf.train.latest_checkpoint(str(ckpts)) == str(ckpts / "ckpt-2")  # rewritten from what verified
 
 
 def test_no_valid_checkpoint_returns_none(tmp_path):
     _, _, _, ckpt = make_state()
-    store = VerifiedCheckpointStore(tmp_path / "ckpts", ckpt)
-    assert store.restore() is None
+    assert VerifiedCheckpointManager(ckpt, tmp_path / "ckpts").restore() is None
 
 
-def test_async_save_publishes_the_snapshot_values(tmp_path):
-    model, iterator, step, ckpt = make_state()
-    store = VerifiedCheckpointStore(tmp_path / "ckpts", ckpt, async_save=True, writer=SlowWriter(0.3))
+def test_async_save_publishes_the_snapshot_values(tmp_path, slow_manifest):
+    model, _, step, _ = make_state()
+    ckpt = tf.train.Checkpoint(model=[v.value for v in model.weights], step=step)
+    manager = VerifiedCheckpointManager(ckpt, tmp_path / "ckpts", async_save=True)
     set_weights_to(model, 3.0)
     step.assign(7)
     snapshot = weights_of(model)
-    store.save(7, {"epoch": 0})
+    started = time.perf_counter()
+    manager.save(7, {"epoch": 0})
+    assert time.perf_counter() - started < 0.3  # did not wait for the write
     # Training goes on while the checkpoint is still being written.
-    assert store._background.busy
     set_weights_to(model, 4.0)
     step.assign(8)
-    next(iterator)
-    assert not (tmp_path / "ckpts" / "ckpt-7").exists()
-    info = store.flush()
-    assert info.step == 7 and not store._background.busy
+    assert not (tmp_path / "ckpts" / f"ckpt-7{MANIFEST_SUFFIX}").exists()
+    info = manager.flush()
+    assert info.step == 7
 
     set_weights_to(model, 0.0)
-    store.restore()
+    manager.restore()
     for restored, expected in zip(weights_of(model), snapshot):
         np.testing.assert_array_equal(restored, expected)
     assert int(step.numpy()) == 7
-    assert int(next(iterator).numpy()) == 0  # snapshot taken before next() was called
-    store.close()
+    manager.close()
 
 
-def test_second_save_waits_for_the_first(tmp_path):
-    _, _, step, ckpt = make_state()
-    store = VerifiedCheckpointStore(tmp_path / "ckpts", ckpt, writer=SlowWriter(0.2))
-    store.save(1)
-    assert store._background.busy
-    store.save(2)  # must wait for ckpt-1 to be published first
-    assert (tmp_path / "ckpts" / "ckpt-1" / MANIFEST_NAME).exists()
-    store.close()
-    assert (tmp_path / "ckpts" / "ckpt-2" / MANIFEST_NAME).exists()
+def test_second_save_waits_for_the_first(tmp_path, slow_manifest):
+    model, _, step, _ = make_state()
+    manager = VerifiedCheckpointManager(tf.train.Checkpoint(model=[v.value for v in model.weights]), tmp_path / "ckpts")
+    manager.save(1)
+    assert not (tmp_path / "ckpts" / f"ckpt-1{MANIFEST_SUFFIX}").exists()
+    manager.save(2)  # waits for ckpt-1 to be published first
+    assert (tmp_path / "ckpts" / f"ckpt-1{MANIFEST_SUFFIX}").exists()
+    manager.close()
+    assert (tmp_path / "ckpts" / f"ckpt-2{MANIFEST_SUFFIX}").exists()
 
 
-def test_background_error_surfaces_on_next_save_and_on_flush(tmp_path):
-    model, _, _, ckpt = make_state()
-    writer = FullDiskWriter(ok_writes=3)  # ckpt-1: index + data + manifest
-    store = VerifiedCheckpointStore(tmp_path / "ckpts", ckpt, writer=writer)
-    store.save(1)
-    store.flush()
-    store.save(2)  # returns: the failure happens on the background thread
+def test_background_error_surfaces_on_next_save_and_on_flush(tmp_path, disk_full_after):
+    model, _, _, _ = make_state()
+    disk_full_after(1)
+    manager = VerifiedCheckpointManager(tf.train.Checkpoint(model=[v.value for v in model.weights]), tmp_path / "ckpts")
+    manager.save(1)
+    manager.flush()
+    manager.save(2)  # returns: the failure happens on the background thread
     with pytest.raises(CheckpointWriteError) as excinfo:
-        store.save(3)
+        manager.save(3)
     assert excinfo.value.errno == errno.ENOSPC and is_disk_full(excinfo.value)
     assert "ckpt-2" in str(excinfo.value)
-    store.save(4)
-    with pytest.raises(CheckpointWriteError):
-        store.flush()
-    # No partial folder left behind; the last good one still verifies.
-    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["ckpt-1"]
-    assert store.latest_valid().step == 1
-    store.close()
+    manager.save(4)
+    with pytest.raises(CheckpointWriteError, match="ckpt-4"):
+        manager.flush()
+    # No unverifiable files left behind; the last good one still verifies and is the manager's latest.
+    assert [p.name for p in (tmp_path / "ckpts").glob("ckpt-*.index")] == ["ckpt-1.index"]
+    assert manager.latest_valid().step == 1
+    assert tf.train.latest_checkpoint(str(tmp_path / "ckpts")).endswith("ckpt-1")
+    manager.close()
 
 
-def _regression_data(n=64, batch=8):
-    rng = np.random.default_rng(0)
+def _regression_data(n=64, batch=8, seed=0):
+    rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 4)).astype("float32")
     y = x.sum(axis=1, keepdims=True)
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
 
 
-def test_disk_full_during_fit_stops_cleanly_with_last_good_checkpoint(tmp_path, caplog):
-    model, _, _, _ = make_state()
+def compiled_model(seed=1, dropout=0.0):  # seed 0: tf.data cannot take a tensor shuffle seed (TF get_seed)
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dropout(dropout, seed=3), keras.layers.Dense(1)]
+    model = keras.Sequential(layers)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
-    model.optimizer.build(model.trainable_variables)
-    position = TrainingPosition()
-    ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, position=position)
-    store = VerifiedCheckpointStore(tmp_path / "ckpts", ckpt, keep=3, writer=FullDiskWriter(ok_writes=3))
-    callback = CheckpointCallback(store, position, every_n_batches=2, save_at_epoch_end=False)
-    with caplog.at_level(logging.ERROR):
-        model.fit(_regression_data(), epochs=3, callbacks=[callback], verbose=0)
-    assert is_disk_full(callback.failure)
-    assert int(position.step) < 3 * 8  # stopped early, cleanly (no exception)
-    assert any("disk is full" in r.getMessage() for r in caplog.records)
-    info = store.latest_valid()
+    return model
+
+
+def test_disk_full_during_fit_stops_cleanly_with_last_good_checkpoint(tmp_path, disk_full_after):
+    disk_full_after(1)
+    model = compiled_model()
+    backup = ExactBackupAndRestore(tmp_path / "ckpts", model, steps_per_epoch=8, save_freq=2)
+    model.fit(_regression_data(), epochs=3, callbacks=[backup], verbose=0)
+    assert is_disk_full(backup.failure)
+    assert backup.position["step"] < 3 * 8  # stopped early, cleanly (no exception)
+    info = backup.store.latest_valid()
     assert info.step == 2 and info.metadata["batch"] == 2
-    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["ckpt-2"]
-    store.restore(info)
-    assert all_finite(model.weights) and int(position.step) == 2
+    assert [p.name for p in (tmp_path / "ckpts").glob("ckpt-*.index")] == ["ckpt-2.index"]
 
 
-def test_check_compatible_names_what_differs():
-    saved = {"config_hash": "a", "vocab_hash": "v1", "feature_fingerprint": "f"}
-    check_compatible(saved, dict(saved))
+class Crash(keras.callbacks.Callback):
+    """Raises after `after` batches: the process 'dies' with its last checkpoint on disk."""
+
+    def __init__(self, after):
+        super().__init__()
+        self.after, self.seen = after, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen == self.after:
+            raise KeyboardInterrupt
+
+
+def test_exact_resume_mid_epoch_with_dropout_and_loss_scale(tmp_path):
+    """An interrupted `fit` resumed by a new model from the checkpoint ends with the uninterrupted weights, bit for bit.
+
+    Under mixed_float16 the checkpoint must hold the LossScaleOptimizer's scale and its step counter
+    (float32 is covered through train() by test_kill_resume.py).
+    """
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        def make_epoch(epoch):
+            return _regression_data(n=80, seed=0).unbatch().shuffle(80, seed=7 + epoch).batch(8)
+
+        def run(folder, crash_after=None):
+            model = compiled_model(dropout=0.3)
+            backup = ExactBackupAndRestore(tmp_path / folder, model, steps_per_epoch=10, save_freq=4, async_save=True)
+            callbacks = [backup] + ([Crash(crash_after)] if crash_after else [])
+            try:
+                fit_from_position(model, make_epoch, backup, 3, None, callbacks, verbose=0)
+            except KeyboardInterrupt:
+                backup.store.flush()
+            return model, backup
+
+        reference, ref_backup = run("ref")
+        run("killed", crash_after=15)  # checkpoint at step 12: 3 batches into epoch 2 lost
+        resumed, backup = run("killed")
+        assert backup.restored.step == 12 and backup.position["step"] == 30
+        assert isinstance(resumed.optimizer, keras.optimizers.LossScaleOptimizer)
+        scale = {v.path: float(v.numpy()) for v in resumed.optimizer.variables if "dynamic_scale" in v.path}
+        assert scale and scale == {v.path: float(v.numpy()) for v in reference.optimizer.variables if "dynamic_scale" in v.path}
+        for expected, actual in zip(reference.weights + reference.optimizer.variables, resumed.weights + resumed.optimizer.variables):
+            np.testing.assert_array_equal(np.asarray(expected), np.asarray(actual))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_identity_check_names_what_differs():
+    saved = RunIdentity("a", "v1", "f", {"model": {"units": 32}})
+    saved.check(saved.metadata(), "ckpt")
     with pytest.raises(CheckpointMismatchError, match="vocab_hash: checkpoint has 'v1', this run has 'v2'"):
-        check_compatible(saved, {**saved, "vocab_hash": "v2"})
-    with pytest.raises(CheckpointMismatchError, match="feature_fingerprint"):
-        check_compatible(saved, {"config_hash": "a", "vocab_hash": "v1"})
+        RunIdentity("a", "v2", "f", {"model": {"units": 32}}).check(saved.metadata(), "ckpt")
+    with pytest.raises(CheckpointMismatchError, match=r"feature_fingerprint.*--units 32 -> 48"):
+        RunIdentity("b", "v1", "g", {"model": {"units": 48}}).check(saved.metadata(), "ckpt")
+
+
+def test_no_valid_checkpoint_left_is_said_plainly(tmp_path, capsys):
+    model, _, _, ckpt = make_state()
+    identity = RunIdentity("a", "v", "f", {})
+    manager = VerifiedCheckpointManager(ckpt, tmp_path / "ckpts", async_save=False)
+    manager.save(1, identity.metadata())
+    assert check_checkpoints(tmp_path / "ckpts", identity).step == 1
+    _bit_flip_step(tmp_path / "ckpts", 1)
+    assert check_checkpoints(tmp_path / "ckpts", identity) is None
+    out = capsys.readouterr().out
+    assert "Checkpoint quarantined" in out and "No valid checkpoint is left: training starts from the beginning" in out
+    assert "older checkpoint" not in out
+
+
+def _bit_flip_step(ckpts, step):
+    data = next(ckpts.glob(f"ckpt-{step}.data-*"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))

@@ -1,5 +1,12 @@
-"""A real training process SIGKILLed twice at random batches, then resumed to the end,
-ends with exactly the weights of an uninterrupted run with the same seed."""
+"""A real training process SIGKILLed three times, then resumed to the end, ends with exactly
+the weights and the per-epoch validation of an uninterrupted run with the same seed.
+
+The first two kills come at random moments after a checkpoint. The third comes right after
+the last batch of the last epoch, before its validation (issue 12, hole 2: that epoch must not
+count as done). Early stopping on val_bleu4 restores its best weights at the end, so the
+resumed run must also carry EarlyStopping's best value and best weights across the kills
+(hole 1): the reference's best epoch is not its last one.
+"""
 
 from __future__ import annotations
 
@@ -21,30 +28,36 @@ EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY = 3, 10, 3  # 32 images x 5 captions /
 CHILD = (
     "import sys, json; sys.path.insert(0, sys.argv[1]);"
     "from caption_tf.config import load_config; from caption_tf.training.trainer import train;"
-    "train(load_config('minimal', json.loads(sys.argv[2])))"
+    "from caption_tf.evaluation.metrics import corpus_bleu_scores;"
+    "train(load_config('minimal', json.loads(sys.argv[2])), bleu=corpus_bleu_scores)"
 )
-PROCESS_TIMEOUT_S = 120
+PROCESS_TIMEOUT_S = 180
 POLL_S = 0.01
 
 
-def overrides_for(tmp, runs):
+def overrides_for(tmp, runs, **extra):
     # Dropout > 0: the resumed run must also replay the dropout masks (RNG state in the checkpoint).
-    overrides = tiny_overrides(tmp, epochs=EPOCHS, checkpoint_every=CHECKPOINT_EVERY, dropout=0.3)
+    # Patience above the epoch count: early stopping never stops, but restores its best weights at the end.
+    overrides = tiny_overrides(
+        tmp, epochs=EPOCHS, checkpoint_every=CHECKPOINT_EVERY, dropout=0.3,
+        early_stopping_patience=EPOCHS + 2, early_stopping_monitor="val_bleu4", **extra,
+    )
     overrides["runs_dir"] = str(tmp / runs)
     return overrides
 
 
-def start(overrides, log_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+def start(overrides, log_path, env=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
     log = open(log_path, "w")
     return subprocess.Popen([sys.executable, "-c", CHILD, str(REPO_ROOT), json.dumps(overrides)], stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def published_steps(run_dir):
+    """Steps of the checkpoints whose manifest (written last, once the files are complete) exists."""
     folder = run_dir / "checkpoints"
     if not folder.is_dir():
         return []
-    return sorted(int(p.name[5:]) for p in folder.glob("ckpt-*") if p.name[5:].isdigit() and (p / "manifest.json").exists())
+    return sorted(int(p.name[5:].split(".")[0]) for p in folder.glob("ckpt-*.manifest.json"))
 
 
 def kill_after_checkpoint(proc, run_dir, min_step, delay_s, log_path):
@@ -67,12 +80,12 @@ def h5_arrays(path):
     return arrays
 
 
-def val_losses(run_dir):
+def history(run_dir, column):
     with open(run_dir / "history.csv", newline="") as fh:
-        return [float(row["val_loss"]) for row in csv.DictReader(fh)]
+        return [float(row[column]) for row in csv.DictReader(fh)]
 
 
-def test_sigkill_twice_then_resume_matches_an_uninterrupted_run_exactly(tmp_path):
+def test_sigkill_three_times_then_resume_matches_an_uninterrupted_run_exactly(tmp_path):
     from caption_tf.config import load_config
     from caption_tf.training.trainer import prepare_data
 
@@ -80,7 +93,9 @@ def test_sigkill_twice_then_resume_matches_an_uninterrupted_run_exactly(tmp_path
 
     reference = start(overrides_for(tmp_path, "ref"), tmp_path / "ref.log")
     assert reference.wait(PROCESS_TIMEOUT_S) == 0, (tmp_path / "ref.log").read_text()[-3000:]
-    ref_dir = next((tmp_path / "ref").iterdir())
+    ref_dir = next(p for p in (tmp_path / "ref").iterdir() if p.is_dir())
+    bleu = history(ref_dir, "val_bleu4")
+    assert len(bleu) == EPOCHS and int(np.argmax(bleu)) < EPOCHS - 1, f"the best epoch must not be the last: {bleu}"
 
     seed = random.SystemRandom().randrange(10**6)
     rng = random.Random(seed)
@@ -93,15 +108,26 @@ def test_sigkill_twice_then_resume_matches_an_uninterrupted_run_exactly(tmp_path
         min_step = resumed_from[-1] + rng.randint(*step_range)
         kill_after_checkpoint(proc, run_dir, min_step, rng.uniform(0.0, 0.2), log_path)
         resumed_from.append(max(published_steps(run_dir)))
+    assert 0 < resumed_from[1] < resumed_from[2] < EPOCHS * STEPS_PER_EPOCH - CHECKPOINT_EVERY, f"seed {seed}: resumed from {resumed_from}"
+
+    # Third kill: right after the last training batch (a multiple of --checkpoint-every), before the
+    # epoch's validation. Synchronous saves, so anything saved at that batch is on disk at the kill.
+    last_batch = EPOCHS * STEPS_PER_EPOCH
+    crash = {"CAPTION_TF_CRASH_AFTER_BATCHES": str(last_batch - resumed_from[-1])}
+    third = start({**overrides, "async_checkpoint": False}, tmp_path / "killed-2.log", env=crash)
+    assert third.wait(PROCESS_TIMEOUT_S) == -signal.SIGKILL, (tmp_path / "killed-2.log").read_text()[-3000:]
+
     final = start(overrides, tmp_path / "final.log")
     assert final.wait(PROCESS_TIMEOUT_S) == 0, (tmp_path / "final.log").read_text()[-3000:]
     final_log = (tmp_path / "final.log").read_text()
-    assert f"ckpt-{resumed_from[-1]}:" in final_log, f"seed {seed}: {final_log[-2000:]}"
-    assert 0 < resumed_from[1] < resumed_from[2] < EPOCHS * STEPS_PER_EPOCH, f"seed {seed}: resumed from {resumed_from}"
+    # The epoch was not validated: the resume redoes its last batches from the last mid-epoch checkpoint.
+    assert f"ckpt-{last_batch - CHECKPOINT_EVERY}: epoch {EPOCHS}, {STEPS_PER_EPOCH - CHECKPOINT_EVERY} batch(es) done" in final_log, final_log[-2000:]
 
     expected, actual = h5_arrays(ref_dir / "model.weights.h5"), h5_arrays(run_dir / "model.weights.h5")
     assert expected.keys() == actual.keys() and len(expected) > 10
     max_abs_diff = max(float(np.max(np.abs(expected[k].astype(np.float64) - actual[k]))) for k in expected)
-    print(f"kill seed {seed}, resumed from steps {resumed_from[1:]}, max abs weight difference {max_abs_diff}")
+    print(f"kill seed {seed}, resumed from steps {resumed_from[1:]} and {last_batch - CHECKPOINT_EVERY}, max abs weight difference {max_abs_diff}")
     assert max_abs_diff == 0.0, f"seed {seed}, resumed from {resumed_from}: max abs difference {max_abs_diff}"
-    assert val_losses(run_dir) == val_losses(ref_dir)  # validation after each epoch: identical
+    # Validation after each epoch: identical, and one history row per epoch.
+    assert history(run_dir, "val_loss") == history(ref_dir, "val_loss")
+    assert history(run_dir, "val_bleu4") == bleu

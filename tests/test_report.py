@@ -58,7 +58,9 @@ def two_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report_runs")
     runs = []
     for decoder, attention in (("lstm", "bahdanau"), ("gru", "luong")):
-        cfg = load_config("minimal", tiny_overrides(tmp, decoder=decoder, attention=attention, run_name=f"{decoder}-{attention}", epochs=2))
+        # 3 epochs at lr 0.01: enough for the tiny decoders to name colours and shapes (confusion tables).
+        cfg = load_config("minimal", tiny_overrides(tmp, decoder=decoder, attention=attention, run_name=f"{decoder}-{attention}",
+                                                    epochs=3, learning_rate=0.01))
         runs.append(train(cfg))
     return runs
 
@@ -111,6 +113,43 @@ def test_metrics_json_has_every_section_for_both_decodings(report, two_runs):
     assert saved["llm"]["available"] is False and "no-such-captioner" in saved["llm"]["reason"]
 
 
+def test_every_stage_is_timed_and_retrieval_names_its_protocol(report, two_runs):
+    out, summary = report
+    saved = json.loads((out / "metrics.json").read_text())
+    for run in two_runs:
+        stages = saved["timings"][run.name]
+        for stage in ("decoding (greedy + beam)", "caption metrics, greedy", "semantic similarity, beam",
+                      "image-text retrieval", "resources (latency, memory)", "captioning 3 image file(s)"):
+            assert stages[stage] >= 0.0, stage
+        retrieval = saved["runs"][run.name]["retrieval"]
+        # 4 test images: fewer than one default pool, so the standard protocol, said so.
+        assert retrieval["pools"] == 1 and retrieval["protocol"].startswith("standard protocol: all 4 images")
+        assert retrieval["pairs"] == retrieval["images"] * retrieval["captions"] and retrieval["pairs_per_second"] > 0
+    assert saved["timings"]["report"]["backbone embeddings (PCA, t-SNE)"] >= 0.0 and saved["timings"]["total_seconds"] > 0
+    page = (out / "report.html").read_text()
+    assert "standard protocol: all 4 images" in page and 'id="timings"' in page
+
+
+def test_counts_and_megabytes_are_not_printed_with_three_decimals(report):
+    out, summary = report
+    page = (out / "report.html").read_text()
+    run = next(iter(summary["runs"].values()))
+    assert f"{run['resources']['decoder_parameters']:,}" in page  # 12,345: thousands separators
+    assert f"{run['resources']['peak_rss_mb']:,.0f}</td>" in page and f"{run['resources']['peak_rss_mb']:.3f}" not in page
+    lengths = run["greedy"]["errors"]["lengths"]["reference"]
+    assert f'<td class="num">{lengths["max"]:,.0f}</td>' in page and f'{lengths["max"]:.3f}' not in page
+
+
+def test_evaluate_help_shows_each_default_once():
+    from caption_tf.cli import evaluate_parser
+
+    text = " ".join(evaluate_parser().format_help().split())
+    assert "(default: None)" not in text and "(default: True)" not in text and "(default: ())" not in text
+    assert "--no-resources skip the latency/memory benchmark --no-embeddings" in text
+    assert text.count("(default: reports/<run>[_vs_<run>...])") == 1
+    assert "(default: 50)" in text and "(default: 500)" in text and "(default: test)" in text
+
+
 def test_two_runs_give_a_two_column_comparison(report, two_runs):
     out, summary = report
     for decoding in DECODINGS:
@@ -148,6 +187,7 @@ def test_cli_images_only_writes_a_small_report(two_runs, user_images, tmp_path, 
     assert evaluate_main(["--run", str(two_runs[0]), "--images", str(user_images[0]), str(user_images[1]), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "gray.png" in printed and "rgba.png" in printed
+    assert printed.count("  greedy: ") == 2 and printed.count("  beam (beam size 3): ") == 2
     saved = json.loads((out / "metrics.json").read_text())
     assert "comparison" not in saved and len(saved["user_images"][two_runs[0].name]) == 2
     checker = check_html(out / "report.html")

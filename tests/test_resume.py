@@ -13,8 +13,10 @@ import pytest
 
 from caption_tf.cli import train_main
 from caption_tf.config import load_config
+from caption_tf.files import file_sha256
 from caption_tf.training import recovery, supervisor
-from caption_tf.training.integrity import CheckpointMismatchError, VerifiedCheckpointStore, file_sha256
+from caption_tf.training.checkpoints import latest_valid
+from caption_tf.run_folder import CheckpointMismatchError
 from caption_tf.training.trainer import train
 from conftest import REPO_ROOT, read_scalars, tiny_overrides
 
@@ -43,7 +45,7 @@ def copy_run(run_dir, runs):
 
 
 def checkpoint_steps(run_dir):
-    return sorted(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("ckpt-*") if p.name.split("-")[1].isdigit())
+    return sorted(int(p.name[5:].split(".")[0]) for p in (run_dir / "checkpoints").glob("ckpt-*.index"))
 
 
 def history_epochs(run_dir):
@@ -106,7 +108,7 @@ def test_corrupt_newest_checkpoint_is_quarantined_and_the_previous_one_used(shar
     shared_tmp, finished = shared
     run_dir = copy_run(finished, tmp_path / "runs")
     assert checkpoint_steps(run_dir) == [6, 9, 10]
-    data_file = next((run_dir / "checkpoints" / "ckpt-10").glob("ckpt.data-*"))
+    data_file = next((run_dir / "checkpoints").glob("ckpt-10.data-*"))
     raw = bytearray(data_file.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # one flipped bit pattern in the middle of the weights
     data_file.write_bytes(bytes(raw))
@@ -122,7 +124,7 @@ def test_corrupt_newest_checkpoint_is_quarantined_and_the_previous_one_used(shar
     assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
 
 
-def test_nan_loss_stops_cleanly_keeps_last_good_checkpoint_and_exits_nonzero(shared, tmp_path, monkeypatch, capsys):
+def test_nan_loss_stops_cleanly_then_a_lower_learning_rate_resumes(shared, tmp_path, monkeypatch, capsys):
     shared_tmp, _ = shared
     overrides = tiny_overrides(shared_tmp, checkpoint_every=3, epochs=2)
     overrides["runs_dir"] = str(tmp_path / "runs")
@@ -130,13 +132,23 @@ def test_nan_loss_stops_cleanly_keeps_last_good_checkpoint_and_exits_nonzero(sha
 
     code = train_main(cli_flags(overrides))
     assert code == supervisor.EXIT_NON_FINITE
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "became nan at epoch 1, batch 8" in err and "Last good checkpoint" in err and "ckpt-6" in err
+    assert (out + err).count("became nan") == 1  # one report, not three
+    assert "--learning-rate" in err and "resumes from that checkpoint" in err
     run_dir = next((tmp_path / "runs").iterdir())
-    store = VerifiedCheckpointStore(run_dir / "checkpoints", checkpoint=None)
-    assert store.latest_valid().step == 6 and checkpoint_steps(run_dir) == [3, 6]
+    assert latest_valid(run_dir / "checkpoints")[0].step == 6 and checkpoint_steps(run_dir) == [3, 6]
     assert not (run_dir / "model.weights.h5").exists()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "stopped: non-finite loss"
+
+    # The advice is true: the same command with a lower learning rate resumes from ckpt-6 and finishes.
+    monkeypatch.delenv(recovery.NAN_AT_STEP_ENV)
+    assert train_main(cli_flags({**overrides, "learning_rate": 0.0005})) == 0
+    out = capsys.readouterr().out
+    assert "ckpt-6: epoch 1, 6 batch(es) done" in out and "Resuming with changed settings: --learning-rate 0.002 -> 0.0005" in out
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "complete" and info["resume_overrides"] == [{"step": 6, "learning_rate": [0.002, 0.0005]}]
+    assert load_config(str(run_dir / "config.yaml")).train.learning_rate == 0.0005
 
 
 def test_supervisor_restarts_a_crashing_training_child_until_it_finishes(shared, tmp_path, monkeypatch, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from caption_tf.evaluation.retrieval import chance_recall_at_k, pair_scores, recall_at_k, retrieval_scores
+from caption_tf.evaluation.retrieval import CaptionTrie, chance_recall_at_k, pair_scores, recall_at_k, retrieval_pools, retrieval_scores
 
 
 def test_recall_at_k_on_a_hand_made_matrix():
@@ -44,7 +44,7 @@ def test_chance_baseline_matches_simulated_random_rankings():
 
 def test_retrieval_on_a_tiny_trained_run(tiny_run):
     from caption_tf.evaluation.captioning import open_run_cache
-    from caption_tf.training.run import load_run
+    from caption_tf.run_folder import load_run
 
     _, run_dir = tiny_run
     run = load_run(run_dir)
@@ -62,7 +62,7 @@ def test_retrieval_on_a_tiny_trained_run(tiny_run):
     # The batched score matrix equals per-pair teacher-forced log-likelihoods from the decoder itself.
     grids = cache.load_split("test")["grid"][:2]
     tokens = run.vocab.encode(["a red circle", "a blue square on the left"])
-    matrix = pair_scores(run.generator(), grids, tokens)
+    matrix = pair_scores(run.model, grids, tokens)
     for i in range(2):
         for j in range(2):
             logits = run.model((grids[i : i + 1].astype("float32"), tokens[j : j + 1, :-1])).numpy()[0]
@@ -71,3 +71,66 @@ def test_retrieval_on_a_tiny_trained_run(tiny_run):
             real = targets != 0
             expected = log_probs[np.arange(len(targets)), targets][real].mean()
             assert matrix[i, j] == pytest.approx(expected, abs=1e-3)
+
+
+def test_caption_trie_decodes_each_shared_prefix_once():
+    # <start>=2, <end>=3: "a dog" / "a dog runs" / "a cat" / "a dog" again (a duplicate caption).
+    tokens = np.array([[2, 5, 6, 3, 0], [2, 5, 6, 7, 3], [2, 5, 8, 3, 0], [2, 5, 6, 3, 0]])
+    trie = CaptionTrie.build(tokens)
+    # Depth d holds the distinct prefixes tokens[:d+1] of captions still going at step d.
+    assert [t.tolist() for t in trie.node_tokens] == [[2], [5], [6, 8], [7]]
+    assert [p.tolist() for p in trie.node_parents] == [[0], [0], [0, 0], [0]]
+    assert trie.nodes == 5  # instead of 4 captions x 4 steps = 16 decoder steps (13 real tokens)
+    assert trie.mask.sum(1).tolist() == [3, 4, 3, 3]
+    # Each caption's path of (node, next token) edges spells the caption after <start>.
+    edge_tokens = np.concatenate(trie.edge_tokens)
+    for caption, path, mask in zip(tokens, trie.paths, trie.mask):
+        assert edge_tokens[path[mask > 0]].tolist() == [t for t in caption[1:] if t]
+    assert trie.paths[0].tolist()[:3] == trie.paths[3].tolist()[:3]  # identical captions share every edge
+    with pytest.raises(ValueError, match="same <start>"):
+        CaptionTrie.build(np.array([[2, 5, 3], [4, 5, 3]]))
+
+
+def test_pools_split_the_images_evenly_and_all_means_one_pool():
+    assert [len(p) for p in retrieval_pools(103, 50)] == [52, 51]
+    assert [len(p) for p in retrieval_pools(1000, 50)] == [50] * 20
+    assert [len(p) for p in retrieval_pools(30, 50)] == [30]  # a split smaller than a pool: the standard protocol
+    assert [len(p) for p in retrieval_pools(103, None)] == [103]
+    assert np.concatenate(retrieval_pools(103, 50)).tolist() == list(range(103))
+    with pytest.raises(ValueError, match="at least 2"):
+        retrieval_pools(10, 1)
+
+
+def test_pooled_recall_is_the_query_weighted_mean_of_each_pools_recall(tiny_run):
+    from caption_tf.data.datasets import load_dataset
+    from caption_tf.evaluation.captioning import open_run_cache
+    from caption_tf.run_folder import load_run
+
+    _, run_dir = tiny_run
+    run = load_run(run_dir)
+    dataset = load_dataset(run.config.data)
+    cache = open_run_cache(run, dataset)
+    ids, records = cache.image_ids("test"), dataset.by_id()
+    grids = cache.load_split("test")["grid"]
+    assert len(ids) == 4
+
+    def by_hand(pool):
+        encoded = [run.vocab.encode(records[ids[i]].captions) for i in pool]
+        owner = np.concatenate([np.full(len(e), j) for j, e in enumerate(encoded)])
+        scores = pair_scores(run.model, grids[pool], np.concatenate(encoded))
+        positives = np.arange(len(pool))[:, None] == owner[None, :]
+        return recall_at_k(scores, positives, (1, 2)), recall_at_k(scores.T, positives.T, (1, 2)), len(owner)
+
+    whole = retrieval_scores(run, cache, "test", ks=(1, 2), dataset=dataset, pool_images=None, progress=False)
+    i2t, t2i, _ = by_hand(np.arange(4))
+    assert whole["image_to_text"] == pytest.approx(i2t) and whole["text_to_image"] == pytest.approx(t2i)
+    assert whole["pools"] == 1 and whole["protocol"].startswith("standard protocol")
+
+    pooled = retrieval_scores(run, cache, "test", ks=(1, 2), dataset=dataset, pool_images=2, progress=False)
+    (a_i2t, a_t2i, a_n), (b_i2t, b_t2i, b_n) = by_hand(np.arange(2)), by_hand(np.arange(2, 4))
+    for k in ("R@1", "R@2"):
+        assert pooled["image_to_text"][k] == pytest.approx((a_i2t[k] + b_i2t[k]) / 2)
+        assert pooled["text_to_image"][k] == pytest.approx((a_t2i[k] * a_n + b_t2i[k] * b_n) / (a_n + b_n))
+    assert pooled["pools"] == 2 and "2 pools of 2 consecutive images" in pooled["protocol"] and "--retrieval-pool all" in pooled["protocol"]
+    assert pooled["pairs"] == 2 * a_n + 2 * b_n < whole["pairs"]
+    assert pooled["chance"]["image_to_text"]["R@1"] > whole["chance"]["image_to_text"]["R@1"]  # smaller pools: easier

@@ -9,44 +9,34 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 from caption_tf.config import DataConfig
+from caption_tf.data.public import load_coco, load_custom, load_flickr8k, load_flickr30k, load_karpathy
 from caption_tf.data.records import CaptionDataset
+from caption_tf.data.shapes import load_shapes
 
 DatasetLoader = Callable[[DataConfig], CaptionDataset]
-_LOADERS: dict[str, DatasetLoader] = {}
-
-
-def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
-    def wrap(fn: DatasetLoader) -> DatasetLoader:
-        _LOADERS[name] = fn
-        return fn
-
-    return wrap
+# A new dataset format is one loader function and one line here.
+LOADERS: dict[str, DatasetLoader] = {
+    "shapes": load_shapes,
+    "flickr8k": load_flickr8k,
+    "flickr30k": load_flickr30k,
+    "coco": load_coco,
+    "karpathy": load_karpathy,
+    "custom": load_custom,
+}
 
 
 def available_datasets() -> list[str]:
-    _import_loaders()
-    return sorted(_LOADERS)
-
-
-# Modules whose import registers their loaders (see `register_dataset`).
-LOADER_MODULES = ("caption_tf.data.shapes", "caption_tf.data.public")
-
-
-def _import_loaders() -> None:
-    for module in LOADER_MODULES:
-        importlib.import_module(module)
+    return sorted(LOADERS)
 
 
 def load_dataset(cfg: DataConfig) -> CaptionDataset:
     """Load (or generate) the dataset named by `cfg.dataset`; raise with the known names."""
-    _import_loaders()
-    if cfg.dataset not in _LOADERS:
-        raise ValueError(f"Unknown dataset {cfg.dataset!r}; available: {sorted(_LOADERS)}")
-    ds = _LOADERS[cfg.dataset](cfg)
+    if cfg.dataset not in LOADERS:
+        raise ValueError(f"Unknown dataset {cfg.dataset!r}; available: {available_datasets()}")
+    ds = LOADERS[cfg.dataset](cfg)
     if not ds.records:
         raise ValueError(f"Dataset {cfg.dataset!r} has no usable image ({ds.skips.summary()})")
     if cfg.max_train_images is not None:

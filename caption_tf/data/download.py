@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import http.client
 import os
 import shutil
@@ -32,6 +31,8 @@ from typing import Optional
 from tqdm import tqdm
 
 from caption_tf.config import DataConfig
+from caption_tf.data.layouts import flickr8k_present
+from caption_tf.files import file_sha256
 
 FLICKR8K_BASE_URL = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/"
 BASE_URL_ENV = "CAPTION_TF_FLICKR8K_URL"
@@ -59,21 +60,6 @@ and run again with --data-dir {root} (without --download)."""
 
 class DownloadError(RuntimeError):
     """A download that failed; the message names the URL and what to do instead."""
-
-
-def sha256_of(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in chunks.
-
-    Example:
-
-    >>> sha256_of("Flickr8k_text.zip")[:8]
-    'a1b2c3d4'
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _open(url: str, offset: int, timeout: float):
@@ -141,7 +127,7 @@ def _finalise(part: Path, dest: Path, url: str, sha256: Optional[str], total: Op
             f"Download of {url} is incomplete ({size} of {total} bytes); {part} is kept and the next run resumes it"
         )
     if sha256:
-        actual = sha256_of(part)
+        actual = file_sha256(part)
         if actual != sha256.lower():
             part.unlink()
             raise DownloadError(f"Checksum mismatch for {url}: SHA-256 {actual}, expected {sha256}; deleted {part}")
@@ -178,16 +164,6 @@ def extract_zip(archive: str | Path, dest: str | Path) -> list[str]:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
         raise DownloadError(f"{archive}: not a valid zip archive ({exc}); delete it and run again") from None
     return names
-
-
-def flickr8k_present(root: str | Path) -> bool:
-    """True when `root` holds a Flickr8k captions file and an images folder."""
-    from caption_tf.data.public import FLICKR8K_CAPTION_FILES, FLICKR8K_IMAGE_DIRS
-
-    root = Path(root)
-    return any((root / f).is_file() for f in FLICKR8K_CAPTION_FILES) and any(
-        (root / d).is_dir() for d in FLICKR8K_IMAGE_DIRS
-    )
 
 
 def flickr8k_base_url() -> str:

@@ -27,9 +27,21 @@ from PIL import Image
 
 from caption_tf.config import DataConfig
 from caption_tf.data import images as _images  # noqa: F401  (sets PIL's pixel limits)
-from caption_tf.data.datasets import register_dataset
-from caption_tf.data.records import SPLITS, CaptionDataset, ImageRecord, SkipReport
-from caption_tf.data.shapes import assign_splits
+from caption_tf.data.download import ensure_flickr8k
+from caption_tf.data.layouts import (
+    COCO_LAYOUT,
+    COCO_YEARS,
+    CUSTOM_CAPTION_FILES,
+    CUSTOM_LAYOUT,
+    FLICKR8K_CAPTION_FILES,
+    FLICKR8K_IMAGE_DIRS,
+    FLICKR8K_LAYOUT,
+    FLICKR8K_SPLIT_FILES,
+    FLICKR30K_CAPTION_FILES,
+    FLICKR30K_IMAGE_DIRS,
+    FLICKR30K_LAYOUT,
+)
+from caption_tf.data.records import SPLITS, CaptionDataset, ImageRecord, SkipReport, assign_splits
 
 # Flickr8k/30k and COCO give every image 5 reference captions (a few COCO images have 6-7).
 EXPECTED_REFERENCES = 5
@@ -41,17 +53,6 @@ JPEG_CHECK_SCALE = 8
 # Split names used by the files users have; everything else maps to itself.
 SPLIT_ALIASES = {"dev": "val", "restval": "train", "validation": "val"}
 
-FLICKR8K_CAPTION_FILES = ("Flickr8k.token.txt", "captions.txt")
-FLICKR8K_IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images", "images")
-FLICKR8K_SPLIT_FILES = {
-    "train": "Flickr_8k.trainImages.txt",
-    "val": "Flickr_8k.devImages.txt",
-    "test": "Flickr_8k.testImages.txt",
-}
-FLICKR30K_CAPTION_FILES = ("results_20130124.token", "results.csv", "captions.txt")
-FLICKR30K_IMAGE_DIRS = ("flickr30k_images", "Images", "images")
-COCO_YEARS = ("2014", "2017")
-CUSTOM_CAPTION_FILES = ("captions.csv", "captions.jsonl", "captions.txt")
 
 # Column names accepted in CSV headers for the image file and its caption.
 IMAGE_COLUMNS = ("image", "image_name", "filename", "file", "file_name", "path")
@@ -384,9 +385,7 @@ def _unique_id(stem: str, seen: set[str]) -> str:
 def _finish(name: str, records: list[ImageRecord], report: SkipReport, folder: Path) -> CaptionDataset:
     if not records:
         raise ValueError(f"Dataset {name!r} in {folder} has no usable image ({report.summary()})")
-    ds = CaptionDataset(name, records, report)
-    print(f"Loaded {ds.summary()}", flush=True)
-    return ds
+    return CaptionDataset(name, records, report)  # its summary() is printed once, by whoever loads it
 
 
 # ---------------------------------------------------------------------------
@@ -445,21 +444,6 @@ def parse_caption_file(path: Path, report: SkipReport) -> dict[str, list[str]]:
     return parse_csv_captions(path, report)
 
 
-FLICKR8K_LAYOUT = """  DATA_DIR/
-    Flickr8k.token.txt   (or the Kaggle captions.txt: image,caption)
-    Flickr_8k.trainImages.txt, Flickr_8k.devImages.txt, Flickr_8k.testImages.txt  (optional)
-    Flicker8k_Dataset/*.jpg   (or Images/*.jpg)"""
-FLICKR30K_LAYOUT = """  DATA_DIR/
-    results_20130124.token   (or results.csv 'image_name| comment_number| comment', or captions.txt)
-    flickr30k_images/*.jpg   (or Images/*.jpg)"""
-COCO_LAYOUT = """  DATA_DIR/
-    annotations/captions_train2014.json, annotations/captions_val2014.json  (or *2017.json)
-    train2014/*.jpg, val2014/*.jpg   (or train2017/, val2017/; also under DATA_DIR/images/)"""
-CUSTOM_LAYOUT = """  DATA_DIR/
-    captions.csv ('image,caption' header) or captions.jsonl ({"image": ..., "caption": ...})
-    images referenced by path relative to DATA_DIR (any sub-folders)"""
-
-
 def _flickr(name: str, cfg: DataConfig, caption_files, image_dirs, layout, split_files=None) -> CaptionDataset:
     """Shared Flickr8k/Flickr30k loading: captions, images folder, then splits."""
     root = _require_dir(cfg, name)
@@ -487,7 +471,6 @@ def _splits_for(root: Path, captions, cfg: DataConfig, report: SkipReport, split
     return split_by_seed(captions, cfg)
 
 
-@register_dataset("flickr8k")
 def load_flickr8k(cfg: DataConfig) -> CaptionDataset:
     """Flickr8k: official token file or Kaggle captions.txt; official split files if present.
 
@@ -498,13 +481,10 @@ def load_flickr8k(cfg: DataConfig) -> CaptionDataset:
     (6000, 1000, 1000)
     """
     if cfg.download:
-        from caption_tf.data.download import ensure_flickr8k
-
         cfg = ensure_flickr8k(cfg)
     return _flickr("flickr8k", cfg, FLICKR8K_CAPTION_FILES, FLICKR8K_IMAGE_DIRS, FLICKR8K_LAYOUT, FLICKR8K_SPLIT_FILES)
 
 
-@register_dataset("flickr30k")
 def load_flickr30k(cfg: DataConfig) -> CaptionDataset:
     """Flickr30k: `results_20130124.token`, Kaggle `results.csv` (pipe) or `captions.txt`.
 
@@ -553,7 +533,6 @@ def parse_coco_captions(path: Path, root: Path, report: SkipReport) -> tuple[dic
     return captions, {name: image_dir / name for name in captions}
 
 
-@register_dataset("coco")
 def load_coco(cfg: DataConfig) -> CaptionDataset:
     """COCO captions 2014/2017; without --split-file: train json -> train, val json -> val/test halves.
 
@@ -589,7 +568,6 @@ def _karpathy_image_path(root: Path, entry: dict) -> Path:
     return next((c for c in candidates if c.is_file()), candidates[0])
 
 
-@register_dataset("karpathy")
 def load_karpathy(cfg: DataConfig) -> CaptionDataset:
     """Captions and splits from a Karpathy `dataset_*.json`; images under --data-dir.
 
@@ -627,7 +605,6 @@ def _custom_caption_file(root: Path, cfg: DataConfig) -> Path:
     return _caption_file(root, cfg, CUSTOM_CAPTION_FILES, CUSTOM_LAYOUT)
 
 
-@register_dataset("custom")
 def load_custom(cfg: DataConfig) -> CaptionDataset:
     """A folder of images plus a CSV (`image,caption[,split]`) or JSONL of rows.
 

@@ -15,13 +15,33 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
+from caption_tf.files import write_json
+
 SPLITS = ("train", "val", "test")
+
+
+def assign_splits(n: int, val_fraction: float, test_fraction: float, seed: int) -> list[str]:
+    """Split names for `n` items from `seed`: round(n * test_fraction) test, round(n * val_fraction) val, the rest train.
+
+    Used by every loader without split files of its own (shapes, Flickr without split files, custom).
+    """
+    order = np.random.default_rng(seed).permutation(n)
+    n_test, n_val = int(round(n * test_fraction)), int(round(n * val_fraction))
+    splits = ["train"] * n
+    for rank, idx in enumerate(order):
+        if rank < n_test:
+            splits[idx] = "test"
+        elif rank < n_test + n_val:
+            splits[idx] = "val"
+    return splits
 
 
 @dataclass
@@ -67,12 +87,29 @@ class SkipReport:
         return {name: len(getattr(self, name)) for name in self.__dataclass_fields__}
 
     def summary(self) -> str:
-        parts = [f"{n.replace('_', ' ')}: {c}" for n, c in self.counts().items() if c]
+        """One line: the count of each kind of drop, and why images were skipped.
+
+        Example:
+
+        >>> report = SkipReport(missing_images=["a.jpg"])
+        >>> report.skip_image("b.jpg", "not listed in any split file")
+        >>> report.summary()
+        'skipped images: 1 (1 not listed in any split file); missing images: 1'
+        """
+        parts = []
+        for name, count in self.counts().items():
+            if not count:
+                continue
+            part = f"{name.replace('_', ' ')}: {count:,}"
+            if name == "skipped_images":
+                # "corrupt or truncated (OSError: ...)" -> "corrupt or truncated": the kind, not the detail
+                reasons = collections.Counter(s["reason"].split(" (")[0] for s in self.skipped_images)
+                part += " (" + ", ".join(f"{n:,} {reason}" for reason, n in reasons.most_common()) + ")"
+            parts.append(part)
         return "; ".join(parts) if parts else "nothing skipped"
 
     def save(self, path: str | Path) -> None:
-        with open(path, "w") as fh:
-            json.dump({"counts": self.counts(), **asdict(self)}, fh, indent=2)
+        write_json(path, {"counts": self.counts(), **asdict(self)})
 
 
 @dataclass
@@ -104,6 +141,13 @@ class CaptionDataset:
         return h.hexdigest()[:16]
 
     def summary(self) -> str:
-        counts = {s: len(self.split(s)) for s in SPLITS}
+        """The one line printed when a dataset is loaded: sizes per split, and what was left out and why.
+
+        Example:
+
+        >>> CaptionDataset("toy", [ImageRecord("a", "a.jpg", ["a dog"], "train")]).summary()
+        'toy: 1 images (train 1, val 0, test 0), 1 captions; nothing skipped'
+        """
+        counts = ", ".join(f"{s} {len(self.split(s)):,}" for s in SPLITS)
         caps = sum(len(r.captions) for r in self.records)
-        return f"{self.name}: {len(self.records)} images ({counts}), {caps} captions; {self.skips.summary()}"
+        return f"{self.name}: {len(self.records):,} images ({counts}), {caps:,} captions; {self.skips.summary()}"

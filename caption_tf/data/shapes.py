@@ -22,14 +22,14 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from caption_tf.config import DataConfig
-from caption_tf.data.records import CaptionDataset, ImageRecord, SceneObject
+from caption_tf.data.records import CaptionDataset, ImageRecord, SceneObject, assign_splits
+from caption_tf.files import write_json
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
@@ -151,18 +151,6 @@ def render_scene(objs: list[SceneObject], size: int, rng: np.random.Generator) -
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def assign_splits(n: int, val_fraction: float, test_fraction: float, seed: int) -> list[str]:
-    order = np.random.default_rng(seed).permutation(n)
-    n_test, n_val = int(round(n * test_fraction)), int(round(n * val_fraction))
-    splits = ["train"] * n
-    for rank, idx in enumerate(order):
-        if rank < n_test:
-            splits[idx] = "test"
-        elif rank < n_test + n_val:
-            splits[idx] = "val"
-    return splits
-
-
 def shapes_dir(cfg: DataConfig) -> Path:
     root = Path(cfg.data_dir) if cfg.data_dir else Path(cfg.data_root)
     name = f"shapes-v{FORMAT_VERSION}-seed{cfg.data_seed}-n{cfg.num_images}-px{cfg.scene_size}-obj{cfg.max_objects}"
@@ -189,10 +177,7 @@ def generate_shapes(cfg: DataConfig, out_dir: Path) -> None:
                 "objects": [o.__dict__ for o in objs],
             }
         )
-    tmp = out_dir / "annotations.json.tmp"
-    with open(tmp, "w") as fh:
-        json.dump({"format_version": FORMAT_VERSION, "images": entries}, fh)
-    os.replace(tmp, out_dir / "annotations.json")
+    write_json(out_dir / "annotations.json", {"format_version": FORMAT_VERSION, "images": entries}, indent=None)
 
 
 def load_shapes(cfg: DataConfig) -> CaptionDataset:
@@ -214,12 +199,3 @@ def load_shapes(cfg: DataConfig) -> CaptionDataset:
         for e in entries
     ]
     return CaptionDataset("shapes", records)
-
-
-def _register() -> None:
-    from caption_tf.data.datasets import register_dataset
-
-    register_dataset("shapes")(load_shapes)
-
-
-_register()

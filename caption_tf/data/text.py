@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from caption_tf.config import TextConfig
+from caption_tf.files import write_json
 
 START, END = "<start>", "<end>"
 PAD, UNK = "", "[UNK]"  # TextVectorization's reserved tokens at index 0 and 1
@@ -39,6 +40,36 @@ def wrap_caption(text: str, max_length: int) -> str:
     """Clean, truncate to fit `max_length` tokens with <start>/<end>, and wrap."""
     words = clean_caption(text).split()[: max_length - 2]
     return " ".join([START, *words, END])
+
+
+# Warn when more than this share of training captions is cut by `max_length` (issue 14).
+TRUNCATION_WARN_FRACTION = 0.05
+KEEP_WHOLE_PERCENTILE = 95
+
+
+def truncation_warning(captions: Sequence[str], max_length: int) -> str | None:
+    """A warning when more than 5% of `captions` are longer than `max_length` allows, else None.
+
+    `max_length` counts <start> and <end>; the warning names the length that keeps
+    95% of the captions whole (their 95th percentile length in words + 2).
+
+    Example:
+
+    >>> truncation_warning(["a dog runs on the green grass"] * 10, max_length=5)
+    'warning: 100% of training captions (10 of 10) are longer than --max-length 5 allows (3 words + <start>/<end>) and are cut; --max-length 9 keeps 95% of them whole (or --max-length auto)'
+    """
+    lengths = np.array([len(clean_caption(c).split()) for c in captions])
+    if not len(lengths):
+        return None
+    cut = int(np.sum(lengths > max_length - 2))
+    if cut <= TRUNCATION_WARN_FRACTION * len(lengths):
+        return None
+    keep = int(np.ceil(np.percentile(lengths, KEEP_WHOLE_PERCENTILE))) + 2
+    return (
+        f"warning: {cut / len(lengths):.0%} of training captions ({cut:,} of {len(lengths):,}) are longer than "
+        f"--max-length {max_length} allows ({max_length - 2} words + <start>/<end>) and are cut; "
+        f"--max-length {keep} keeps {KEEP_WHOLE_PERCENTILE}% of them whole (or --max-length auto)"
+    )
 
 
 class CaptionVocabulary:
@@ -93,8 +124,7 @@ class CaptionVocabulary:
         return hashlib.sha256("\n".join(self.tokens).encode()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
-        with open(path, "w") as fh:
-            json.dump({"max_length": self.max_length, "tokens": self.tokens}, fh)
+        write_json(path, {"max_length": self.max_length, "tokens": self.tokens}, indent=None)
 
     @classmethod
     def load(cls, path: str | Path) -> "CaptionVocabulary":

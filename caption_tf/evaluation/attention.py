@@ -155,7 +155,8 @@ def localisation(
     """Attention mass inside the named object's box, per word type and per word.
 
     `captions[i]` are the generated words of image i in step order (word t was
-    produced at step t), `attention[i, t]` the weights of that step, `objects[i]`
+    produced at step t), `attention[i][t]` the weights of that step (an array
+    [images, steps, cells], or one [steps, cells] array per image), `objects[i]`
     the scene's ground truth. Returns {"by_type": {type: {"count", "mass_in_box",
     "uniform_baseline", "ratio"}}, "by_word": {...same...}, "unresolved": n words
     naming no (unique) object, "words_scored": n}.
@@ -177,7 +178,7 @@ def localisation(
                 if target is None:
                     unresolved += 1
                     continue
-                pair = (mass_in_box(attention[i, t], target.box), box_area(target.box))
+                pair = (mass_in_box(attention[i][t], target.box), box_area(target.box))
                 scored[word_type(words[t])].append(pair)
                 by_word[words[t]].append(pair)
     return {

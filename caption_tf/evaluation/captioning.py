@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from caption_tf.data.datasets import load_dataset
-from caption_tf.data.pipeline import feature_batches
 from caption_tf.data.text import clean_caption
 from caption_tf.evaluation.metrics import corpus_bleu_scores
-from caption_tf.features.cache import FeatureCache, cache_request, open_cache
-from caption_tf.training.run import METRICS_FILE, Run, load_run, write_json
+from caption_tf.features.cache import FeatureCache, cache_request, open_cache, repair_cache
+from caption_tf.features.tfrecords import feature_batches
+from caption_tf.files import write_json
+from caption_tf.run_folder import METRICS_FILE, Run, load_run
 
 
 @dataclass
@@ -35,16 +36,25 @@ class SplitCaptions:
 
 
 def open_run_cache(run: Run, dataset=None) -> FeatureCache:
-    """The run's feature cache, checked against the dataset it was trained on."""
+    """The run's feature cache, checked against the dataset it was trained on and against its manifest.
+
+    Damaged shards are re-extracted (`features.cache.repair_cache`); what cannot
+    be repaired raises `FeatureCacheError` naming the file.
+    """
     dataset = dataset or load_dataset(run.config.data)
-    request = cache_request(dataset, run.config.features)
+    if run.info.get("feature_fingerprint"):
+        # The very cache the run recorded (its key), for the same images: also a cache written by an
+        # earlier version of this code, whose request would no longer match.
+        request = {"key": run.info["feature_fingerprint"], "dataset_fingerprint": dataset.fingerprint()}
+    else:
+        request = cache_request(dataset, run.config.features)
     cache = open_cache(Path(run.info["feature_cache"]), request)
     if cache is None:
         raise FileNotFoundError(
             f"Feature cache {run.info['feature_cache']} is missing or does not match the run's dataset; "
             f"rerun train.py with the run's config ({run.directory / 'config.yaml'}) to rebuild it"
         )
-    return cache
+    return repair_cache(cache, dataset)
 
 
 def caption_split(run: Run, cache: FeatureCache, split: str = "test", batch_size: int = 64) -> SplitCaptions:

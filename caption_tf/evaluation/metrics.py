@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Optional
 
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu, sentence_bleu
+from tqdm.auto import tqdm
 
 BLEU_SMOOTHING = "nltk SmoothingFunction().method1 (epsilon=0.1 for zero n-gram counts)"
 BLEU_WEIGHTS = {
@@ -180,6 +181,19 @@ def _get_meteor():
     return _meteor_scorer
 
 
+def start_meteor() -> None:
+    """Start METEOR's JVM now, in its own process, so the first METEOR score does not wait for it.
+
+    The JVM spends ~8-25 s loading its paraphrase tables; started before decoding,
+    that load overlaps with it. A no-op without Java; a failure here is reported
+    by the first `meteor_scores` call instead.
+    """
+    if not java_available():
+        return
+    with _meteor_lock, contextlib.suppress(Exception):
+        _get_meteor()
+
+
 def _drop_meteor() -> None:
     global _meteor_scorer
     if _meteor_scorer is not None:
@@ -240,6 +254,7 @@ def caption_metrics(
     hypotheses: dict[str, str],
     meteor: bool = True,
     tokenizer: str = "simple",
+    progress: bool = False,
 ) -> dict:
     """All caption metrics for the images in `hypotheses`, corpus-level and per image.
 
@@ -251,7 +266,7 @@ def caption_metrics(
     are ignored. The default tokenizer "simple" splits words exactly where
     `data.text.clean_caption` (the model's vocabulary) does; "ptb" gives
     COCO-comparable numbers but keeps "t-shirt", which a generated "t shirt"
-    then never matches.
+    then never matches. `progress` shows a tqdm bar over the metrics.
 
     Example:
 
@@ -276,15 +291,25 @@ def caption_metrics(
     ref_tokens = [[r.split() for r in gts[k]] for k in ids]
     hyp_tokens = [res[k][0].split() for k in ids]
     result: dict = {"num_images": len(ids), "tokenizer": used, "bleu_smoothing": BLEU_SMOOTHING}
-    result.update(_bleu_from_tokens(ref_tokens, hyp_tokens))
-
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocoevalcap's Bleu prints its ratios
-        coco_bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    result["bleu_coco"] = {f"bleu{n + 1}": float(v) for n, v in enumerate(coco_bleu)}
-    cider, cider_per_image = Cider().compute_score(gts, res)
-    rouge, rouge_per_image = Rouge().compute_score(gts, res)
-    result["cider"], result["rouge_l"] = float(cider), float(rouge)
-    result["meteor"] = meteor_scores(gts, res) if meteor else {"available": False, "reason": "not requested (meteor=False)"}
+    steps = ["BLEU", "CIDEr-D", "ROUGE-L"] + (["METEOR"] if meteor else [])
+    with tqdm(total=len(steps), desc="caption metrics", unit="metric", disable=not progress) as bar:
+        bar.set_postfix_str(steps[0])
+        result.update(_bleu_from_tokens(ref_tokens, hyp_tokens))
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocoevalcap's Bleu prints its ratios
+            coco_bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        result["bleu_coco"] = {f"bleu{n + 1}": float(v) for n, v in enumerate(coco_bleu)}
+        bar.update(1)
+        bar.set_postfix_str(steps[1])
+        cider, cider_per_image = Cider().compute_score(gts, res)
+        bar.update(1)
+        bar.set_postfix_str(steps[2])
+        rouge, rouge_per_image = Rouge().compute_score(gts, res)
+        bar.update(1)
+        result["cider"], result["rouge_l"] = float(cider), float(rouge)
+        if meteor:
+            bar.set_postfix_str(steps[3])
+        result["meteor"] = meteor_scores(gts, res) if meteor else {"available": False, "reason": "not requested (meteor=False)"}
+        bar.update(1 if meteor else 0)
     result["spice"] = {"available": False, "reason": SPICE_UNAVAILABLE_REASON}
 
     smoothing = SmoothingFunction().method1

@@ -16,25 +16,30 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from caption_tf.data.datasets import load_dataset
 from caption_tf.data.images import load_rgb
-from caption_tf.data.pipeline import feature_batches
 from caption_tf.evaluation import plots
 from caption_tf.evaluation.attention import localisation
+from caption_tf.evaluation.captioner import Captioner, run_encoder
 from caption_tf.evaluation.captioning import open_run_cache
 from caption_tf.evaluation.errors import confusion_matrix, error_analysis, objects_by_id
-from caption_tf.evaluation.metrics import caption_metrics, headline
+from caption_tf.evaluation.metrics import caption_metrics, headline, start_meteor
 from caption_tf.evaluation.resources import RESOURCE_BATCH_SIZES, measure_resources
-from caption_tf.evaluation.user_images import caption_images, step_words
-from caption_tf.training.run import load_run, write_json
+from caption_tf.evaluation.retrieval import DEFAULT_POOL_IMAGES, DEFAULT_RETRIEVAL_IMAGES
+from caption_tf.features.tfrecords import feature_batches
+from caption_tf.files import write_json
+from caption_tf.run_folder import load_run
 
 REPORT_FILE, METRICS_JSON, FIGURES_DIR = "report.html", "metrics.json", "figures"
 EXAMPLE_IMAGES = 6  # test images shown with references and every caption
@@ -66,6 +71,9 @@ class ReportOptions:
     evaluate_split: bool = True  # False: only caption `images` (a small report)
     resources: bool = True
     embeddings: bool = True
+    retrieval: bool = True
+    retrieval_pool: Optional[int] = DEFAULT_POOL_IMAGES  # images per retrieval pool; None: one pool (standard protocol)
+    retrieval_images: Optional[int] = DEFAULT_RETRIEVAL_IMAGES  # first N evaluated images ranked; None: all
     resource_batch_sizes: Sequence[int] = RESOURCE_BATCH_SIZES
     examples: int = EXAMPLE_IMAGES
     attention_maps: int = ATTENTION_MAP_IMAGES
@@ -78,9 +86,19 @@ class RunResult:
     name: str
     run: object
     dataset: object
+    cache: object = None  # the run's FeatureCache, opened (and checked) once
     metrics: dict = field(default_factory=dict)
     captions: dict = field(default_factory=dict)  # decoding -> {"ids", "text", "words", "attention"}
     figures: dict = field(default_factory=dict)  # section -> [relative paths]
+    _captioner: Optional[Captioner] = None
+
+    @property
+    def captioner(self) -> Captioner:
+        """One captioner per run: its compiled decoding loops serve the split and the user's images."""
+        if self._captioner is None:
+            ev = self.run.config.eval
+            self._captioner = Captioner(self.run, beam_size=ev.beam_size, length_penalty=ev.length_penalty, batch_size=ev.eval_batch_size)
+        return self._captioner
 
 
 def slug(text: str) -> str:
@@ -118,27 +136,53 @@ def unique_names(run_dirs: Sequence[str | Path]) -> list[str]:
     return names
 
 
-def decode_split(run, cache, split: str, beam_size: int, length_penalty: float, limit: Optional[int]) -> dict:
-    """Greedy and beam captions (words aligned with attention steps) of the first `limit` images."""
-    generator = run.generator()
-    all_ids = cache.image_ids(split)
+class Stages:
+    """Times the report's stages: each prints its duration as it ends and lands in metrics.json.
+
+    Example:
+
+    >>> stages = Stages()
+    >>> with stages("decoding", "run-a"):
+    ...     pass
+      run-a: decoding ... 0.0 s
+    >>> stages.seconds
+    {'run-a': {'decoding': 0.0}}
+    """
+
+    def __init__(self):
+        self.seconds: dict[str, dict[str, float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str, scope: str = "report"):
+        started = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - started
+        self.seconds.setdefault(scope, {})[stage] = round(seconds, 2)
+        print(f"  {scope}: {stage} ... {seconds:.1f} s", flush=True)
+
+
+def decode_split(captioner: Captioner, cache, split: str, limit: Optional[int]) -> dict:
+    """Greedy and beam captions (words aligned with attention steps) of the first `limit` images of the cache.
+
+    Decoded by `captioner.caption_grids`, the path image files take too.
+    """
+    all_ids = cache.image_ids(split)[:limit] if limit else cache.image_ids(split)
     out = {d: {"ids": [], "text": [], "words": [], "attention": []} for d in DECODINGS}
-    for index, grid in feature_batches(cache.shards(split), cache.grid_shape, run.config.eval.eval_batch_size):
-        ids = [all_ids[int(i)] for i in index.numpy()]
-        greedy_tokens, greedy_att = generator.greedy(grid)
-        beam_tokens, _, beam_att = generator.beam(grid, beam_size, length_penalty)
-        for decoding, tokens, att in (("greedy", greedy_tokens, greedy_att), ("beam", beam_tokens, beam_att)):
-            for row, (tok, weights) in enumerate(zip(tokens.numpy(), att.numpy())):
-                words = step_words(run.vocab, tok)
-                out[decoding]["ids"].append(ids[row])
-                out[decoding]["words"].append(words)
-                out[decoding]["text"].append(" ".join(words))
-                out[decoding]["attention"].append(weights)
-        if limit is not None and len(out["greedy"]["ids"]) >= limit:
-            break
-    for decoding in DECODINGS:
-        for key in out[decoding]:
-            out[decoding][key] = out[decoding][key][:limit] if limit is not None else out[decoding][key]
+    batch_size = captioner.batch_size
+    with tqdm(total=len(all_ids), desc=f"decoding {split} (greedy + beam {captioner.beam_size})", unit="img") as bar:
+        for index, grid in feature_batches(cache.shards(split), cache.grid_shape, batch_size):
+            keep = [j for j, i in enumerate(index.numpy()) if int(i) < len(all_ids)]
+            if not keep:
+                break
+            decoded = captioner.caption_grids(grid.numpy()[keep])
+            for j, item in zip(keep, decoded):
+                image_id = all_ids[int(index.numpy()[j])]
+                for decoding in DECODINGS:
+                    out[decoding]["ids"].append(image_id)
+                    out[decoding]["words"].append(item[f"{decoding}_words"])
+                    out[decoding]["text"].append(item[decoding])
+                    out[decoding]["attention"].append(item[f"{decoding}_attention"])
+            bar.update(len(keep))
     return out
 
 
@@ -169,20 +213,22 @@ class _WordVectors:
         return self._cache[key]
 
 
-def evaluate_split(result: RunResult, options: ReportOptions, vectors: _WordVectors, figures: Path) -> None:
+def evaluate_split(result: RunResult, options: ReportOptions, vectors: _WordVectors, figures: Path, stages: Stages) -> None:
     """Decode, score and analyse the run's split; fills `result.metrics` and its figures."""
+    from caption_tf.evaluation.retrieval import retrieval_scores
     from caption_tf.evaluation.semantic import semantic_similarity
 
-    run, dataset, ev = result.run, result.dataset, result.run.config.eval
-    cache = open_run_cache(run, dataset)
-    result.captions = decode_split(run, cache, options.split, ev.beam_size, ev.length_penalty, ev.max_eval_images)
+    run, dataset, ev, cache = result.run, result.dataset, result.run.config.eval, result.cache
+    with stages("decoding (greedy + beam)", result.name):
+        result.captions = decode_split(result.captioner, cache, options.split, ev.max_eval_images)
     records = dataset.by_id()
     ids = result.captions["greedy"]["ids"]
     if not ids:
         raise ValueError(f"{run.directory}: the {options.split} split of its feature cache has no images to evaluate")
     references = {i: list(records[i].captions) for i in ids}
     objects = objects_by_id(records[i] for i in ids)
-    kv, source = vectors.get(ev.word_vectors, dataset)
+    with stages("word vectors", result.name):
+        kv, source = vectors.get(ev.word_vectors, dataset)
     metrics = {
         "label": run_label(run),
         "run_dir": str(run.directory),
@@ -194,39 +240,46 @@ def evaluate_split(result: RunResult, options: ReportOptions, vectors: _WordVect
     for decoding in DECODINGS:
         caps = result.captions[decoding]
         hypotheses = dict(zip(caps["ids"], caps["text"]))
-        scores = caption_metrics(references, hypotheses, meteor=ev.meteor)
-        errors = error_analysis(references, hypotheses, scores["per_image"], objects or None, SCORE_METRIC)
-        entry = {
-            "scores": {k: v for k, v in scores.items() if k != "per_image"},
-            "headline": headline(scores),
-            "per_image": scores["per_image"],
-            "semantic": semantic_similarity(references, hypotheses, kv, source),
-            "errors": errors,
-            "captions": hypotheses,
-        }
-        if objects:
-            entry["localisation"] = localisation(caps["words"], np.stack(caps["attention"]), [records[i].objects for i in ids])
-        metrics[decoding] = entry
-        result.figures.setdefault("histograms", []).append(
-            _rel(plots.score_histogram(errors["score_distribution"]["values"], SCORE_METRIC,
-                                       figures / f"{name}-{decoding}-hist.png", f"{result.name}: {decoding}"), figures)
-        )
-        if "objects" in errors:
-            for attr in ("colour", "shape"):
-                matrix, rows, cols = confusion_matrix(errors["objects"][f"{attr}_confusion"])
-                if matrix.size:
-                    path = figures / f"{name}-{decoding}-{attr}-confusion.png"
-                    plots.confusion_heatmap(matrix, rows, cols, path, f"{attr}: {decoding}")
-                    result.figures.setdefault("confusion", []).append(_rel(path, figures))
-    for k in range(min(options.attention_maps, len(ids))):
-        caps = result.captions["greedy"]
-        image = load_rgb(records[ids[k]].path)
-        path = figures / f"{name}-attention-{k}.png"
-        plots.attention_grid(image, caps["words"][k], caps["attention"][k], path, f"{result.name}, {ids[k]} (greedy)")
-        result.figures.setdefault("attention", []).append(_rel(path, figures))
-    from caption_tf.evaluation.retrieval import retrieval_scores
-
-    metrics["retrieval"] = retrieval_scores(run, cache, options.split, max_images=len(ids), dataset=dataset)
+        with stages(f"caption metrics, {decoding}" + (" (METEOR on)" if ev.meteor else ""), result.name):
+            scores = caption_metrics(references, hypotheses, meteor=ev.meteor, progress=True)
+        with stages(f"semantic similarity, {decoding}", result.name):
+            semantic = semantic_similarity(references, hypotheses, kv, source, progress=True)
+        with stages(f"error analysis and figures, {decoding}", result.name):
+            errors = error_analysis(references, hypotheses, scores["per_image"], objects or None, SCORE_METRIC)
+            entry = {
+                "scores": {k: v for k, v in scores.items() if k != "per_image"},
+                "headline": headline(scores),
+                "per_image": scores["per_image"],
+                "semantic": semantic,
+                "errors": errors,
+                "captions": hypotheses,
+            }
+            if objects:
+                entry["localisation"] = localisation(caps["words"], caps["attention"], [records[i].objects for i in ids])
+            metrics[decoding] = entry
+            result.figures.setdefault("histograms", []).append(
+                _rel(plots.score_histogram(errors["score_distribution"]["values"], SCORE_METRIC,
+                                           figures / f"{name}-{decoding}-hist.png", f"{result.name}: {decoding}"), figures)
+            )
+            if "objects" in errors:
+                for attr in ("colour", "shape"):
+                    matrix, rows, cols = confusion_matrix(errors["objects"][f"{attr}_confusion"])
+                    if matrix.size:
+                        path = figures / f"{name}-{decoding}-{attr}-confusion.png"
+                        plots.confusion_heatmap(matrix, rows, cols, path, f"{attr}: {decoding}")
+                        result.figures.setdefault("confusion", []).append(_rel(path, figures))
+    with stages("attention maps", result.name):
+        for k in range(min(options.attention_maps, len(ids))):
+            caps = result.captions["greedy"]
+            image = load_rgb(records[ids[k]].path)
+            path = figures / f"{name}-attention-{k}.png"
+            plots.attention_grid(image, caps["words"][k], caps["attention"][k], path, f"{result.name}, {ids[k]} (greedy)")
+            result.figures.setdefault("attention", []).append(_rel(path, figures))
+    if options.retrieval:
+        with stages("image-text retrieval", result.name):
+            metrics["retrieval"] = retrieval_scores(run, cache, options.split, max_images=len(ids), dataset=dataset,
+                                                    pool_images=options.retrieval_pool, images=options.retrieval_images)
+        print(f"  {result.name}: retrieval protocol: {metrics['retrieval']['protocol']}", flush=True)
     result.metrics.update(metrics)
 
 
@@ -303,14 +356,14 @@ def embedding_groups(results: list[RunResult], max_points: int = EMBEDDING_MAX_P
     """
     groups, seen = [], set()
     for r in results:
-        cache = open_run_cache(r.run, r.dataset)
+        cache = r.cache
         if cache.directory in seen:
             continue
         seen.add(cache.directory)
         records = r.dataset.by_id()
         pooled, ids, splits = [], [], []
         for split in ("train", "val", "test"):
-            loaded = cache.load_split(split)
+            loaded = cache.load_split(split, fields=("pooled",))
             pooled.append(loaded["pooled"])
             ids += cache.image_ids(split)
             splits += [split] * len(cache.image_ids(split))
@@ -342,14 +395,17 @@ def examples_for(result: RunResult, llm: Optional[dict], count: int) -> list[dic
 
 
 def caption_user_images(result: RunResult, paths: Sequence[str], figures: Path) -> list[dict]:
-    """Captions and attention-map figures of the user's images for one run."""
+    """Greedy and beam captions and attention-map figures of the user's images for one run."""
+    captioner = result.captioner
     out = []
-    for k, item in enumerate(caption_images(result.run, paths)):
-        entry = {key: item[key] for key in ("path", "greedy", "beam", "error") if key in item}
-        if "error" not in item:
-            path = figures / f"{slug(result.name)}-user-{k}.png"
-            plots.attention_grid(item["image"], item["greedy_words"], item["attention"], path, f"{Path(item['path']).name}: {item['greedy']}")
-            entry["figure"] = _rel(path, figures)
+    for k, item in enumerate(captioner.caption(paths)):
+        if not item.ok:
+            out.append({"path": item.path, "error": item.error})
+            continue
+        entry = {"path": item.path, "greedy": item.greedy, "beam": item.beam, "beam_size": captioner.beam_size}
+        path = figures / f"{slug(result.name)}-user-{k}.png"
+        plots.attention_grid(item.image, item.greedy_words, item.greedy_attention, path, f"{Path(item.path).name} (greedy): {item.greedy}")
+        entry["figure"] = _rel(path, figures)
         out.append(entry)
     return out
 
@@ -359,59 +415,82 @@ def default_out_dir(run_dirs: Sequence[str | Path]) -> Path:
     return Path("reports") / "_vs_".join(unique_names(run_dirs))[:150]
 
 
+def _load_datasets(results: list[RunResult], stages: Stages) -> None:
+    """Each run's dataset (loaded once per distinct data config, its summary printed once) and checked feature cache."""
+    loaded: dict[str, object] = {}
+    for r in results:
+        key = repr(asdict(r.run.config.data))
+        if key not in loaded:
+            with stages("loading the dataset", r.name):
+                loaded[key] = load_dataset(r.run.config.data)
+            print(f"  Dataset {loaded[key].summary()}", flush=True)
+        r.dataset = loaded[key]
+        with stages("checking the feature cache", r.name):
+            r.cache = open_run_cache(r.run, r.dataset)
+
+
 def build_report(run_dirs: Sequence[str | Path], options: ReportOptions) -> dict:
     """Evaluate the runs, write report.html, metrics.json and figures into `options.out_dir`.
 
-    Returns the metrics.json content.
+    Every stage prints its time as it ends (also saved as `timings` in metrics.json);
+    long ones show a progress bar. Returns the metrics.json content.
     """
     from caption_tf.evaluation.report_html import render_report
 
     if not run_dirs:
         raise ValueError("build_report: give at least one run folder")
+    started = time.perf_counter()
     out = Path(options.out_dir)
     figures = out / FIGURES_DIR
     figures.mkdir(parents=True, exist_ok=True)
+    stages = Stages()
     results = []
     for name, run_dir in zip(unique_names(run_dirs), run_dirs):
-        run = _with_eval_overrides(load_run(run_dir), options)
-        results.append(RunResult(name=name, run=run, dataset=load_dataset(run.config.data)))
+        with stages("loading the run", name):
+            run = _with_eval_overrides(load_run(run_dir), options)
+        results.append(RunResult(name=name, run=run, dataset=None))
     vectors = _WordVectors()
     summary: dict = {
         "generated": datetime.datetime.now().isoformat(timespec="seconds"),
-        "split": options.split,
+        "split": options.split if options.evaluate_split else None,
         "options": {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in asdict(options).items()},
         "runs": {},
         "figures": {},
     }
     llm = None
     if options.evaluate_split:
+        if any(r.run.config.eval.meteor for r in results):
+            start_meteor()  # its JVM loads while the runs decode
+        _load_datasets(results, stages)
         for r in results:
-            print(f"Evaluating {r.name} on {options.split} ...", flush=True)
-            evaluate_split(r, options, vectors, figures)
+            print(f"Evaluating {r.name} on the {options.split} split ...", flush=True)
+            evaluate_split(r, options, vectors, figures, stages)
         if options.llm:
-            print(f"LLM column: {options.llm} ...", flush=True)
-            llm = score_llm(options.llm, results, options)
+            with stages(f"LLM column ({options.llm})"):
+                llm = score_llm(options.llm, results, options)
             summary["llm"] = llm
-        summary["comparison"] = comparison_table(results, llm)
-        for decoding in DECODINGS:
-            bars = {col: {k: v for k, v in row.items() if k in ("bleu1", "bleu4", "cider", "rouge_l", "meteor") and v is not None}
-                    for col, row in summary["comparison"][decoding].items()}
-            path = plots.metric_bars(bars, figures / f"comparison-{decoding}.png", f"{options.split} split, {decoding}")
-            summary["figures"].setdefault("comparison", []).append(_rel(path, figures))
-        for r in results:
-            path = figures / f"{slug(r.name)}-examples.png"
-            plots.examples_figure(examples_for(r, llm, options.examples), path)
-            r.figures["examples"] = [_rel(path, figures)]
+        with stages("comparison and examples figures"):
+            summary["comparison"] = comparison_table(results, llm)
+            for decoding in DECODINGS:
+                bars = {col: {k: v for k, v in row.items() if k in ("bleu1", "bleu4", "cider", "rouge_l", "meteor") and v is not None}
+                        for col, row in summary["comparison"][decoding].items()}
+                path = plots.metric_bars(bars, figures / f"comparison-{decoding}.png", f"{options.split} split, {decoding}")
+                summary["figures"].setdefault("comparison", []).append(_rel(path, figures))
+            for r in results:
+                path = figures / f"{slug(r.name)}-examples.png"
+                plots.examples_figure(examples_for(r, llm, options.examples), path)
+                r.figures["examples"] = [_rel(path, figures)]
         if options.embeddings:
-            groups = embedding_groups(results)
-            if groups:
-                path = plots.embedding_plots(groups, figures / "embeddings.png")
-                summary["figures"]["embeddings"] = [_rel(path, figures)]
+            with stages("backbone embeddings (PCA, t-SNE)"):
+                groups = embedding_groups(results)
+                if groups:
+                    path = plots.embedding_plots(groups, figures / "embeddings.png")
+                    summary["figures"]["embeddings"] = [_rel(path, figures)]
         if options.resources:
             usages = {}
             for r in results:
-                print(f"Measuring resources of {r.name} ...", flush=True)
-                usages[r.name] = measure_resources(r.run, batch_sizes=options.resource_batch_sizes)
+                with stages("resources (latency, memory)", r.name):
+                    usages[r.name] = measure_resources(r.run, encoder=run_encoder(r.run), batch_sizes=options.resource_batch_sizes, progress=True)
                 r.metrics["resources"] = usages[r.name]
             if llm and llm.get("available"):
                 summary["llm_resources"] = llm.get("resources")
@@ -420,12 +499,19 @@ def build_report(run_dirs: Sequence[str | Path], options: ReportOptions) -> dict
     if options.images:
         summary["user_images"] = {}
         for r in results:
-            summary["user_images"][r.name] = caption_user_images(r, list(options.images), figures)
+            with stages(f"captioning {len(options.images)} image file(s)", r.name):
+                summary["user_images"][r.name] = caption_user_images(r, list(options.images), figures)
     for r in results:
         r.metrics.setdefault("label", run_label(r.run))
         r.metrics.setdefault("run_dir", str(r.run.directory))
         r.metrics["figures"] = r.figures
         summary["runs"][r.name] = r.metrics
+    with stages("writing the report"):
+        summary["timings"] = stages.seconds
+        write_json(out / METRICS_JSON, summary)
+        (out / REPORT_FILE).write_text(render_report(summary), encoding="utf-8")
+    total = time.perf_counter() - started
+    summary["timings"]["total_seconds"] = round(total, 1)
     write_json(out / METRICS_JSON, summary)
-    (out / REPORT_FILE).write_text(render_report(summary), encoding="utf-8")
+    print(f"Report written in {total:.1f} s", flush=True)
     return summary

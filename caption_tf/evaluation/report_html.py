@@ -42,37 +42,49 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def fmt(value: Any) -> str:
-    """Numbers to 3 decimals, None as an en dash, everything else as text.
+def fmt(value: Any, spec: Optional[str] = None) -> str:
+    """Scores to 3 decimals, counts with thousands separators, None as an en dash, the rest as text.
+
+    `spec` (a format spec such as ",.0f" for megabytes) overrides the default for numbers.
 
     Example:
 
-    >>> fmt(0.12345), fmt(None), fmt(7)
-    ('0.123', '–', '7')
+    >>> fmt(0.12345), fmt(None), fmt(1267385), fmt(1525.578, ",.0f")
+    ('0.123', '–', '1,267,385', '1,526')
     """
     if value is None:
         return "–"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if spec and isinstance(value, (int, float)):
+        return format(value, spec)
+    if isinstance(value, int):
+        return f"{value:,}"
     if isinstance(value, float):
         return f"{value:.{DIGITS}f}"
     return str(value)
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """An HTML table; numeric cells are right-aligned.
+COUNT = ",.0f"  # a count stored as a float (e.g. words per caption): "13", not "13.000"
+MEGABYTES = ",.0f"
+MILLISECONDS = ",.1f"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], formats: Optional[dict[int, str]] = None) -> str:
+    """An HTML table; numeric cells are right-aligned; `formats` gives a column's number format.
 
     Example:
 
-    >>> table(["a"], [[1.0]])
-    '<table><tr><th>a</th></tr><tr><td class="num">1.000</td></tr></table>'
+    >>> table(["a", "n"], [[1.0, 2.0]], formats={1: COUNT})
+    '<table><tr><th>a</th><th>n</th></tr><tr><td class="num">1.000</td><td class="num">2</td></tr></table>'
     """
+    formats = formats or {}
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = ""
     for row in rows:
         cells = "".join(
-            f'<td class="num">{esc(fmt(c))}</td>' if isinstance(c, (int, float)) or c is None else f"<td>{esc(c)}</td>"
-            for c in row
+            f'<td class="num">{esc(fmt(c, formats.get(k)))}</td>' if isinstance(c, (int, float)) or c is None else f"<td>{esc(c)}</td>"
+            for k, c in enumerate(row)
         )
         body += f"<tr>{cells}</tr>"
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -155,7 +167,7 @@ def _errors(name: str, run: dict) -> str:
                 "".join(f"<br>{esc(e['caption'])} ({esc(', '.join(e['repeated']))})" for e in repetition["examples"][:3]) + "</p>"
         body += table(["length (words)", "mean", "std", "min", "max"],
                       [[k, lengths[k].get("mean"), lengths[k].get("std"), lengths[k].get("min"), lengths[k].get("max")]
-                       for k in ("generated", "reference")])
+                       for k in ("generated", "reference")], formats={3: COUNT, 4: COUNT})
         objects = errors.get("objects")
         if objects:
             keys = ("object_accuracy", "colour_accuracy", "shape_accuracy", "size_accuracy", "object_precision",
@@ -188,17 +200,22 @@ def _localisation(summary: dict) -> str:
 
 
 def _retrieval(summary: dict) -> str:
-    rows = []
+    rows, protocols = [], ""
     for name, r in summary["runs"].items():
         ret = r.get("retrieval")
         if not ret:
             continue
+        protocols += f"<p><b>{esc(name)}</b>: {esc(ret.get('protocol', ''))} ({fmt(ret.get('pairs'))} pairs scored in " \
+                     f"{fmt(ret.get('seconds'), ',.1f')} s).</p>"
         for direction in ("image_to_text", "text_to_image"):
             for k, value in ret[direction].items():
                 rows.append([name, direction.replace("_", " "), k, value, ret["chance"][direction][k], ret["images"], ret["captions"]])
-    body = '<p class="note">The captioner as a retrieval scorer: every (image, caption) pair of the split is scored by the ' \
+    if not rows:
+        return section("retrieval", "Image-text retrieval", '<p class="note">Not computed (--no-retrieval).</p>')
+    body = '<p class="note">The captioner as a retrieval scorer: every (image, caption) pair of a pool is scored by the ' \
            "model's mean token log-probability of the caption given the image. Recall@K: share of queries whose match is " \
-           "among the K best; chance: a random ranking.</p>"
+           "among the K best of its pool; chance: a random ranking of the same pools. Recall depends on the pool size: " \
+           "compare runs only on the same protocol.</p>" + protocols
     return section("retrieval", "Image-text retrieval", body + table(["run", "direction", "K", "recall", "chance", "images", "captions"], rows))
 
 
@@ -206,9 +223,12 @@ def _user_images(summary: dict) -> str:
     body = ""
     for name, items in summary.get("user_images", {}).items():
         body += f"<h3>{esc(name)}</h3>"
-        body += table(["image", "greedy", "beam", "problem"],
+        beam = next((f"beam search (beam size {i['beam_size']})" for i in items if "beam_size" in i), "beam search")
+        body += table(["image", "greedy decoding", beam, "problem"],
                       [[i["path"], i.get("greedy", ""), i.get("beam", ""), i.get("error", "")] for i in items])
         body += images([i["figure"] for i in items if "figure" in i], "attention on user image")
+    body = '<p class="note">Each file goes through the run\'s own backbone, standardisation and decoder, exactly like its ' \
+           "training images; attention maps show the greedy caption.</p>" + body
     return section("user-images", "Your images", body)
 
 
@@ -222,23 +242,34 @@ def _resources(summary: dict) -> str:
             rows.append([name, usage["device"], usage["backbone_parameters"], usage["decoder_parameters"],
                          usage.get("peak_device_memory_mb", usage["peak_rss_mb"]), t["batch_size"],
                          t["latency_ms_per_image"], t["images_per_second"]])
-    body = '<p class="note">Full inference path (backbone + greedy decoder) on random images, median of timed calls ' \
+    body = '<p class="note">Full inference path (backbone + standardisation + greedy decoder) on random images, median of timed calls ' \
            "after one warm-up per batch size. Memory: peak process RSS on CPU, TensorFlow peak on GPU.</p>"
     body += table(["run", "device", "backbone params", "decoder params", "peak memory (MB)", "batch size",
-                   "latency (ms/image)", "throughput (images/s)"], rows)
+                   "latency (ms/image)", "throughput (images/s)"], rows, formats={4: MEGABYTES, 6: MILLISECONDS, 7: ",.1f"})
     llm = summary.get("llm_resources")
     if llm:
-        body += "<p>LLM: " + esc(", ".join(f"{k}={fmt(v)}" for k, v in llm.items() if not isinstance(v, (dict, list)))) + "</p>"
+        body += "<p>LLM: " + esc(", ".join(f"{k}={fmt(v, MEGABYTES if k.endswith('_mb') else None)}"
+                                           for k, v in llm.items() if not isinstance(v, (dict, list)))) + "</p>"
     body += images(summary["figures"].get("resources", []), "resources")
     return section("resources", "Resource usage", body)
+
+
+def _timings(timings: dict) -> str:
+    rows = [[scope, stage, seconds] for scope, stages in timings.items() if isinstance(stages, dict) for stage, seconds in stages.items()]
+    body = table(["run", "stage", "seconds"], rows, formats={2: ",.1f"})
+    if "total_seconds" in timings:
+        body += f"<p>Total: {fmt(timings['total_seconds'], ',.1f')} s.</p>"
+    return section("timings", "How long each stage took", body)
 
 
 def render_report(summary: dict, title: Optional[str] = None) -> str:
     """The whole report page for a `build_report` summary."""
     runs = summary["runs"]
     title = title or "Caption evaluation: " + ", ".join(runs)
+    scope = (f"split <b>{esc(summary['split'])}</b>" if "comparison" in summary
+             else f"captions of {sum(len(v) for v in summary.get('user_images', {}).values()) // max(len(runs), 1)} image file(s)")
     parts = [f"<h1>{esc(title)}</h1>",
-             f'<p class="note">Generated {esc(summary["generated"])}; split <b>{esc(summary["split"])}</b>; '
+             f'<p class="note">Generated {esc(summary["generated"])}; {scope}; '
              f"numbers in <code>metrics.json</code> beside this page.</p>"]
     nav = []
     if "comparison" in summary:
@@ -259,6 +290,9 @@ def render_report(summary: dict, title: Optional[str] = None) -> str:
     if "user_images" in summary:
         parts.append(_user_images(summary))
         nav.append("user-images")
+    if summary.get("timings"):
+        parts.append(_timings(summary["timings"]))
+        nav.append("timings")
     links = "".join(f'<a href="#{a}">{a.replace("-", " ")}</a>' for a in nav if f'id="{a}"' in "".join(parts))
     body = f"<nav>{links}</nav>\n" + "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{esc(title)}</title>\n'

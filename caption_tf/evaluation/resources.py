@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import psutil
 import tensorflow as tf
+from tqdm.auto import tqdm
 
 RESOURCE_BATCH_SIZES = (1, 8, 32)
 TIMED_REPEATS = 3
@@ -94,23 +95,25 @@ def _time_batches(infer, images: np.ndarray, repeats: int) -> list[float]:
     return seconds
 
 
-def measure_resources(run, extractor=None, batch_sizes: Sequence[int] = RESOURCE_BATCH_SIZES, repeats: int = TIMED_REPEATS, seed: int = 0) -> dict:
-    """Parameters, peak memory and latency/throughput of backbone + greedy decoding.
+def measure_resources(run, encoder=None, batch_sizes: Sequence[int] = RESOURCE_BATCH_SIZES, repeats: int = TIMED_REPEATS, seed: int = 0,
+                      progress: bool = False) -> dict:
+    """Parameters, peak memory and latency/throughput of backbone + standardisation + greedy decoding.
 
-    `run` is a loaded `Run`; `extractor` its backbone (built from the run's
-    config when not given). Latency is the median over `repeats` timed calls
-    divided by the batch size; throughput its inverse.
+    `run` is a loaded `Run`; `encoder` its `features.encoder.ImageEncoder`
+    (`evaluation.captioner.run_encoder(run)` when not given). Latency is the
+    median over `repeats` timed calls divided by the batch size; throughput its inverse.
     """
-    from caption_tf.features.backbones import build_extractor
+    from caption_tf.evaluation.captioner import run_encoder
+    from caption_tf.features.encoder import compiled_extractor
 
-    feat = run.config.features
-    extractor = extractor or build_extractor(feat.backbone, feat.weights, feat.input_size)
+    encoder = encoder or run_encoder(run)
+    extractor = encoder.extractor
     generator = run.generator()
-    infer_images = tf.function(lambda images: extractor(images, training=False), reduce_retracing=True)
+    infer_images = compiled_extractor(extractor)
 
     def infer(images):
         grid, _ = infer_images(images)
-        tokens, _ = generator.greedy(grid)
+        tokens, _ = generator.greedy(encoder.standardise(grid.numpy()))
         return tokens.numpy()
 
     rng = np.random.default_rng(seed)
@@ -119,7 +122,7 @@ def measure_resources(run, extractor=None, batch_sizes: Sequence[int] = RESOURCE
         tf.config.experimental.reset_memory_stats(device)
     throughput = {}
     with PeakRSS() as rss:
-        for batch in batch_sizes:
+        for batch in tqdm(batch_sizes, desc="resources: timing batch sizes", unit="batch size", disable=not progress):
             images = rng.integers(0, 256, size=(batch, extractor.input_size, extractor.input_size, 3)).astype(np.uint8)
             seconds = float(np.median(_time_batches(infer, images, repeats)))
             throughput[str(batch)] = {
@@ -130,7 +133,7 @@ def measure_resources(run, extractor=None, batch_sizes: Sequence[int] = RESOURCE
             }
     usage = {
         "device": device or "CPU",
-        "backbone": feat.backbone,
+        "backbone": encoder.spec.backbone,
         "input_size": int(extractor.input_size),
         "decoder_parameters": parameter_count(run.model),
         "backbone_parameters": parameter_count(extractor.backbone),

@@ -29,6 +29,7 @@ from typing import Optional
 
 import numpy as np
 from gensim.models import KeyedVectors, Word2Vec
+from tqdm.auto import tqdm
 
 from caption_tf.evaluation.metrics import tokenize
 
@@ -193,6 +194,7 @@ def semantic_similarity(
     kv: KeyedVectors,
     source: str,
     wmd: bool = True,
+    progress: bool = False,
 ) -> dict:
     """Cosine similarity (max and mean over references) and WMD of generated vs reference captions.
 
@@ -219,7 +221,7 @@ def semantic_similarity(
     previous_level = gensim_log.level
     gensim_log.setLevel(logging.ERROR)
     try:
-        for key, hyp_text in hypotheses.items():
+        for key, hyp_text in tqdm(hypotheses.items(), desc="semantic similarity", unit="img", disable=not progress):
             hyp, refs = tokenize(hyp_text), [tokenize(r) for r in references[key]]
             for role, tokens in [("hypothesis", hyp)] + [("reference", r) for r in refs]:
                 unknown = [t for t in tokens if t not in kv.key_to_index]

@@ -14,7 +14,8 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,9 +23,33 @@ from typing import Callable
 import keras
 from keras import applications as apps
 
+from caption_tf.files import file_sha256
+
+
+# `--weights none` backbones are initialised from this seed, never from the global random
+# state: the same random backbone is rebuilt for the feature cache, for fine-tuning, for
+# repairing a damaged cache shard and for captioning new images. Recorded in each cache
+# manifest (`encoder.seed`), so changing it here never silently changes an existing run.
+RANDOM_INIT_SEED = 20240
+
 
 class BackboneWeightsError(RuntimeError):
     """Weights could not be loaded; the message says what to do instead."""
+
+
+@contextlib.contextmanager
+def _seeded_python_random(seed: int):
+    """Keras draws every unseeded initializer's seed from Python's `random`: seed it, then restore it.
+
+    Restoring matters as much as seeding: building a backbone must not change what the
+    caller draws next (the decoder's initial weights, issue 12).
+    """
+    saved = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved)
 
 
 @dataclass(frozen=True)
@@ -73,22 +98,27 @@ def weights_tag(weights: str) -> str:
         return weights
     if not Path(weights).is_file():
         raise BackboneWeightsError(f"--weights {weights}: no such file (expected 'imagenet', 'none' or a .weights.h5 path)")
-    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:12]
-    return f"file-{digest}"
+    return f"file-{file_sha256(weights)[:12]}"
 
 
-def build_backbone(name: str, weights: str = "imagenet", input_size: int | None = None) -> keras.Model:
+def build_backbone(name: str, weights: str = "imagenet", input_size: int | None = None, seed: int = RANDOM_INIT_SEED) -> keras.Model:
     """The convolutional base (no classifier head) with the requested weights.
 
-    `weights`: "imagenet" (downloaded by Keras or found in ~/.keras/models),
-    "none" (random initialisation), or a path to a `.weights.h5` file saved
-    from the same architecture without its top.
+    Args:
+        name: a key of `BACKBONES`.
+        weights: "imagenet" (downloaded by Keras or found in ~/.keras/models),
+            "none" (random initialisation from `seed`), or a path to a
+            `.weights.h5` file saved from the same architecture without its top.
+        input_size: square input size; None for the backbone's native size.
+        seed: the initialisation seed for `weights="none"`; the same seed always
+            gives the same weights, whatever the process did before.
     """
     spec = get_spec(name)
     size = resolve_input_size(name, input_size)
     kwargs = {"include_top": False, "input_shape": (size, size, 3)}
     if weights == "none":
-        return spec.builder(weights=None, **kwargs)
+        with _seeded_python_random(seed):
+            return spec.builder(weights=None, **kwargs)
     if weights == "imagenet":
         try:
             return spec.builder(weights="imagenet", **kwargs)
@@ -113,11 +143,11 @@ def build_backbone(name: str, weights: str = "imagenet", input_size: int | None 
 class FeatureExtractor(keras.Model):
     """Preprocess + backbone + (grid, pooled) outputs, for raw RGB batches in [0, 255]."""
 
-    def __init__(self, name: str, weights: str = "imagenet", input_size: int | None = None, **kwargs):
+    def __init__(self, name: str, weights: str = "imagenet", input_size: int | None = None, seed: int = RANDOM_INIT_SEED, **kwargs):
         super().__init__(**kwargs)
         self.spec = get_spec(name)
         self.input_size = resolve_input_size(name, input_size)
-        self.backbone = build_backbone(name, weights, self.input_size)
+        self.backbone = build_backbone(name, weights, self.input_size, seed)
 
     def call(self, images, training=False):
         x = self.spec.preprocess(keras.ops.cast(images, "float32"))
@@ -127,5 +157,5 @@ class FeatureExtractor(keras.Model):
         return grid, keras.ops.mean(grid, axis=1)
 
 
-def build_extractor(name: str, weights: str = "imagenet", input_size: int | None = None) -> FeatureExtractor:
-    return FeatureExtractor(name, weights, input_size)
+def build_extractor(name: str, weights: str = "imagenet", input_size: int | None = None, seed: int = RANDOM_INIT_SEED) -> FeatureExtractor:
+    return FeatureExtractor(name, weights, input_size, seed)

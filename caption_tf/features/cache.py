@@ -3,15 +3,28 @@
 Layout of one cache entry (a folder under `FeatureConfig.cache_dir`):
 
     <dataset>-<backbone>-<key>/
-        manifest.json            backbone, weights, input size, dataset fingerprint,
-                                 grid shape, per-split shards and image ids, skipped images
+        manifest.json            the encoder (backbone, weights, input size, seed), dataset
+                                 fingerprint, grid shape, per-split shards and image ids,
+                                 skipped images, and the size and SHA-256 of every file
+        normalizer.npz           per-channel statistics of the training images
         train-00000.tfrecord     one tf.train.Example per image: index, image_id,
-        ...                      grid (float16 [H*W, C]) and pooled (float16 [C])
+        ...                      grid (float16 [H*W, C]) and pooled (float16 [C]);
+                                 the format is `caption_tf.features.tfrecords`
+
+Features come from `features.encoder.ImageEncoder`, the one path from image
+file to standardised grid (also used for new images and fine-tuning).
 
 An entry is reused when its manifest matches the request and rebuilt when it
 does not; it is written to a temporary folder and published with one rename,
 so a crash mid-extraction never leaves a half cache that looks complete.
 Images that fail to decode are skipped, counted and listed in the manifest.
+
+Before an entry is reused, every file is checked against the size and
+SHA-256 in its manifest (`FeatureCache.damaged`). A damaged or missing shard
+is re-extracted from its images (the same backbone, rebuilt from the
+manifest's encoder, and the same statistics) and the repair is recorded in
+the manifest; what cannot be repaired stops with a `FeatureCacheError`
+naming the file and the fix.
 
 Example:
 
@@ -22,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -29,18 +43,26 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
 from caption_tf.config import FeatureConfig
-from caption_tf.data.images import BadImageError, load_rgb
-from caption_tf.data.pipeline import parse_feature_example
 from caption_tf.data.records import SPLITS, CaptionDataset, ImageRecord
+from caption_tf.features.encoder import EncoderSpec, FeatureNormalizer, ImageEncoder
+from caption_tf.features.tfrecords import ShardWriter, parse_feature_example, serialize_feature_example, write_shard
+from caption_tf.files import file_sha256, write_json
 
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3  # 3: encoder spec (seeded random backbones), file sizes and hashes
 MANIFEST = "manifest.json"
+NORMALIZER_FILE = "normalizer.npz"
+NORMALIZER_SAMPLE = 256  # training images used to fit the per-channel standardisation
+
+
+class FeatureCacheError(RuntimeError):
+    """A damaged cache entry that cannot be repaired in place; the message names the file and the fix."""
 
 
 @dataclass
@@ -58,6 +80,14 @@ class FeatureCache:
     def fingerprint(self) -> str:
         return self.manifest["key"]
 
+    @property
+    def encoder_spec(self) -> EncoderSpec:
+        return EncoderSpec.from_dict(self.manifest["encoder"])
+
+    def encoder(self) -> ImageEncoder:
+        """The image -> grid function these features came from (backbone rebuilt on first use)."""
+        return ImageEncoder(self.encoder_spec, self.normalizer())
+
     def shards(self, split: str) -> list[str]:
         return [str(self.directory / s) for s in self.manifest["splits"][split]["shards"]]
 
@@ -70,49 +100,44 @@ class FeatureCache:
     def skipped(self) -> list[dict]:
         return list(self.manifest.get("skipped", []))
 
-    def load_split(self, split: str) -> dict[str, np.ndarray]:
-        """All features of a split in memory: {"grid": [N, H*W, C], "pooled": [N, C]} (float16)."""
-        grids, pooled = [], []
+    def load_split(self, split: str, fields: Sequence[str] = ("grid", "pooled")) -> dict[str, np.ndarray]:
+        """Features of a split in memory: {"grid": [N, H*W, C], "pooled": [N, C], "n": N} (float16).
+
+        Only `fields` are decoded: the pooled vectors of a large split are a
+        small fraction of its grids.
+        """
+        (cells, dim), fields = self.grid_shape, tuple(fields)
+        empty = {"grid": np.zeros((0, cells, dim), np.float16), "pooled": np.zeros((0, dim), np.float16)}
+        values: dict[str, list] = {f: [] for f in fields}
         for raw in tf.data.TFRecordDataset(self.shards(split)):
-            ex = parse_feature_example(raw, self.grid_shape, fields=("grid", "pooled"))
-            grids.append(ex["grid"].numpy())
-            pooled.append(ex["pooled"].numpy())
-        n, (cells, dim) = len(grids), self.grid_shape
-        return {
-            "grid": np.stack(grids) if grids else np.zeros((0, cells, dim), np.float16),
-            "pooled": np.stack(pooled) if pooled else np.zeros((0, dim), np.float16),
-            "n": n,
-        }
+            ex = parse_feature_example(raw, self.grid_shape, fields=fields)
+            for f in fields:
+                values[f].append(ex[f].numpy())
+        out = {f: (np.stack(v) if v else empty[f]) for f, v in values.items()}
+        out["n"] = len(self.image_ids(split))
+        return out
 
-
-def _bytes(value: bytes) -> tf.train.Feature:
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-
-
-def serialize_example(index: int, image_id: str, grid: np.ndarray, pooled: np.ndarray) -> bytes:
-    return tf.train.Example(
-        features=tf.train.Features(
-            feature={
-                "index": tf.train.Feature(int64_list=tf.train.Int64List(value=[index])),
-                "image_id": _bytes(image_id.encode()),
-                "grid": _bytes(grid.astype(np.float16).tobytes()),
-                "pooled": _bytes(pooled.astype(np.float16).tobytes()),
-            }
-        )
-    ).SerializeToString()
+    def damaged(self) -> list[dict]:
+        """Files that differ from the manifest: [{"file", "reason"}] (missing, wrong size, wrong SHA-256)."""
+        problems = []
+        for name, expected in self.manifest.get("files", {}).items():
+            path = self.directory / name
+            if not path.is_file():
+                problems.append({"file": name, "reason": "missing"})
+            elif path.stat().st_size != expected["bytes"]:
+                problems.append({"file": name, "reason": f"{path.stat().st_size:,} bytes instead of {expected['bytes']:,}: truncated or overwritten"})
+            elif file_sha256(path) != expected["sha256"]:
+                problems.append({"file": name, "reason": "its SHA-256 differs from the manifest's: corrupted"})
+        return problems
 
 
 def cache_request(dataset: CaptionDataset, cfg: FeatureConfig) -> dict:
     """What identifies a cache entry; a stored manifest must match it to be reused."""
-    from caption_tf.features.backbones import resolve_input_size, weights_tag
-
     return {
         "format_version": CACHE_FORMAT_VERSION,
         "dataset": dataset.name,
         "dataset_fingerprint": dataset.fingerprint(),
-        "backbone": cfg.backbone,
-        "weights": weights_tag(cfg.weights),
-        "input_size": resolve_input_size(cfg.backbone, cfg.input_size),
+        **EncoderSpec.from_config(cfg).identity(),
     }
 
 
@@ -121,197 +146,159 @@ def cache_directory(request: dict, cfg: FeatureConfig) -> Path:
     return Path(cfg.cache_dir) / f"{request['dataset']}-{request['backbone']}-{key}"
 
 
-def open_cache(directory: Path, request: dict) -> FeatureCache | None:
-    """The cache entry at `directory` if complete and matching `request`, else None."""
-    path = directory / MANIFEST
+def open_cache(directory: Path, request: dict) -> Optional[FeatureCache]:
+    """The cache entry at `directory` if its manifest is readable and matches `request`, else None.
+
+    Its files are not checked here: see `FeatureCache.damaged` and `repair_cache`.
+    """
+    path = Path(directory) / MANIFEST
     if not path.exists():
         return None
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if any(manifest.get(k) != v for k, v in request.items()):
+    if not isinstance(manifest, dict) or any(manifest.get(k) != v for k, v in request.items()):
         return None
-    files = [directory / s for split in manifest["splits"].values() for s in split["shards"]]
-    if not all(f.exists() for f in [*files, directory / NORMALIZER_FILE]):
-        return None
-    return FeatureCache(directory, manifest)
+    return FeatureCache(Path(directory), manifest)
 
 
-def _decode_for_backbone(size: int):
-    def load(path: bytes):
-        try:
-            return load_rgb(path.decode(), size=(size, size)), True
-        except BadImageError:
-            return np.zeros((size, size, 3), np.uint8), False
-
-    def tf_load(index, path):
-        image, ok = tf.numpy_function(load, [path], [tf.uint8, tf.bool], stateful=False)
-        image.set_shape((size, size, 3))
-        ok.set_shape(())
-        return index, image, ok
-
-    return tf_load
+def _file_entry(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
-def decoded_image_batches(records: list[ImageRecord], size: int, batch_size: int) -> tf.data.Dataset:
-    """(index, image uint8, ok) batches; decoding runs in parallel, order kept."""
-    paths = [r.path for r in records]
-    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64), paths))
-    ds = ds.map(_decode_for_backbone(size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+def repair_cache(cache: FeatureCache, dataset: CaptionDataset) -> FeatureCache:
+    """Check every file of `cache` against its manifest; re-extract the shards that are damaged.
 
+    A shard's images are encoded again with the cache's own encoder (the
+    backbone rebuilt from the manifest, the stored statistics) and the shard is
+    rewritten and published by one rename; the manifest records the repair.
 
-class _ShardWriter:
-    """Writes `split-00000.tfrecord`, `split-00001.tfrecord`, ... of at most `shard_size` examples."""
-
-    def __init__(self, directory: Path, split: str, shard_size: int):
-        self.directory, self.split, self.shard_size = directory, split, shard_size
-        self.shards: list[str] = []
-        self.count = 0
-        self._writer = None
-
-    def write(self, payload: bytes) -> None:
-        if self.count % self.shard_size == 0:
-            self.close()
-            name = f"{self.split}-{len(self.shards):05d}.tfrecord"
-            self.shards.append(name)
-            self._writer = tf.io.TFRecordWriter(str(self.directory / name))
-        self._writer.write(payload)
-        self.count += 1
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-
-NORMALIZER_SAMPLE = 256  # training images used to fit the per-channel standardisation
-NORMALIZER_FILE = "normalizer.npz"
-
-
-@dataclass
-class FeatureNormalizer:
-    """Per-channel standardisation of grid features, fitted on training images.
-
-    Backbone activations can be tiny (random-init InceptionV3: ~1e-4), which
-    float16 storage and the decoder's first layer both handle badly; stored
-    features are standardised, and the same statistics apply to new images.
+    Raises:
+        FeatureCacheError: naming the file, when the statistics file is damaged
+            or a damaged shard's image can no longer be read.
     """
-
-    mean: np.ndarray
-    std: np.ndarray
-
-    @classmethod
-    def fit(cls, grids: np.ndarray) -> "FeatureNormalizer":
-        flat = grids.reshape(-1, grids.shape[-1]).astype(np.float64)
-        std = flat.std(0)
-        # Dead channels (constant everywhere) stay zero instead of dividing by zero.
-        std = np.where(std > 1e-12, std, 1.0)
-        return cls(flat.mean(0).astype(np.float32), std.astype(np.float32))
-
-    def __call__(self, grid: np.ndarray) -> np.ndarray:
-        return (grid - self.mean) / self.std
-
-    def save(self, path: Path) -> None:
-        np.savez(path, mean=self.mean, std=self.std)
-
-    @classmethod
-    def load(cls, path: Path) -> "FeatureNormalizer":
-        with np.load(path) as f:
-            return cls(f["mean"], f["std"])
-
-
-def compiled_extractor(extractor):
-    """One traced graph per extractor (not per split); batch size may vary."""
-    if not hasattr(extractor, "_compiled"):
-        extractor._compiled = tf.function(
-            lambda images: extractor(images, training=False),
-            input_signature=[tf.TensorSpec((None, extractor.input_size, extractor.input_size, 3), tf.uint8)],
+    problems = cache.damaged()
+    if not problems:
+        return cache
+    shard_of = {name: (split, k) for split, entry in cache.manifest["splits"].items() for k, name in enumerate(entry["shards"])}
+    for problem in problems:
+        if problem["file"] not in shard_of:
+            raise FeatureCacheError(
+                f"{cache.directory / problem['file']}: {problem['reason']}. It cannot be rebuilt on its own: "
+                f"delete {cache.directory} and rerun train.py to extract the features again"
+            )
+    encoder = cache.encoder()
+    records = dataset.by_id()
+    size = cache.manifest["shard_size"]
+    for problem in problems:
+        split, k = shard_of[problem["file"]]
+        path = cache.directory / problem["file"]
+        ids = cache.image_ids(split)[k * size : (k + 1) * size]
+        print(f"Feature cache: {path} is damaged ({problem['reason']}); re-extracting its {len(ids)} images", flush=True)
+        missing = [i for i in ids if i not in records]
+        if missing:
+            raise FeatureCacheError(f"{path}: damaged, and its image {missing[0]!r} is no longer in the dataset; delete {cache.directory} and rerun train.py")
+        grids, ok = encoder.encode([records[i].path for i in ids])
+        if not ok.all():
+            bad = records[ids[int(np.flatnonzero(~ok)[0])]].path
+            raise FeatureCacheError(f"{path}: damaged, and its image {bad} can no longer be read to rebuild it; restore the image, or delete {cache.directory} and rerun train.py")
+        payloads = [serialize_feature_example(k * size + j, image_id, grid, grid.astype(np.float32).mean(0)) for j, (image_id, grid) in enumerate(zip(ids, grids))]
+        tmp = path.with_name(path.name + ".tmp")
+        write_shard(tmp, payloads)
+        os.replace(tmp, path)
+        cache.manifest["files"][problem["file"]] = _file_entry(path)
+        cache.manifest.setdefault("repairs", []).append(
+            {"file": problem["file"], "reason": problem["reason"], "images": len(ids), "time": datetime.datetime.now().isoformat(timespec="seconds")}
         )
-    return extractor._compiled
+    write_json(cache.directory / MANIFEST, cache.manifest, indent=1)
+    return cache
 
 
-def extract_split(extractor, records, out_dir, split, cfg: FeatureConfig, skipped: list[dict], normalizer=None):
-    """Extract and write one split; the normalizer is fitted on the first training images."""
-    writer = _ShardWriter(out_dir, split, cfg.shard_size)
+def extract_split(encoder: ImageEncoder, records: list[ImageRecord], out_dir: Path, split: str, cfg: FeatureConfig, skipped: list[dict]) -> tuple[dict, Optional[tuple]]:
+    """Extract and write one split; fits `encoder.normalizer` on the first training images when it has none."""
+    writer = ShardWriter(out_dir, split, cfg.shard_size)
     image_ids, grid_shape, pending = [], None, []
 
     def flush():
-        for rec, grid in pending:
-            grid = normalizer(grid)
-            writer.write(serialize_example(len(image_ids), rec.image_id, grid, grid.mean(0)))
+        for rec, raw in pending:
+            grid = encoder.standardise(raw)
+            writer.write(serialize_feature_example(len(image_ids), rec.image_id, grid, grid.astype(np.float32).mean(0)))
             image_ids.append(rec.image_id)
         pending.clear()
 
-    batches = decoded_image_batches(records, extractor.input_size, cfg.extract_batch_size)
-    infer = compiled_extractor(extractor)
     with tqdm(total=len(records), desc=f"features {split}", unit="img") as bar:
-        for index, images, ok in batches:
-            grid, _ = infer(images)
-            grid, ok = grid.numpy(), ok.numpy()
-            grid_shape = grid.shape[1:]
-            for j, i in enumerate(index.numpy()):
+        for index, _, raw, ok in encoder.raw_batches([r.path for r in records], cfg.extract_batch_size):
+            grid_shape = raw.shape[1:]
+            for j, i in enumerate(index):
                 rec = records[int(i)]
                 if ok[j]:
-                    pending.append((rec, grid[j]))
+                    pending.append((rec, raw[j]))
                 else:
                     skipped.append({"image_id": rec.image_id, "path": rec.path, "reason": "could not decode image"})
-            if normalizer is None and len(pending) >= NORMALIZER_SAMPLE:
-                normalizer = FeatureNormalizer.fit(np.stack([g for _, g in pending]))
-            if normalizer is not None:
+            if encoder.normalizer is None and len(pending) >= NORMALIZER_SAMPLE:
+                encoder.normalizer = FeatureNormalizer.fit(np.stack([g for _, g in pending]))
+            if encoder.normalizer is not None:
                 flush()
             bar.update(len(ok))
     if pending:
-        normalizer = normalizer or FeatureNormalizer.fit(np.stack([g for _, g in pending]))
+        encoder.normalizer = encoder.normalizer or FeatureNormalizer.fit(np.stack([g for _, g in pending]))
         flush()
     writer.close()
-    return {"shards": writer.shards, "image_ids": image_ids, "count": len(image_ids)}, grid_shape, normalizer
+    return {"shards": writer.shards, "image_ids": image_ids, "count": len(image_ids)}, grid_shape
 
 
-def build_feature_cache(
-    dataset: CaptionDataset,
-    cfg: FeatureConfig,
-    force: bool = False,
-    extractor=None,
-    normalizer: FeatureNormalizer | None = None,
-) -> FeatureCache:
-    """Reuse the matching cache entry or extract features into a new one.
+def build_feature_cache(dataset: CaptionDataset, cfg: FeatureConfig, force: bool = False, encoder: Optional[ImageEncoder] = None) -> FeatureCache:
+    """Reuse the matching cache entry (checked, damaged shards re-extracted) or extract features into a new one.
 
-    `extractor` defaults to the configured backbone; a given `normalizer` is
-    used as is (e.g. the phase-1 statistics for a fine-tuned backbone) instead
-    of being fitted on the training images.
+    Args:
+        dataset: the images to encode, with their splits.
+        cfg: backbone, weights, input size, cache folder, shard size.
+        force: extract again even when a matching entry exists.
+        encoder: the encoder to use, e.g. a fine-tuned backbone with the
+            phase-1 statistics (its normalizer, when set, is used as is).
+            Default: the configured backbone, statistics fitted on the
+            training images.
     """
-    from caption_tf.features.backbones import build_extractor
-
     request = cache_request(dataset, cfg)
     directory = cache_directory(request, cfg)
     cached = None if force else open_cache(directory, request)
     if cached is not None:
         print(f"Feature cache: reusing {directory}", flush=True)
-        return cached
-    print(f"Feature cache: extracting {cfg.backbone} features ({request['weights']}, {request['input_size']}px) into {directory}", flush=True)
-    extractor = extractor or build_extractor(cfg.backbone, cfg.weights, cfg.input_size)
-    fitted_here = normalizer is None
+        try:
+            return repair_cache(cached, dataset)
+        except FeatureCacheError as err:
+            if encoder is not None or cached.manifest.get("normalizer") != "fitted on the training images":
+                raise
+            print(f"{err}\nFeature cache: extracting the whole entry again", flush=True)
+    spec = EncoderSpec.from_config(cfg)
+    if encoder is not None and encoder.spec.identity() != spec.identity():
+        raise ValueError(f"build_feature_cache: the encoder given ({encoder.spec.identity()}) is not the configured one ({spec.identity()})")
+    print(f"Feature cache: extracting {cfg.backbone} features ({spec.weights_tag}, {spec.input_size}px) into {directory}", flush=True)
+    encoder = encoder or ImageEncoder(spec)
+    fitted_here = encoder.normalizer is None
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     started, skipped, splits, grid_shape = time.time(), [], {}, None
     for split in SPLITS:  # train first: its images fit the normalizer
-        records = dataset.split(split)
-        splits[split], shape, normalizer = extract_split(extractor, records, tmp, split, cfg, skipped, normalizer)
+        splits[split], shape = extract_split(encoder, dataset.split(split), tmp, split, cfg, skipped)
         grid_shape = grid_shape or shape
-    if grid_shape is None or normalizer is None:
+    if grid_shape is None or encoder.normalizer is None:
         raise ValueError(f"Dataset {dataset.name!r}: no image could be decoded; nothing to cache")
-    normalizer.save(tmp / NORMALIZER_FILE)
+    encoder.normalizer.save(tmp / NORMALIZER_FILE)
     seconds = max(time.time() - started, 1e-9)
+    files = [NORMALIZER_FILE] + [name for s in splits.values() for name in s["shards"]]
     manifest = {
         **request,
         "key": directory.name,
+        "encoder": spec.to_dict(),
         "grid_shape": [int(d) for d in grid_shape],
+        "shard_size": cfg.shard_size,
         "splits": splits,
         "skipped": skipped,
         "normalizer": "fitted on the training images" if fitted_here else "given (statistics of an earlier cache)",
+        "files": {name: _file_entry(tmp / name) for name in files},
         "seconds": round(seconds, 2),
         "images_per_second": round(sum(s["count"] for s in splits.values()) / seconds, 2),
     }
@@ -321,24 +308,3 @@ def build_feature_cache(
     if skipped:
         print(f"Feature cache: skipped {len(skipped)} unreadable images (listed in {directory / MANIFEST})", flush=True)
     return FeatureCache(directory, manifest)
-
-
-def encode_images(paths: list[str], cfg: FeatureConfig, normalizer: FeatureNormalizer, batch_size: int = 16):
-    """Grid features of arbitrary image files, standardised like the cache they must match.
-
-    Returns (grids float32 [N, cells, C], ok bool [N]); unreadable files give ok=False.
-    Use it to caption user images with a trained run:
-
-    >>> grids, ok = encode_images(["a.jpg"], run.config.features, cache.normalizer())
-    """
-    from caption_tf.features.backbones import build_extractor
-
-    extractor = build_extractor(cfg.backbone, cfg.weights, cfg.input_size)
-    records = [ImageRecord(image_id=str(i), path=str(p), captions=[], split="test") for i, p in enumerate(paths)]
-    grids, oks = [], []
-    infer = compiled_extractor(extractor)
-    for _, images, ok in decoded_image_batches(records, extractor.input_size, batch_size):
-        grid, _ = infer(images)
-        grids.append(normalizer(grid.numpy()).astype(np.float32))
-        oks.append(ok.numpy())
-    return np.concatenate(grids), np.concatenate(oks)

@@ -34,8 +34,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from caption_tf.models.base import CaptionModel, TiedOutput
-from caption_tf.models.decoder import CHECKPOINT_BLOCK_STEPS, checkpointed_head_loss
+from caption_tf.models.base import CHECKPOINT_BLOCK_STEPS, CaptionModel, TiedOutput, checkpointed_head_loss
 from caption_tf.models.grid import GridEncoder
 from caption_tf.models.losses import doubly_stochastic_penalty
 from caption_tf.models.recompute import recompute_grad

@@ -3,8 +3,10 @@
 `--batch-size auto`, `--learning-rate auto`, `--max-length auto` and
 `--vocab-size auto` (config value `auto` or null) are resolved before the
 vocabulary is built, from a `DatasetProfile` of the training captions and the
-number of devices. Each decision prints one line with its reasoning. The rules
-are pure functions of the profile, so they are testable without TensorFlow.
+number of devices; `resolve_auto_settings` returns the resolved copy of the
+config that training uses from then on. Each decision prints one line with
+its reasoning. The rules are pure functions of the profile, so they are
+testable without TensorFlow.
 
 Example:
 
@@ -16,12 +18,14 @@ Example:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import numpy as np
 
+from caption_tf.config import Config
 from caption_tf.data.text import clean_caption
 
 # Caption length: the percentile of training caption lengths to cover (longer ones are truncated).
@@ -158,14 +162,16 @@ def auto_settings(
     return decisions
 
 
-def resolve_auto_settings(cfg, captions: list[str], num_images: int, devices: int = 1) -> list[Decision]:
-    """Fill the `auto` (None) fields of a Config in place from the training captions; print why.
+def resolve_auto_settings(cfg: Config, captions: list[str], num_images: int, devices: int = 1) -> Config:
+    """A copy of `cfg` with its `auto` (None) fields derived from the training captions; prints why.
+
+    `cfg` itself is left as requested, so a reader knows the returned config is final.
 
     Example:
 
-    >>> cfg = load_config("minimal", {"batch_size": "auto"})
-    >>> resolve_auto_settings(cfg, captions, num_images=800)[0].name
-    'batch_size'
+    >>> resolved = resolve_auto_settings(load_config("minimal", {"batch_size": "auto"}), captions, num_images=800)
+    >>> resolved.train.batch_size is None
+    False
     """
     decisions = auto_settings(
         DatasetProfile.from_captions(captions, num_images),
@@ -175,8 +181,13 @@ def resolve_auto_settings(cfg, captions: list[str], num_images: int, devices: in
         max_length=cfg.text.max_length,
         vocab_size=cfg.text.vocab_size,
     )
-    sections = {"batch_size": cfg.train, "learning_rate": cfg.train, "max_length": cfg.text, "vocab_size": cfg.text}
+    changes: dict[str, dict] = {"train": {}, "text": {}}
+    section_of = {"batch_size": "train", "learning_rate": "train", "max_length": "text", "vocab_size": "text"}
     for decision in decisions:
-        setattr(sections[decision.name], decision.name, decision.value)
+        changes[section_of[decision.name]][decision.name] = decision.value
         print(decision, flush=True)
-    return decisions
+    return dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, **changes["train"]),
+        text=dataclasses.replace(cfg.text, **changes["text"]),
+    )

@@ -22,8 +22,9 @@ it, so `evaluate.py` scores the fine-tuned model unchanged.
 
 Each phase has its own completion marker in `run.json` (`phases`), keyed by a
 hash of the requested configuration: rerunning the same command after a
-crash skips a completed phase 1 and resumes phase 2 (from its last finished
-epoch, via `keras.callbacks.BackupAndRestore`).
+crash skips a completed phase 1 and resumes phase 2 exactly where it stopped,
+through the same resume path as phase 1 (`recovery.ResumableTraining`, verified
+checkpoints in `checkpoints_fine_tune/`).
 
 Example:
 
@@ -34,10 +35,10 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-import hashlib
-import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -48,27 +49,29 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from caption_tf import run_folder
 from caption_tf.config import Config, save_config
 from caption_tf.data.datasets import load_dataset
 from caption_tf.data.images import load_rgb
-from caption_tf.data.pipeline import captions_table
-from caption_tf.features.backbones import FeatureExtractor, build_extractor
-from caption_tf.features.cache import (
-    FeatureCache,
-    build_feature_cache,
-    cache_request,
-    open_cache,
+from caption_tf.features.backbones import FeatureExtractor
+from caption_tf.features.cache import FeatureCache, build_feature_cache, cache_request, open_cache, repair_cache
+from caption_tf.features.encoder import EncoderSpec, ImageEncoder
+from caption_tf.files import atomic_path, file_sha256, stable_hash
+from caption_tf.models.decoder import build_decoder, masked_loss
+from caption_tf.run_folder import (
+    BACKBONE_WEIGHTS_FILE,
+    FINE_TUNE_CHECKPOINT_DIR,
+    FINE_TUNE_HISTORY_FILE,
+    FINE_TUNE_LOG_DIR,
+    PHASE1_WEIGHTS_FILE,
+    config_hash,
 )
-from caption_tf.models.decoder import masked_loss
-from caption_tf.training import run as run_files
-from caption_tf.training.runtime import setup_runtime
+from caption_tf.training import recovery
+from caption_tf.training.pipeline import captions_table
+from caption_tf.training.runtime import is_chief, setup_runtime
 from caption_tf.training.schedules import BleuFunction, LearningRateLogger
+from caption_tf.training.trainer import train
 
-BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
-PHASE1_WEIGHTS_FILE = "decoder_phase1.weights.h5"
-FINE_TUNE_HISTORY_FILE = "history_fine_tune.csv"
-FINE_TUNE_LOG_DIR = "fine_tune"  # under logs/
-FINE_TUNE_BACKUP_DIR = "fine_tune_backup"
 PHASE_DECODER, PHASE_FINE_TUNE = "decoder", "fine_tune"
 
 
@@ -190,26 +193,16 @@ def split_batches(dataset, cache: FeatureCache, vocab, split: str, size: int, ba
 # ------------------------------------------------------------------ phase markers
 
 
-def config_hash(cfg: Config) -> str:
-    """Identity of a requested configuration (before `auto` settings are resolved)."""
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def read_info(run_dir: Path) -> dict:
-    path = run_dir / run_files.RUN_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def phase_complete(run_dir: Path, phase: str, requested: str) -> bool:
-    """True when `phase` finished for the same requested configuration."""
-    marker = read_info(run_dir).get("phases", {}).get(phase, {})
+    """True when `phase` finished for the same requested configuration (`config_hash`)."""
+    marker = run_folder.read_run_info(run_dir, missing_ok=True).get("phases", {}).get(phase, {})
     return marker.get("status") == "complete" and marker.get("config_hash") == requested
 
 
 def mark_phase(run_dir: Path, phase: str, requested: str, **details) -> None:
-    info = read_info(run_dir)
-    info.setdefault("phases", {})[phase] = {"status": "complete", "config_hash": requested, **details}
-    run_files.write_json(run_dir / run_files.RUN_FILE, info)
+    phases = run_folder.read_run_info(run_dir).get("phases", {})
+    phases[phase] = {"status": "complete", "config_hash": requested, **details}
+    run_folder.update_run_info(run_dir, phases=phases)
 
 
 def fine_tune(cfg: Config, run_dir: Path) -> Path:
@@ -219,21 +212,26 @@ def fine_tune(cfg: Config, run_dir: Path) -> Path:
 
     >>> fine_tune(cfg, Path("runs/optimized-shapes-inception_v3-lstm-bahdanau"))
     """
-    run = run_files.load_run(run_dir, with_model=False)
-    phase1 = read_info(run_dir)["phases"][PHASE_DECODER]
+    run = run_folder.load_run(run_dir, with_model=False)
+    phase1 = run.info["phases"][PHASE_DECODER]
     saved = run.config  # resolved `auto` settings
     features_cfg = dataclasses.replace(saved.features, weights=cfg.features.weights)
     dataset = load_dataset(saved.data)
     cache = open_cache(Path(phase1["feature_cache"]), cache_request(dataset, features_cfg))
     if cache is None:
         raise FileNotFoundError(f"{phase1['feature_cache']}: the phase-1 feature cache is missing; rerun without it to rebuild")
+    cache = repair_cache(cache, dataset)
     runtime = setup_runtime(saved.train)
-    batch = saved.train.fine_tune_batch_size * runtime.replicas
-    with runtime.strategy.scope():
-        extractor = build_extractor(features_cfg.backbone, features_cfg.weights, features_cfg.input_size)
-        unfrozen = unfreeze_last_layers(extractor.backbone, saved.features.fine_tune_layers)
-        from caption_tf.models.decoder import build_decoder
+    with run_folder.locked_run(run_dir, enabled=is_chief(runtime.strategy)):
+        return _fine_tune_locked(cfg, run_dir, run, saved, features_cfg, dataset, cache, runtime)
 
+
+def _fine_tune_locked(cfg, run_dir, run, saved, features_cfg, dataset, cache, runtime) -> Path:
+    batch = runtime.global_batch_size(saved.train.fine_tune_batch_size)
+    with runtime.strategy.scope():
+        # The very backbone (a random one rebuilt from its seed) and statistics the decoder learned on.
+        extractor = cache.encoder_spec.build_extractor()
+        unfrozen = unfreeze_last_layers(extractor.backbone, saved.features.fine_tune_layers)
         decoder = build_decoder(saved.model, run.vocab.size, cache.grid_shape, run.vocab.max_length)
         decoder.load_weights(run_dir / PHASE1_WEIGHTS_FILE)
         normalizer = cache.normalizer()
@@ -249,33 +247,56 @@ def fine_tune(cfg: Config, run_dir: Path) -> Path:
         flush=True,
     )
     size = extractor.input_size
-    train_ds = split_batches(dataset, cache, run.vocab, "train", size, batch, True, saved.train.seed)
+    records, train_ids = dataset.by_id(), cache.image_ids("train")
+    table, _ = captions_table([run.vocab.encode(records[i].captions) for i in train_ids], run.vocab.max_length)
+    paths, steps = [records[i].path for i in train_ids], math.ceil(len(train_ids) / batch)
+
+    def make_epoch(epoch):  # epoch e is shuffled with seed + e: a resumed run replays it exactly
+        ds = image_caption_batches(paths, table, size, batch, shuffle=True, seed=saved.train.seed + epoch)
+        return ds.apply(tf.data.experimental.assert_cardinality(steps))
+
     val_ds = split_batches(dataset, cache, run.vocab, "val", size, batch, False, 0)
     callbacks = [
         LearningRateLogger(),
-        keras.callbacks.BackupAndRestore(str(run_dir / FINE_TUNE_BACKUP_DIR), save_freq="epoch"),
         keras.callbacks.CSVLogger(str(run_dir / FINE_TUNE_HISTORY_FILE), append=True),
-        keras.callbacks.TensorBoard(str(run_dir / run_files.LOG_DIR / FINE_TUNE_LOG_DIR), update_freq="epoch"),
+        keras.callbacks.TensorBoard(str(run_dir / run_folder.LOG_DIR / FINE_TUNE_LOG_DIR), update_freq="epoch"),
     ]
+    # What phase-2 checkpoints must match: the phase-1 decoder they start from and the phase-2 settings.
+    phase2 = {k: getattr(saved.train, k) for k in ("fine_tune_learning_rate", "fine_tune_batch_size", "seed")}
+    phase2.update(fine_tune_layers=saved.features.fine_tune_layers, decoder=file_sha256(run_dir / PHASE1_WEIGHTS_FILE))
+    identity = run_folder.RunIdentity(stable_hash(phase2), run.vocab.fingerprint(), cache.fingerprint, {"fine_tune": phase2})
+    session = recovery.ResumableTraining(
+        model, run_dir, run_dir / FINE_TUNE_CHECKPOINT_DIR, saved, identity, steps, callbacks, runtime.strategy,
+        run_dir / run_folder.LOG_DIR / FINE_TUNE_LOG_DIR,
+    )
+    start = session.restore()
+    run_folder.trim_history(run_dir / FINE_TUNE_HISTORY_FILE, start[0])
     started = time.time()
-    model.fit(train_ds, validation_data=val_ds, epochs=saved.train.fine_tune_epochs, callbacks=callbacks, shuffle=False)
+    try:
+        session.fit(make_epoch, saved.train.fine_tune_epochs, val_ds)
+    finally:
+        stopped = session.finish_status()
+    if stopped is not None:
+        run_folder.release_disk_reserve(run_dir)  # room for run.json on a full disk
+        with contextlib.suppress(OSError):
+            run_folder.update_run_info(run_dir, status=f"phase 2 {stopped.status}")
+        raise stopped
 
     # Publish: backbone, cache, decoder, then config and run.json; the marker is written last.
     backbone_path = (run_dir / BACKBONE_WEIGHTS_FILE).resolve()
-    tmp = backbone_path.with_name("partial-" + backbone_path.name)
-    extractor.backbone.save_weights(tmp)
-    tmp.replace(backbone_path)
+    with atomic_path(backbone_path) as tmp:
+        extractor.backbone.save_weights(tmp)
     tuned_features = dataclasses.replace(saved.features, weights=str(backbone_path))
-    tuned_cache = build_feature_cache(dataset, tuned_features, extractor=extractor, normalizer=normalizer)
-    tmp = run_dir / ("partial-" + run_files.WEIGHTS_FILE)
-    decoder.save_weights(tmp)
-    tmp.replace(run_dir / run_files.WEIGHTS_FILE)
+    tuned_encoder = ImageEncoder(EncoderSpec.from_config(tuned_features), normalizer, extractor=extractor)
+    tuned_cache = build_feature_cache(dataset, tuned_features, encoder=tuned_encoder)
+    with atomic_path(run_dir / run_folder.WEIGHTS_FILE) as tmp:
+        decoder.save_weights(tmp)
     tuned_config = copy.deepcopy(saved)
     tuned_config.features = tuned_features
-    save_config(tuned_config, run_dir / run_files.CONFIG_FILE)
-    info = read_info(run_dir)
-    info.update(feature_cache=str(tuned_cache.directory), feature_fingerprint=tuned_cache.fingerprint)
-    run_files.write_json(run_dir / run_files.RUN_FILE, info)
+    save_config(tuned_config, run_dir / run_folder.CONFIG_FILE)
+    run_folder.record_weights(
+        run_dir, feature_cache=str(tuned_cache.directory), feature_fingerprint=tuned_cache.fingerprint, encoder=tuned_cache.manifest["encoder"]
+    )
     mark_phase(
         run_dir,
         PHASE_FINE_TUNE,
@@ -294,21 +315,23 @@ def train_in_phases(cfg: Config, bleu: Optional[BleuFunction] = None) -> Path:
 
     >>> run_dir = train_in_phases(load_config("optimized"), bleu=corpus_bleu_scores)
     """
-    from caption_tf.training.trainer import train
-
     requested = config_hash(cfg)
-    run_dir = run_files.run_directory(cfg)
-    if phase_complete(run_dir, PHASE_DECODER, requested) and (run_dir / PHASE1_WEIGHTS_FILE).exists():
+    run_dir = run_folder.run_directory(cfg)
+    # The weights of a finished run are checked too: damaged ones are written again from its checkpoints.
+    weights_ok = not run_folder.weights_problem(run_dir, run_folder.read_run_info(run_dir, missing_ok=True))
+    two_phases = cfg.features.fine_tune_layers > 0
+    if phase_complete(run_dir, PHASE_DECODER, requested) and (run_dir / PHASE1_WEIGHTS_FILE).exists() and (weights_ok or two_phases):
         print(f"Phase 1 (decoder) already complete in {run_dir}: skipping it", flush=True)
     else:
         # A (re)trained decoder invalidates any half-finished phase 2.
-        shutil.rmtree(run_dir / FINE_TUNE_BACKUP_DIR, ignore_errors=True)
-        run_dir = train(copy.deepcopy(cfg), bleu)
-        shutil.copyfile(run_dir / run_files.WEIGHTS_FILE, run_dir / PHASE1_WEIGHTS_FILE)
-        mark_phase(run_dir, PHASE_DECODER, requested, feature_cache=read_info(run_dir)["feature_cache"])
-    if cfg.features.fine_tune_layers <= 0:
+        shutil.rmtree(run_dir / FINE_TUNE_CHECKPOINT_DIR, ignore_errors=True)
+        run_dir = train(cfg, bleu)
+        with atomic_path(run_dir / PHASE1_WEIGHTS_FILE) as tmp:
+            shutil.copyfile(run_dir / run_folder.WEIGHTS_FILE, tmp)
+        mark_phase(run_dir, PHASE_DECODER, requested, feature_cache=run_folder.read_run_info(run_dir)["feature_cache"])
+    if not two_phases:
         return run_dir
-    if phase_complete(run_dir, PHASE_FINE_TUNE, requested):
+    if phase_complete(run_dir, PHASE_FINE_TUNE, requested) and weights_ok:
         print(f"Phase 2 (fine-tune) already complete in {run_dir}", flush=True)
         return run_dir
     return fine_tune(cfg, run_dir)

@@ -13,10 +13,10 @@ weights are never saved.
 Example:
 
 >>> monitor = HealthMonitor(run_dir, log_dir=run_dir / "logs",
-...                         checkpoint_bytes=lambda: store.last_checkpoint_bytes,
-...                         final_save=ckpt_callback.save_now)
+...                         checkpoint_bytes=lambda: store.last_published.total_bytes if store.last_published else None,
+...                         final_save=backup.save_now)
 >>> guard = NonFiniteLossGuard(store)
->>> model.fit(ds, epochs=3, callbacks=[guard, ckpt_callback, monitor])
+>>> model.fit(ds, epochs=3, callbacks=[guard, backup, monitor])
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ import numpy as np
 import psutil
 import tensorflow as tf
 
+from caption_tf.run_folder import ALERTS_FILE
+
 logger = logging.getLogger(__name__)
 
-ALERTS_FILE = "alerts.jsonl"
 GIB = 1024**3
 MIB = 1024**2
 DEFAULT_EVERY_N_BATCHES = 50
@@ -233,7 +234,7 @@ class HealthMonitor(keras.callbacks.Callback):
             crossed = value > limit if direction == "above" else value < limit
             if crossed and key not in self._active_alerts:
                 self._active_alerts.add(key)  # alert once per crossing, not every sample
-                self.alert(key, value, limit, f"{key} = {value:.1f} is {direction} the threshold {limit}")
+                self.alert(key, value, limit, f"{key} = {readable(value)} is {direction} the threshold {limit}")
             elif not crossed:
                 self._active_alerts.discard(key)
 
@@ -281,6 +282,17 @@ class HealthMonitor(keras.callbacks.Callback):
             fh.write(json.dumps(record) + "\n")
 
 
+def readable(value: float) -> str:
+    """Three significant digits below 100, so 0.029 GB is not printed as 0.0.
+
+    Example:
+
+    >>> readable(0.029), readable(70.14), readable(1234.5)
+    ('0.029', '70.1', '1234')
+    """
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def format_sample(sample: dict[str, float]) -> str:
     """One compact console line.
 
@@ -291,7 +303,7 @@ def format_sample(sample: dict[str, float]) -> str:
     """
     parts = [
         f"RAM {sample.get('ram_percent', float('nan')):.0f}% (process {sample.get('process_rss_gb', float('nan')):.2f} GB)",
-        f"disk {sample.get('disk_free_gb', float('nan')):.1f} GB free",
+        f"disk {readable(sample.get('disk_free_gb', float('nan')))} GB free",
     ]
     index = 0
     while f"gpu{index}_util_percent" in sample:
@@ -319,20 +331,20 @@ def read_alerts(run_dir: str | Path) -> list[dict]:
 
 
 class NonFiniteLossGuard(keras.callbacks.Callback):
-    """Stops training on a NaN/Inf loss; the NaN weights are never saved.
+    """Stops training on a NaN/Inf loss; those weights are never saved.
 
-    Unlike `keras.callbacks.TerminateOnNaN`, it also tells the checkpoint
-    store to refuse every later save (so no epoch-end or final save can write
-    the broken weights) and reports which checkpoint is the last good one.
+    Unlike `keras.callbacks.TerminateOnNaN`, it also makes the checkpoint store
+    refuse every later save, so no epoch-end or final save can write the broken
+    weights. `message` says where it happened; the trainer reports it once.
 
     Args:
-        store: optional `VerifiedCheckpointStore` to lock and report from.
+        store: optional object with `refuse_saves(reason)` (a `VerifiedCheckpointManager`).
         monitor: the log key to check.
 
     Example:
 
     >>> guard = NonFiniteLossGuard(store)
-    >>> model.fit(ds, callbacks=[guard, checkpoint_callback])
+    >>> model.fit(ds, callbacks=[guard, backup])
     >>> guard.tripped_at   # (epoch, batch) or None
     (1, 17)
     """
@@ -357,20 +369,9 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
             return
         self.tripped_at = (self._epoch, batch)
         self.model.stop_training = True
-        last = "none"
         if self.store is not None:
             self.store.refuse_saves(f"the {self.monitor} became {value} at epoch {self._epoch}, batch {batch}")
-            try:
-                info = self.store.flush()
-            except Exception as err:  # noqa: BLE001 - report, the stop matters more
-                info = None
-                last = f"unknown (pending save failed: {err})"
-            if info is not None:
-                last = f"{info.path} (step {info.step})"
         self.message = (
             f"Training stopped: {self.monitor} became {value} at epoch {self._epoch + 1}, batch {batch + 1}. "
-            f"These weights were NOT saved. Last good checkpoint: {last}. "
-            "Lower the learning rate or enable clipping, then resume."
+            "These weights were NOT saved."
         )
-        logger.error(self.message)
-        print(self.message, flush=True)

@@ -1,171 +1,53 @@
-"""Crash-safe training: resume decisions, exact mid-epoch resume, supervision.
+"""Crash-safe training: what to do with a run folder, and the exact resume of `fit`.
 
-A run folder `runs/<name>/` resumes by itself: rerunning the same command
-restores the newest valid checkpoint of `runs/<name>/checkpoints/` (model,
-optimizer, dropout RNG state, epoch/batch position, callback state) and
-continues with the exact next batch, so the final weights equal those of an
-uninterrupted run.
+One resume path serves phase 1 (the decoder) and phase 2 (fine-tuning):
+`ResumableTraining` puts `ExactBackupAndRestore`, a subclass of
+`keras.callbacks.BackupAndRestore`, into the callback stack. Its state is a
+`tf.train.Checkpoint` kept by a `VerifiedCheckpointManager` (a
+`tf.train.CheckpointManager` with SHA-256 manifests): model and optimizer
+variables (Adam moments, iterations, learning rate, loss scale), dropout RNG
+state, the position (step, epoch, batch) and the state of the stateful callbacks
+(EarlyStopping with its best weights, ReduceLROnPlateau).
 
-Exact resume uses a deterministic position scheme instead of checkpointing
-Keras' own `tf.data` iterator (Keras creates and owns that iterator inside
-`fit`): epoch `e` shuffles with the seed `seed + e` (a fixed order per
-epoch), and a run resumed at batch `b` of epoch `e` skips the first `b`
-batches of that epoch. `epoch_feed` chains the epochs into one dataset that
-`fit` reads with `steps_per_epoch`; a resumed partial epoch is one short
-`fit` call, the remaining epochs a second one (`fit_from_position`).
-
-Example:
-
->>> plan = plan_run(cfg, run_dir, fingerprints)     # never / auto / complete
->>> state = TrainingState(model, run_dir / "checkpoints", cfg.checkpoint)
->>> position = state.restore(fingerprints)           # (epoch, batch) to start at
->>> history = fit_from_position(model, make_epoch, position, steps, cfg.train.epochs, val_ds, callbacks)
+Keras restores only the epoch, and no callback can skip batches: Keras owns the
+data iterator. So the data order is a function of the position instead: epoch `e`
+is shuffled with seed `seed + e`, and `fit_from_position` feeds `fit` from the
+restored (epoch, batch), one short `fit` for the rest of an interrupted epoch and
+one for the other epochs. docs/recovery.md describes the whole design.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
-import logging
+import math
 import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from caption_tf import run_folder
 from caption_tf.config import Config
-from caption_tf.training.supervisor import EXIT_CHECKPOINT_FAILED, EXIT_NON_FINITE, OLD_RUN_SUFFIX, TrainingStopped
+from caption_tf.training.checkpoints import CheckpointInfo, CheckpointWriteError, SaveRefusedError, VerifiedCheckpointManager, latest_valid
 from caption_tf.training.health import HealthMonitor, NonFiniteLossGuard
-from caption_tf.training.integrity import (
-    CheckpointCallback,
-    CheckpointInfo,
-    CheckpointMismatchError,
-    TrainingPosition,
-    VerifiedCheckpointStore,
-    check_compatible,
-    stable_hash,
-)
+from caption_tf.training.runtime import is_chief
+from caption_tf.training.supervisor import EXIT_CHECKPOINT_FAILED, EXIT_NON_FINITE, TrainingStopped, is_disk_full
 
-logger = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoints"
-EPOCH_SECONDS_KEY = "epoch_seconds"
-CHECKPOINT_SECONDS_KEY = "checkpoint_seconds"
-EPOCH_SEED_STRIDE = 1  # epoch e shuffles with seed + e * stride
-
-# Config fields that do not change the training maths: they may differ between
-# the interrupted run and the resumed one. `epochs` is here so a finished run
-# can be trained longer (except under warmup_cosine, see `compat_config`).
-NEUTRAL_FIELDS = frozenset(
-    {
-        "data_root", "data_dir", "download", "cache_dir", "extract_batch_size",
-        "runs_dir", "run_name", "tune", "trials", "epochs", "early_stopping_patience",
-        "jit",
-        "fine_tune_layers", "fine_tune_epochs", "fine_tune_learning_rate", "fine_tune_batch_size",
-        "checkpoint_every", "keep_checkpoints", "resume", "async_checkpoint", "max_restarts",
-    }
-)
-NEUTRAL_SECTIONS = frozenset({"eval", "preset"})
-
-# Test hooks (documented in README.md (crash recovery)), honoured only when set:
-CRASH_AFTER_BATCHES_ENV = "CAPTION_TF_CRASH_AFTER_BATCHES"  # SIGKILL itself after N batches of this process
-NAN_AT_STEP_ENV = "CAPTION_TF_NAN_AT_STEP"  # poison a weight with NaN after global step N
+EPOCH_SECONDS_KEY, CHECKPOINT_SECONDS_KEY = "epoch_seconds", "checkpoint_seconds"
+CRASH_AFTER_BATCHES_ENV = "CAPTION_TF_CRASH_AFTER_BATCHES"  # test hook: SIGKILL itself after N batches of this process
+NAN_AT_STEP_ENV = "CAPTION_TF_NAN_AT_STEP"  # test hook: a weight becomes NaN after global step N
 
 
-# ------------------------------------------------------------------ identity of a run
-
-
-def compat_config(cfg: Config) -> dict:
-    """The config fields that change the training maths (what a resume must match).
-
-    Example:
-
-    >>> "epochs" in compat_config(load_config("minimal"))["train"]
-    False
-    """
-    raw = cfg.to_dict()
-    kept = {}
-    for section, values in raw.items():
-        if section in NEUTRAL_SECTIONS or not isinstance(values, dict):
-            continue
-        kept[section] = {k: v for k, v in values.items() if k not in NEUTRAL_FIELDS}
-    if cfg.train.lr_schedule == "warmup_cosine":  # the decay is planned over all epochs
-        kept["train"]["epochs"] = cfg.train.epochs
-    return kept
-
-
-@dataclasses.dataclass(frozen=True)
-class RunIdentity:
-    """What a checkpoint must match to be resumed: config, vocabulary, feature cache.
-
-    Example:
-
-    >>> identity = RunIdentity.of(cfg, vocab.fingerprint(), cache.fingerprint)
-    >>> sorted(identity.metadata())
-    ['config_hash', 'feature_fingerprint', 'vocab_hash']
-    """
-
-    config_hash: str
-    vocab_hash: str
-    feature_fingerprint: str
-    config: dict
-
-    @classmethod
-    def of(cls, cfg: Config, vocab_hash: str, feature_fingerprint: str) -> "RunIdentity":
-        config = compat_config(cfg)
-        return cls(stable_hash(config), vocab_hash, feature_fingerprint, config)
-
-    def metadata(self) -> dict:
-        """For checkpoint metadata and run.json; `compat_config` lets a mismatch name the changed flags."""
-        return {
-            "config_hash": self.config_hash,
-            "vocab_hash": self.vocab_hash,
-            "feature_fingerprint": self.feature_fingerprint,
-            "compat_config": self.config,
-        }
-
-    def check(self, saved: Mapping[str, Any], where: str) -> None:
-        """Raise `CheckpointMismatchError` naming each differing setting and how to start fresh."""
-        try:
-            check_compatible(saved, self.metadata())  # compares the three hashes only
-        except CheckpointMismatchError as err:
-            details = _config_differences(saved.get("compat_config") or {}, self.config)
-            raise CheckpointMismatchError(
-                f"{where}: {err}"
-                + (f" Changed settings: {details}." if details else "")
-                + " To keep the old run and start over, rerun with --resume never (it is moved to"
-                f" <run>{OLD_RUN_SUFFIX}<time>) or pick another --run-name."
-            ) from None
-
-
-def _config_differences(saved: dict, current: dict) -> str:
-    changes = []
-    for section in sorted(set(saved) | set(current)):
-        old, new = saved.get(section, {}), current.get(section, {})
-        for name in sorted(set(old) | set(new)):
-            if old.get(name) != new.get(name):
-                changes.append(f"--{name.replace('_', '-')} {old.get(name)!r} -> {new.get(name)!r}")
-    return ", ".join(changes)
-
-
-# ------------------------------------------------------------------ what to do with an existing run folder
+# ------------------------------------------------------------------ what to do with a run folder
 
 
 @dataclasses.dataclass
 class RunPlan:
-    """The decision for a run folder: train (fresh or resumed) or report it complete.
-
-    Example:
-
-    >>> plan = plan_run(cfg, Path("runs/x"), identity)
-    >>> plan.complete, plan.moved_to
-    (False, None)
-    """
+    """Train (fresh or resumed), or report the run complete."""
 
     run_dir: Path
     complete: bool = False
@@ -173,303 +55,311 @@ class RunPlan:
     message: str = ""
 
 
-def read_run_info(run_dir: Path) -> Optional[dict]:
-    """The run's `run.json`, or None when there is none (or it is unreadable: a crash mid-write)."""
-    path = run_dir / "run.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def move_aside(run_dir: Path) -> Path:
-    """Rename `runs/<name>` to `runs/<name>.old-<UTC time>` (never deletes anything)."""
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    target = run_dir.with_name(f"{run_dir.name}{OLD_RUN_SUFFIX}{stamp}")
-    suffix = 1
-    while target.exists():
-        target = run_dir.with_name(f"{run_dir.name}{OLD_RUN_SUFFIX}{stamp}-{suffix}")
-        suffix += 1
-    os.replace(run_dir, target)
-    return target
-
-
-def plan_run(cfg: Config, run_dir: Path, identity: RunIdentity, info: Optional[dict]) -> RunPlan:
-    """Decide what training does with `run_dir` given `--resume` and its `run.json` (`info`).
-
-    - `--resume never` and a non-empty folder: the folder is moved aside, training starts fresh.
-    - `run.json` says complete for this identity and `--epochs` is not larger: nothing to train.
-    - a completed run made under other settings: refuse (`CheckpointMismatchError`).
-    - otherwise: train; `TrainingState.restore` picks up any checkpoint.
-    """
-    plan = RunPlan(run_dir)
-    if cfg.checkpoint.resume == "never":
-        if run_dir.exists() and any(run_dir.iterdir()):
-            plan.moved_to = move_aside(run_dir)
-            plan.message = f"--resume never: moved the existing run to {plan.moved_to}; starting fresh in {run_dir}"
-        return plan
-    latest = check_checkpoints(run_dir / CHECKPOINT_DIR, identity)
-    if not info or info.get("status") != "complete":
-        return plan
-    if latest is None:  # a completed run without checkpoints: its run.json holds the identity
-        identity.check(info, f"{run_dir} is a completed run")
-    trained_epochs = int(info.get("epochs_target", info.get("epochs_run", 0)))
-    if cfg.train.epochs <= trained_epochs:
-        plan.complete = True
-        plan.message = (
-            f"{run_dir} is already complete ({info.get('epochs_run', trained_epochs)} epoch(s)); not training again."
-            f" To train longer pass a larger --epochs (it resumes from the last checkpoint); to retrain from"
-            f" scratch pass --resume never (the old run is kept as {run_dir.name}{OLD_RUN_SUFFIX}<time>)."
-        )
-    return plan
-
-
-def check_checkpoints(directory: Path, identity: RunIdentity) -> Optional[CheckpointInfo]:
-    """The newest valid checkpoint in `directory` (quarantining corrupt ones), checked against `identity`.
-
-    Runs before the run folder's files are rewritten, so a refused resume leaves
-    the old run untouched.
-    """
-    if not directory.is_dir():
-        return None
-    store = VerifiedCheckpointStore(directory, checkpoint=None, async_save=False)
-    info = store.latest_valid()
-    for path, reason in store.quarantined:
-        print(f"Checkpoint quarantined: {path} ({reason}); an older checkpoint is used", flush=True)
+def check_checkpoints(directory: Path, identity: run_folder.RunIdentity, chief: bool = True) -> Optional[CheckpointInfo]:
+    """The newest valid checkpoint (damaged ones quarantined and reported), checked against `identity`."""
+    info, moved = latest_valid(directory, quarantine=chief)
+    for path, reason in moved:
+        print(f"Checkpoint quarantined: {path} ({reason})", flush=True)
+    if moved:
+        print(f"Using the older checkpoint {info.path}" if info else "No valid checkpoint is left: training starts from the beginning", flush=True)
     if info is not None:
         identity.check(info.metadata, f"Checkpoint {info.path}")
     return info
 
 
+def plan_run(cfg: Config, run_dir: Path, identity: run_folder.RunIdentity, info: dict, chief: bool = True) -> RunPlan:
+    """Decide what training does with `run_dir`, before any of its files is rewritten.
+
+    `--resume never` moves a non-empty run aside; a complete run (same settings,
+    `--epochs` not larger, weights intact) is not trained again; anything else
+    trains, resuming from the newest valid checkpoint. Only the chief moves anything.
+    """
+    run_folder.check_run_folder(run_dir)
+    plan = RunPlan(run_dir)
+    if cfg.checkpoint.resume == "never":
+        if chief and run_dir.exists() and any(run_dir.iterdir()):
+            plan.moved_to = run_folder.move_aside(run_dir)
+            plan.message = f"--resume never: moved the existing run to {plan.moved_to}; starting fresh in {run_dir}"
+        return plan
+    latest = check_checkpoints(run_dir / run_folder.CHECKPOINT_DIR, identity, chief)
+    if info.get("status") != "complete":
+        return plan
+    if latest is None:  # a completed run without checkpoints: its run.json holds the identity
+        identity.check(info, f"{run_dir} is a completed run")
+    trained, problem = int(info.get("epochs_target", info.get("epochs_run", 0))), run_folder.weights_problem(run_dir, info)
+    if cfg.train.epochs > trained:
+        return plan
+    if problem and latest is None:
+        raise run_folder.RunFolderError(f"{problem}, and the run has no checkpoint left: retrain it with --resume never")
+    plan.complete = not problem
+    plan.message = f"{problem}: writing it again from the newest verified checkpoint" if problem else (
+        f"{run_dir} is already complete ({info.get('epochs_run', trained)} epoch(s)); not training again. To train longer pass a"
+        f" larger --epochs (it resumes from the last checkpoint); to retrain from scratch pass --resume never (the old run"
+        f" is kept as {run_dir.name}{run_folder.OLD_RUN_SUFFIX}<time>)."
+    )
+    return plan
+
+
 # ------------------------------------------------------------------ what a checkpoint holds
 
+_SCALAR = dict(trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
-def rng_state_variables(model: keras.Model) -> list:
-    """The Keras `SeedGenerator` states of a model (dropout masks, recurrent dropout).
 
-    `tf.train.Checkpoint(model=...)` does not track them (measured, Keras 3.15),
-    so they are saved explicitly: a resumed run then draws the same masks.
+class TrainingPosition(tf.Module):
+    """Step, epoch and batches done in that epoch; `batch == steps_per_epoch` only after the epoch's validation."""
 
-    Example:
+    def __init__(self):
+        super().__init__(name="training_position")
+        self.step, self.epoch, self.batch = (tf.Variable(0, dtype=tf.int64, name=n, **_SCALAR) for n in ("step", "epoch", "batch"))
 
-    >>> [v.path for v in rng_state_variables(model)]
-    ['seed_generator/seed_generator_state', 'seed_generator_1/seed_generator_state']
+    def advance(self, epoch: int, batch: int) -> None:
+        self.step.assign_add(1)
+        self.epoch.assign(epoch)
+        self.batch.assign(batch + 1)
+
+    def __getitem__(self, name: str) -> int:  # .numpy(): int() does not take a MirroredVariable
+        return int(getattr(self, name).numpy())
+
+    def as_dict(self) -> dict:
+        return {name: self[name] for name in ("step", "epoch", "batch")}
+
+
+class CallbackState:
+    """The state of stateful Keras callbacks, as checkpoint variables.
+
+    EarlyStopping and ReduceLROnPlateau reset their counters in `on_train_begin`, and
+    EarlyStopping keeps its best weights in memory: `capture()` copies both into
+    variables before a save, `apply()` puts them back after the reset.
     """
-    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+    FIELDS = {keras.callbacks.EarlyStopping: ("wait", "best", "best_epoch", "stopped_epoch"),
+              keras.callbacks.ReduceLROnPlateau: ("wait", "best", "cooldown_counter")}
+
+    def __init__(self, callbacks: Sequence[keras.callbacks.Callback], model: keras.Model):
+        self.fields = [(cb, name) for cb in callbacks for kind, names in self.FIELDS.items() if isinstance(cb, kind) for name in names]
+        self.early_stopping = next((cb for cb in callbacks if isinstance(cb, keras.callbacks.EarlyStopping) and cb.restore_best_weights), None)
+        self.values = [tf.Variable(math.nan, dtype=tf.float64, **_SCALAR) for _ in self.fields]
+        self.flags = tf.Variable([0, 0], dtype=tf.int64, **_SCALAR)  # [state saved, best weights saved]
+        self.best_weights = [tf.Variable(tf.zeros(w.shape, w.dtype), **_SCALAR) for w in model.weights] if self.early_stopping else []
+
+    def capture(self) -> None:
+        for variable, (cb, name) in zip(self.values, self.fields):
+            variable.assign(math.nan if getattr(cb, name, None) is None else float(getattr(cb, name)))
+        best = self.early_stopping.best_weights if self.early_stopping else None
+        for variable, value in zip(self.best_weights, best or []):
+            variable.assign(value)
+        self.flags.assign([1, int(best is not None)])
+
+    def apply(self) -> None:
+        saved, has_best = (int(v) for v in self.flags.numpy())
+        for variable, (cb, name) in zip(self.values, self.fields) if saved else ():
+            value = float(variable.numpy())
+            setattr(cb, name, None if math.isnan(value) else value if name == "best" else int(value))
+        if saved and self.early_stopping:
+            self.early_stopping.best_weights = [v.numpy() for v in self.best_weights] if has_best else None
+
+    @property
+    def stopped_early(self) -> bool:
+        return any(name == "stopped_epoch" and float(v.numpy()) > 0 for v, (_, name) in zip(self.values, self.fields))
 
 
-class CallbackStates(keras.callbacks.Callback):
-    """Carries EarlyStopping / ReduceLROnPlateau counters across resumes and `fit` calls.
+class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`keras.callbacks.BackupAndRestore` that resumes exactly, mid-epoch included.
 
-    Those callbacks reset their counters in `on_train_begin`; this one, placed
-    after them, puts the saved counters back. `capture()` returns JSON-able
-    state for the checkpoint metadata. `EarlyStopping.best_weights` is not
-    carried (it is a copy of the weights; the store keeps the best checkpoint).
+    Keras' callback saves weights and epoch, and restarts an interrupted epoch from its
+    first batch. This subclass keeps its contract (restore in `on_train_begin`, set the
+    model's initial epoch, save every `save_freq` batches) but saves a verified checkpoint
+    of all the state listed above, numbered by global step. An epoch's end is saved after
+    its validation and callbacks: an epoch counts as done only with its metrics.
 
-    Example:
+    Args:
+        backup_dir, save_freq: as Keras' (`save_freq`: "epoch" or batches between saves).
+        model: the compiled, built model; steps_per_epoch: batches per epoch.
+        callbacks: the other callbacks of `fit`; the stateful ones are carried.
+        max_to_keep, async_save, chief: see `VerifiedCheckpointManager`.
+        metadata_fn: extra manifest metadata; check: raises to refuse another run's checkpoint.
 
-    >>> states = CallbackStates(callbacks, saved=info.metadata.get("callbacks"))
-    >>> model.fit(ds, callbacks=callbacks + [states])
+    Create it inside `strategy.scope()`: it creates variables.
     """
 
-    FIELDS = {
-        keras.callbacks.EarlyStopping: ("wait", "best", "best_epoch", "stopped_epoch"),
-        keras.callbacks.ReduceLROnPlateau: ("wait", "best", "cooldown_counter"),
-    }
+    def __init__(self, backup_dir, model: keras.Model, steps_per_epoch: int, save_freq="epoch", callbacks=(), max_to_keep: int = 3,
+                 async_save: bool = True, chief: bool = True, metadata_fn: Callable[[], dict] = dict,
+                 check: Optional[Callable[[CheckpointInfo], None]] = None):
+        super().__init__(str(backup_dir), save_freq=save_freq, delete_checkpoint=False)
+        model.optimizer.build(model.trainable_variables)  # slots must exist before a restore
+        self.steps_per_epoch, self.metadata_fn, self.check, self._model_ref = steps_per_epoch, metadata_fn, check, model
+        self.position, self.states = TrainingPosition(), CallbackState(callbacks, model)
+        # The TF variables under the Keras ones, by position: Keras 3.15's Variable makes a new CPU copy
+        # on every async save ("tf.function only supports singleton tf.Variables" on the second one).
+        plain = lambda variables: [getattr(v, "value", v) for v in variables]  # noqa: E731
+        checkpoint = tf.train.Checkpoint(model=plain(model.variables), optimizer=plain(model.optimizer.variables), position=self.position,
+                                         callbacks=[*self.states.values, self.states.flags, *self.states.best_weights])
+        self.store = VerifiedCheckpointManager(checkpoint, backup_dir, max_to_keep, async_save, chief)
+        self.restored: Optional[CheckpointInfo] = None
+        self.failure: Optional[BaseException] = None
+        self.blocking_seconds = 0.0  # how long saves held training up
+        self.final_segment = True  # False while fit_from_position runs the rest of an interrupted epoch
+        self._restore_done, self._offset, self._epoch, self._last_loss = False, 0, 0, None
 
-    def __init__(self, callbacks: Sequence[keras.callbacks.Callback], saved: Optional[Mapping[str, dict]] = None):
-        super().__init__()
-        self.tracked = {f"{type(cb).__name__}_{i}": cb for i, cb in enumerate(callbacks) if type(cb) in self.FIELDS}
-        self.pending = dict(saved or {})
+    def restore(self) -> tuple[int, int]:
+        """Restore the newest valid checkpoint (once per process); (epoch, batch) where training continues."""
+        if not self._restore_done:
+            self.restored, self._restore_done = self.store.restore(check=self.check), True
+        epoch, batch = self.position["epoch"], self.position["batch"]
+        return (epoch + 1, 0) if batch >= self.steps_per_epoch else (epoch, batch)
 
-    def capture(self) -> dict:
-        state = {}
-        for key, cb in self.tracked.items():
-            state[key] = {name: _plain(getattr(cb, name, None)) for name in self.FIELDS[type(cb)]}
-        return state
+    def restore_best_weights(self) -> None:
+        """What EarlyStopping does at the end of `fit`, for a resumed run with nothing left to train."""
+        self.states.apply()
+        if self.states.early_stopping is not None and self.states.early_stopping.best_weights is not None:
+            self._model_ref.set_weights(self.states.early_stopping.best_weights)
 
-    def on_train_begin(self, logs=None):
-        for key, values in self.pending.items():
-            if key in self.tracked:
-                for name, value in values.items():
-                    setattr(self.tracked[key], name, value)
-        self.pending = {}
+    def save_now(self) -> None:
+        """A save outside the schedule: the health monitor's last one before a low-disk stop."""
+        self._save_model()
+
+    def _load_model(self):  # Keras: called by on_train_begin, after the other callbacks reset
+        epoch, self._offset = self.restore()
+        self.model._initial_epoch = epoch  # as Keras' BackupAndRestore; the batch is skipped in the data
+        self.states.apply()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.position.advance(self._epoch, batch + self._offset)
+        loss = (logs or {}).get("loss")
+        self._last_loss = None if loss is None else float(np.asarray(loss))
+        super().on_train_batch_end(batch, logs)  # -> _should_save_on_batch -> _save_model
+
+    def _should_save_on_batch(self, batch):
+        every = self.save_freq if isinstance(self.save_freq, int) else 0
+        return bool(every) and self.position["step"] % every == 0 and self.position["batch"] < self.steps_per_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._offset = 0
+        if self.position["batch"] >= self.steps_per_epoch:  # a whole epoch, validated: it counts as done
+            self._save_model(logs, epoch_end=True)
+        if not self.final_segment and not self.model.stop_training and self.states.early_stopping is not None:
+            self.states.early_stopping.best_weights = None  # saved; else its on_train_end would restore them already
 
     def on_train_end(self, logs=None):
-        self.pending = self.capture()  # for the next fit call of the same run
+        try:
+            self.store.flush()
+        except CheckpointWriteError as err:
+            self._fail(err)
+
+    def _save_model(self, logs=None, epoch_end: bool = False) -> None:
+        if self.failure is not None or self.store.refusal or (not epoch_end and self.position["batch"] >= self.steps_per_epoch):
+            return  # a failed store, NaN weights, or an epoch end to be saved after its validation
+        variables = [v for v in self.model.weights + self.model.optimizer.variables if v.dtype.startswith("float")]
+        if (self._last_loss is not None and not math.isfinite(self._last_loss)) or not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in variables):
+            return
+        self.states.capture()
+        metrics = {k: float(np.asarray(v)) for k, v in (logs or {}).items() if np.size(v) == 1}
+        started = time.perf_counter()
+        try:
+            self.store.save(self.position["step"], {**self.position.as_dict(), **metrics, **self.metadata_fn()})
+        except (CheckpointWriteError, SaveRefusedError) as err:
+            self._fail(err)
+        finally:
+            self.blocking_seconds += time.perf_counter() - started
+
+    def _fail(self, err: BaseException) -> None:
+        self.failure = self.failure or err
+        self.model.stop_training = True
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Adds `epoch_seconds` and `checkpoint_seconds` to the epoch logs.
+    """Adds `epoch_seconds` and `checkpoint_seconds` (how long saves held training up) to the epoch logs."""
 
-    `epoch_seconds`: training batches, mid-epoch saves and the Keras validation
-    pass. `checkpoint_seconds`: how long the mid-epoch saves of this epoch
-    blocked training. Placed before CSVLogger/TensorBoard so they record both
-    (the checkpoint overhead in README.md (crash recovery) comes from them).
-
-    Example:
-
-    >>> model.fit(ds, callbacks=[EpochTimer(checkpoint_callback), keras.callbacks.CSVLogger("history.csv")])
-    """
-
-    def __init__(self, checkpoint_callback: Optional[CheckpointCallback] = None):
+    def __init__(self, backup: ExactBackupAndRestore):
         super().__init__()
-        self.checkpoint_callback = checkpoint_callback
-
-    def _blocked(self) -> float:
-        return self.checkpoint_callback.blocking_seconds if self.checkpoint_callback else 0.0
+        self.backup = backup
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._started = time.perf_counter()
-        self._blocked_at_start = self._blocked()
+        self._started, self._blocked = time.perf_counter(), self.backup.blocking_seconds
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs[EPOCH_SECONDS_KEY] = time.perf_counter() - self._started
-            logs[CHECKPOINT_SECONDS_KEY] = self._blocked() - self._blocked_at_start
+        logs[EPOCH_SECONDS_KEY] = time.perf_counter() - self._started
+        logs[CHECKPOINT_SECONDS_KEY] = self.backup.blocking_seconds - self._blocked
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, (np.generic, np.ndarray)):
-        return value.item()
-    return value
+# ------------------------------------------------------------------ one training process
 
 
-class TrainingState:
-    """The checkpointed training state of a run and its verified store.
+class ResumableTraining:
+    """The crash-safety stack of one training process, phase 1 or phase 2.
 
-    Holds model, optimizer (moments, iterations, learning rate, loss scale),
-    the dropout RNG states and a `TrainingPosition` (step, epoch, batch).
-
-    Example:
-
-    >>> state = TrainingState(model, run_dir / "checkpoints", cfg.checkpoint, best_metric="val_loss")
-    >>> info = state.restore(identity)     # None for a fresh run
-    >>> state.start(steps_per_epoch=40)    # (epoch, batch) to continue at
-    (2, 17)
+    Callback order: NaN guard, epoch timer, the caller's callbacks, `ExactBackupAndRestore`
+    (it sets their state after their reset, saves the epoch after their updates), the
+    health monitor (its final save sees the updated position), test hooks.
     """
 
-    def __init__(self, model: keras.Model, directory: Path, checkpoint_cfg, best_metric: str = "val_loss", best_mode: str = "min"):
-        self.model = model
-        self.position = TrainingPosition()
-        optimizer = model.optimizer
-        optimizer.build(model.trainable_variables)  # slots must exist before a restore
-        self.checkpoint = tf.train.Checkpoint(
-            model=model, optimizer=optimizer, position=self.position, rng=rng_state_variables(model)
-        )
-        self.store = VerifiedCheckpointStore(
-            directory,
-            self.checkpoint,
-            keep=checkpoint_cfg.keep_checkpoints,
-            best_metric=best_metric,
-            best_mode=best_mode,
-            async_save=checkpoint_cfg.async_checkpoint,
-        )
-        self.restored: Optional[CheckpointInfo] = None
-
-    def restore(self, identity: RunIdentity) -> Optional[CheckpointInfo]:
-        """Restore the newest valid checkpoint (corrupt ones are quarantined and reported)."""
-        info = self.store.latest_valid()
-        for path, reason in self.store.quarantined:
-            print(f"Checkpoint quarantined: {path} ({reason})", flush=True)
-        if info is None:
-            return None
-        identity.check(info.metadata, f"Checkpoint {info.path}")
-        self.restored = self.store.restore(info)
-        print(f"Resuming from {info.path}: epoch {int(self.position.epoch) + 1}, {int(self.position.batch)} batch(es) done", flush=True)
-        return self.restored
-
-    def start(self, steps_per_epoch: int) -> tuple[int, int]:
-        """(epoch, batch) where training continues; (0, 0) for a fresh run."""
-        if self.restored is None:
-            return 0, 0
-        epoch, batch = int(self.position.epoch), int(self.position.batch)
-        return (epoch + 1, 0) if batch >= steps_per_epoch else (epoch, batch)
-
-
-
-class RecoverySession:
-    """The crash-safety callbacks of one training process and how it ends.
-
-    Order in `callbacks(...)`: NaN guard and `EpochTimer` first; then the caller's callbacks
-    (validation BLEU, schedules, TensorBoard, CSVLogger, EarlyStopping);
-    then `CallbackStates` (restores EarlyStopping/plateau counters after their
-    `on_train_begin` reset); then the checkpoint callback, so an epoch-end save
-    sees the final epoch logs and counters; then the health monitor; then
-    the test hooks.
-
-    Example:
-
-    >>> session = RecoverySession(model, run_dir, cfg, identity, steps_per_epoch=40)
-    >>> start = session.restore()
-    >>> history = fit_from_position(model, make_epoch, start, 40, cfg.train.epochs, val_ds,
-    ...                             session.callbacks(callbacks), session.checkpoint_callback)
-    >>> stopped = session.finish_status()   # a TrainingStopped after a NaN or a failed/low-disk save
-    """
-
-    def __init__(self, model: keras.Model, run_dir: Path, cfg: Config, identity: RunIdentity, steps_per_epoch: int, log_dir: Path):
-        monitor_key = cfg.train.early_stopping_monitor
-        best_mode = "max" if "bleu" in monitor_key else "min"
-        self.identity = identity
-        self.steps_per_epoch = steps_per_epoch
-        self.state = TrainingState(model, run_dir / CHECKPOINT_DIR, cfg.checkpoint, best_metric=monitor_key, best_mode=best_mode)
-        self.guard = NonFiniteLossGuard(self.state.store)
-        self.checkpoint_callback = CheckpointCallback(
-            self.state.store, self.state.position, every_n_batches=cfg.checkpoint.checkpoint_every, metadata_fn=self.metadata
-        )
-        self.monitor = HealthMonitor(
-            run_dir,
-            log_dir=log_dir,
-            checkpoint_bytes=lambda: self.state.store.last_checkpoint_bytes,
-            final_save=self.checkpoint_callback.save_now,
-        )
-        self.faults = FaultInjection.from_environment(self.state.position)
-        self.callback_states: Optional[CallbackStates] = None
+    def __init__(self, model: keras.Model, run_dir: Path, checkpoint_dir: Path, cfg: Config, identity: run_folder.RunIdentity, steps_per_epoch: int,
+                 callbacks: Sequence[keras.callbacks.Callback], strategy: tf.distribute.Strategy, log_dir: Optional[Path] = None):
+        self.model, self.identity, self.others, chief = model, identity, list(callbacks), is_chief(strategy)
+        # TensorFlow's async checkpoint copies plain variables only: mirrored ones are saved synchronously.
+        async_save = cfg.checkpoint.async_checkpoint and strategy.num_replicas_in_sync == 1
+        with strategy.scope():  # every variable of the stack: position, callback state, optimizer slots
+            self.backup = ExactBackupAndRestore(
+                checkpoint_dir, model, steps_per_epoch, cfg.checkpoint.checkpoint_every or "epoch", self.others, cfg.checkpoint.keep_checkpoints,
+                async_save, chief, lambda: {**identity.metadata(), "steps_per_epoch": steps_per_epoch},
+                check=lambda info: identity.check(info.metadata, f"Checkpoint {info.path}"),
+            )
+        store = self.backup.store
+        self.guard = NonFiniteLossGuard(store)
+        self.monitor = HealthMonitor(run_dir, log_dir=log_dir if chief else None, final_save=self.backup.save_now,
+                                     checkpoint_bytes=lambda: store.last_published.total_bytes if store.last_published else None)
+        self.faults = FaultInjection.from_environment(self.backup.position)
+        self.disk_error: Optional[BaseException] = None
 
     def restore(self) -> tuple[int, int]:
-        """Restore the newest valid checkpoint; (epoch, batch) to continue at."""
-        self.state.restore(self.identity)
-        return self.state.start(self.steps_per_epoch)
+        start = self.backup.restore()
+        if self.backup.restored is not None:
+            position = self.backup.position.as_dict()
+            print(f"Resuming from {self.backup.restored.path}: epoch {position['epoch'] + 1}, {position['batch']} batch(es) done", flush=True)
+        return start
 
-    def metadata(self) -> dict:
-        states = self.callback_states.capture() if self.callback_states else {}
-        return {**self.identity.metadata(), "callbacks": states, "steps_per_epoch": self.steps_per_epoch}
+    def overrides(self) -> dict:
+        return self.identity.overrides(self.backup.restored.metadata) if self.backup.restored else {}
 
-    def callbacks(self, others: Sequence[keras.callbacks.Callback]) -> list[keras.callbacks.Callback]:
-        saved = self.state.restored.metadata.get("callbacks") if self.state.restored else None
-        self.callback_states = CallbackStates(others, saved)
-        ordered = [self.guard, EpochTimer(self.checkpoint_callback), *others, self.callback_states, self.checkpoint_callback, self.monitor]
-        return ordered + ([self.faults] if self.faults else [])
+    def fit(self, make_epoch: Callable[[tf.Tensor], tf.data.Dataset], epochs: int, validation_data=None, dataset_options=None) -> dict:
+        """`fit_from_position` with this stack; a full disk anywhere (TensorBoard, CSV, checkpoint) stops cleanly."""
+        callbacks = [self.guard, EpochTimer(self.backup), *self.others, self.backup, self.monitor] + ([self.faults] if self.faults else [])
+        try:
+            return fit_from_position(self.model, make_epoch, self.backup, epochs, validation_data, callbacks, dataset_options)
+        except Exception as err:
+            if not is_disk_full(err):
+                raise
+            self.disk_error = err
+            return {}
 
     @property
     def epochs_done(self) -> int:
-        position = self.state.position
-        return int(position.epoch) + (1 if int(position.batch) >= self.steps_per_epoch else 0)
+        return self.backup.position["epoch"] + (1 if self.backup.position["batch"] >= self.backup.steps_per_epoch else 0)
 
     def finish_status(self) -> Optional[TrainingStopped]:
-        """Wait for the last save; a `TrainingStopped` (not raised) if training did not end normally."""
+        """Wait for the last save; a `TrainingStopped` (not raised) when training did not end normally."""
         try:
-            self.state.store.close()
-        except Exception as err:  # noqa: BLE001 - reported as a failed save below
-            self.checkpoint_callback.failure = self.checkpoint_callback.failure or err
-        last = self.state.store.last_published
+            self.backup.store.close()
+        except CheckpointWriteError as err:
+            self.backup.failure = self.backup.failure or err
+        last = self.backup.store.last_published
         last_text = f"{last.path} (step {last.step})" if last else "none"
+        failure = self.disk_error or self.backup.failure
+        reason = f" ({str(failure).splitlines()[0]})" if failure is not None else ""
         if self.guard.tripped_at is not None:
-            return TrainingStopped(self.guard.message, EXIT_NON_FINITE, "stopped: non-finite loss")
-        if self.checkpoint_callback.failure is not None:
             return TrainingStopped(
-                f"Training stopped: saving a checkpoint failed ({self.checkpoint_callback.failure}). "
-                f"Last good checkpoint: {last_text}. Free disk space and rerun the same command to resume.",
-                EXIT_CHECKPOINT_FAILED,
-                "stopped: checkpoint save failed",
-            )
-        if self.monitor.stopped_for_disk:
-            return TrainingStopped(
-                f"Training stopped: the disk is almost full. Last good checkpoint: {last_text}. "
-                "Free disk space and rerun the same command to resume.",
-                EXIT_CHECKPOINT_FAILED,
-                "stopped: low disk",
-            )
+                f"{self.guard.message} Last good checkpoint: {last_text}. Lower the learning rate (--learning-rate) or clip"
+                " gradients harder (--clipnorm) and rerun the command: it resumes from that checkpoint with the new values.",
+                EXIT_NON_FINITE, "stopped: non-finite loss")
+        if self.monitor.stopped_for_disk or is_disk_full(failure):
+            return TrainingStopped(f"Training stopped: the disk is full or almost full{reason}. Last good checkpoint: {last_text}. "
+                                   "Free disk space and rerun the same command to resume.", EXIT_CHECKPOINT_FAILED, "stopped: disk full")
+        if failure is not None:
+            return TrainingStopped(f"Training stopped: saving a checkpoint failed{reason}. Last good checkpoint: {last_text}. "
+                                   "Fix the cause and rerun the same command to resume.", EXIT_CHECKPOINT_FAILED, "stopped: checkpoint save failed")
         return None
 
 
@@ -479,132 +369,62 @@ class RecoverySession:
 def epoch_feed(make_epoch: Callable[[tf.Tensor], tf.data.Dataset], start_epoch: int, start_batch: int, end_epoch: int) -> tf.data.Dataset:
     """The batches of epochs [start_epoch, end_epoch), skipping `start_batch` batches of the first.
 
-    `make_epoch(e)` builds epoch `e`'s batches shuffled with a seed derived from
-    `e` (a scalar int64 tensor), so every epoch has a fixed order that a resumed
-    run reproduces. Pure `tf.data`: no Python in the loop.
-
-    Example:
-
-    >>> ds = epoch_feed(lambda e: pairs.shuffle(100, seed=42 + e).batch(8), 2, 5, 4)
-    >>> model.fit(ds, steps_per_epoch=steps, initial_epoch=2, epochs=4)
+    `make_epoch(e)` builds epoch `e` (an int64 tensor) with a seed derived from it, so
+    every epoch has a fixed order that a resumed run reproduces.
     """
-    first = tf.constant(start_epoch, tf.int64)
-    skip = tf.constant(start_batch, tf.int64)
+    first, skip = tf.constant(start_epoch, tf.int64), tf.constant(start_batch, tf.int64)
 
-    @tf.autograph.experimental.do_not_convert  # plain tf.data construction; nothing to convert
+    @tf.autograph.experimental.do_not_convert  # plain tf.data construction
     def one_epoch(epoch):
-        return make_epoch(epoch * EPOCH_SEED_STRIDE).skip(tf.where(epoch == first, skip, tf.constant(0, tf.int64)))
+        return make_epoch(epoch).skip(tf.where(epoch == first, skip, tf.constant(0, tf.int64)))
 
     return tf.data.Dataset.range(start_epoch, end_epoch).flat_map(one_epoch).prefetch(tf.data.AUTOTUNE)
 
 
-def fit_from_position(
-    model: keras.Model,
-    make_epoch: Callable[[tf.Tensor], tf.data.Dataset],
-    start: tuple[int, int],
-    steps_per_epoch: int,
-    epochs: int,
-    validation_data: Optional[tf.data.Dataset],
-    callbacks: Sequence[keras.callbacks.Callback],
-    checkpoint_callback: CheckpointCallback,
-    dataset_options: Optional[tf.data.Options] = None,
-    **fit_kwargs,
-) -> dict:
-    """`fit` from (epoch, batch) to `epochs`: a short fit for a partial epoch, then the rest.
+def fit_from_position(model: keras.Model, make_epoch, backup: ExactBackupAndRestore, epochs: int, validation_data,
+                      callbacks: Sequence[keras.callbacks.Callback], dataset_options: Optional[tf.data.Options] = None, **fit_kwargs) -> dict:
+    """`fit` from the restored (epoch, batch) to `epochs`: the rest of an interrupted epoch, then the others.
 
     Keras reads the chained epochs of `epoch_feed` through one iterator when
     `steps_per_epoch` is given. Returns the merged `history.history`.
-
-    Example:
-
-    >>> fit_from_position(model, make_epoch, (2, 17), 40, 5, val_ds, callbacks, checkpoint_callback)
     """
-    epoch, batch = start
-    segments = []
-    if batch > 0:
-        segments.append((epoch, batch, epoch + 1))
-        epoch += 1
-    if epoch < epochs:
-        segments.append((epoch, 0, epochs))
+    epoch, batch = backup.restore()
+    if backup.states.stopped_early or epoch >= epochs:  # nothing left to train
+        backup.restore_best_weights()
+        return {}
+    segments = [(epoch, batch, epoch + 1)] if batch else []  # the rest of an interrupted epoch: a fit of its own
+    if epoch + bool(batch) < epochs:
+        segments.append((epoch + bool(batch), 0, epochs))
     history: dict[str, list] = {}
     model.stop_training = False
-    for first, skip, end in segments:
+    for index, (first, skip, end) in enumerate(segments):
         if model.stop_training:
             break
-        checkpoint_callback.batch_offset = skip
+        backup.final_segment = index == len(segments) - 1
         feed = epoch_feed(make_epoch, first, skip, end)
-        result = model.fit(
-            feed.with_options(dataset_options) if dataset_options is not None else feed,
-            validation_data=validation_data,
-            initial_epoch=first,
-            epochs=end,
-            steps_per_epoch=steps_per_epoch - skip,  # skip > 0 only for a one-epoch segment
-            callbacks=list(callbacks),
-            shuffle=False,
-            **fit_kwargs,
-        )
+        result = model.fit(feed.with_options(dataset_options) if dataset_options else feed, validation_data=validation_data, initial_epoch=first,
+                           epochs=end, steps_per_epoch=backup.steps_per_epoch - skip, callbacks=list(callbacks), shuffle=False, **fit_kwargs)
         for key, values in result.history.items():
             history.setdefault(key, []).extend(values)
     return history
 
 
-def trim_history(path: Path, first_epoch: int) -> None:
-    """Drop rows of epochs >= `first_epoch` from a CSVLogger file (they are trained again).
-
-    Example:
-
-    >>> trim_history(run_dir / "history.csv", first_epoch=2)   # keeps epochs 0 and 1
-    """
-    if not path.exists():
-        return
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
-    if not rows or "epoch" not in rows[0]:
-        return
-    column = rows[0].index("epoch")
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(float(r[column])) < first_epoch]
-    if len(kept) == len(rows):
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        csv.writer(fh).writerows(kept if len(kept) > 1 else [])
-    tmp.replace(path)
-
-
-# ------------------------------------------------------------------ test hooks
-
-
 class FaultInjection(keras.callbacks.Callback):
-    """Test hooks: crash (SIGKILL) or poison a weight with NaN, from environment variables.
-
-    `CAPTION_TF_CRASH_AFTER_BATCHES=N`: this process SIGKILLs itself after
-    running N batches (counted in this process, so a restarted run crashes
-    again N batches later). `CAPTION_TF_NAN_AT_STEP=N`: after global step N a
-    weight becomes NaN, so the next loss is NaN. Inactive unless set.
-
-    Example:
-
-    >>> hooks = FaultInjection.from_environment(position)   # None when no hook is set
-    """
+    """Test hooks from the environment: SIGKILL this process after N of its batches; a NaN weight after step N."""
 
     def __init__(self, position: TrainingPosition, crash_after: Optional[int], nan_at: Optional[int]):
         super().__init__()
-        self.position, self.crash_after, self.nan_at = position, crash_after, nan_at
-        self._batches = 0
+        self.position, self.crash_after, self.nan_at, self._batches = position, crash_after, nan_at, 0
 
     @classmethod
     def from_environment(cls, position: TrainingPosition) -> Optional["FaultInjection"]:
-        crash = os.environ.get(CRASH_AFTER_BATCHES_ENV)
-        nan = os.environ.get(NAN_AT_STEP_ENV)
-        if not crash and not nan:
-            return None
-        return cls(position, int(crash) if crash else None, int(nan) if nan else None)
+        crash, nan = os.environ.get(CRASH_AFTER_BATCHES_ENV), os.environ.get(NAN_AT_STEP_ENV)
+        return cls(position, int(crash) if crash else None, int(nan) if nan else None) if crash or nan else None
 
     def on_train_batch_end(self, batch, logs=None):
         self._batches += 1
-        if self.nan_at is not None and int(self.position.step) == self.nan_at:
-            weight = self.model.trainable_variables[0]
-            weight.assign(tf.fill(weight.shape, float("nan")))
+        if self.nan_at is not None and self.position["step"] == self.nan_at:
+            self.model.trainable_variables[0].assign(tf.fill(self.model.trainable_variables[0].shape, float("nan")))
         if self.crash_after is not None and self._batches >= self.crash_after:
             print(f"{CRASH_AFTER_BATCHES_ENV}: killing this process after {self._batches} batches", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)

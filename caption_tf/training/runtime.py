@@ -42,6 +42,10 @@ class Runtime:
     def replicas(self) -> int:
         return self.strategy.num_replicas_in_sync
 
+    def global_batch_size(self, per_replica: int) -> int:
+        """Examples per optimizer step: each replica takes `per_replica` of them."""
+        return per_replica * self.replicas
+
 
 def gpu_compute_capabilities() -> list[tuple[int, int]]:
     caps = []
@@ -132,6 +136,15 @@ def dataset_options(strategy: tf.distribute.Strategy) -> tf.data.Options:
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return options
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this worker writes the run's files: the chief of a multi-worker cluster, else always.
+
+    Other workers write what every worker must write (checkpoints) to a temporary folder of
+    their own, as Keras' BackupAndRestore and ModelCheckpoint do.
+    """
+    return bool(strategy.extended.should_checkpoint)
 
 
 def select_strategy(requested: str) -> tf.distribute.Strategy:

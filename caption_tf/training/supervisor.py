@@ -19,13 +19,14 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import signal
 import subprocess
 import sys
 from typing import Callable, Optional, Sequence
 
-OLD_RUN_SUFFIX = ".old-"  # --resume never moves runs/<name> to runs/<name>.old-<time>
 SUPERVISED_ENV = "CAPTION_TF_SUPERVISED"  # set in the child of `supervise`
 
 # Exit codes of train.py for a clean stop that a restart would not fix.
@@ -33,6 +34,27 @@ EXIT_USER_ERROR = 2  # bad flag, config/vocabulary mismatch (cli.main_guard)
 EXIT_NON_FINITE = 3  # the loss became NaN/Inf
 EXIT_CHECKPOINT_FAILED = 4  # disk full / checkpoint write failed / low disk stop
 NO_RESTART_EXIT_CODES = frozenset({0, EXIT_USER_ERROR, EXIT_NON_FINITE, EXIT_CHECKPOINT_FAILED})
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def is_disk_full(error: Optional[BaseException]) -> bool:
+    """True if `error`, or an error it was raised from, is 'No space left on device' (or a quota).
+
+    Checked by errno and message, so it also recognises TensorFlow's ResourceExhaustedError from
+    a file write (the same class is used for out-of-memory errors, which do not say "No space").
+
+    Example:
+
+    >>> is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    True
+    """
+    while error is not None:
+        if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class TrainingStopped(RuntimeError):
@@ -80,7 +102,7 @@ def supervise(argv: Sequence[str], max_restarts: int, command: Optional[Callable
     env = {**os.environ, SUPERVISED_ENV: "1"}
     restarts = 0
     while True:
-        child = subprocess.Popen(make_command(argv), env=env)
+        child = subprocess.Popen(make_command(argv), env=env, preexec_fn=_die_with_parent(os.getpid()))
         try:
             code = child.wait()
         except KeyboardInterrupt:
@@ -97,6 +119,19 @@ def supervise(argv: Sequence[str], max_restarts: int, command: Optional[Callable
             f"supervisor: training crashed ({describe_exit(code)}); restart {restarts}/{max_restarts}, resuming from the last checkpoint",
             flush=True,
         )
+
+
+def _die_with_parent(parent: int) -> Optional[Callable[[], None]]:
+    """In the child, before exec: SIGKILL me when the supervisor dies, even by SIGKILL (Linux prctl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arm() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the supervisor died before the line above
+            os._exit(1)
+
+    return arm
 
 
 def supervising(max_restarts: int) -> bool:

@@ -9,7 +9,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,29 +21,35 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from caption_tf import run_folder
 from caption_tf.config import Config
 from caption_tf.data.datasets import load_dataset
-from caption_tf.data.pipeline import caption_batches, captions_table
 from caption_tf.data.records import CaptionDataset
-from caption_tf.data.text import CaptionVocabulary, clean_caption
-from caption_tf.features.cache import FeatureCache, build_feature_cache
+from caption_tf.data.text import CaptionVocabulary, clean_caption, truncation_warning
+from caption_tf.features.cache import NORMALIZER_FILE, FeatureCache, build_feature_cache
+from caption_tf.files import atomic_path
 from caption_tf.models.decoder import build_decoder
 from caption_tf.training import recovery
-from caption_tf.training import run as run_files
 from caption_tf.training.autoconfig import resolve_auto_settings
+from caption_tf.training.pipeline import caption_batches, captions_table
 from caption_tf.training.runtime import (
     Runtime,
     dataset_options,
     feature_bytes,
     fits_in_memory,
+    is_chief,
     per_replica_clipnorm,
     setup_runtime,
 )
 from caption_tf.training.schedules import BleuFunction, early_stopping, learning_rate_for, schedule_callbacks, validation_bleu_callback
+from caption_tf.training.supervisor import EXIT_CHECKPOINT_FAILED
 
 
 @dataclass
 class PreparedData:
+    """What training reads: the resolved config, the dataset, its feature cache and the vocabulary."""
+
+    config: Config  # resolved: no `auto` left; the vocabulary's max_length is the caption length
     dataset: CaptionDataset
     cache: FeatureCache
     vocab: CaptionVocabulary
@@ -57,17 +66,29 @@ class PreparedData:
 
 
 def prepare_data(cfg: Config, replicas: int = 1) -> PreparedData:
-    """Dataset, feature cache and vocabulary; `auto` settings in `cfg` are resolved here."""
+    """Dataset, feature cache, the resolved config (`auto` settings derived from the data) and vocabulary.
+
+    `cfg` is the requested config and is left unchanged; use `PreparedData.config` from here on.
+    """
     dataset = load_dataset(cfg.data)
-    print(dataset.summary(), flush=True)
+    details = "" if dataset.skips.summary() == "nothing skipped" else f" (details: {run_folder.SKIPS_FILE} in the run folder)"
+    print(f"Dataset {dataset.summary()}{details}", flush=True)
     cache = build_feature_cache(dataset, cfg.features)
     records = dataset.by_id()
     train_captions = [c for i in cache.image_ids("train") for c in records[i].captions]
     if not train_captions:
         raise ValueError(f"Dataset {dataset.name!r} has no training image with captions")
-    resolve_auto_settings(cfg, train_captions, len(cache.image_ids("train")), replicas)
-    vocab = CaptionVocabulary.build(train_captions, cfg.text)
-    return PreparedData(dataset, cache, vocab)
+    resolved = resolve_auto_settings(cfg, train_captions, len(cache.image_ids("train")), replicas)
+    warning = truncation_warning(train_captions, resolved.text.max_length)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    vocab = CaptionVocabulary.build(train_captions, resolved.text)
+    return PreparedData(resolved, dataset, cache, vocab)
+
+
+def steps_per_epoch(data: PreparedData, split: str, cfg: Config, runtime: Runtime) -> int:
+    """Batches in one pass over the (image, caption) pairs of `split`."""
+    return math.ceil(data.pair_count(split) / runtime.global_batch_size(cfg.train.batch_size))
 
 
 def make_split_dataset(
@@ -78,12 +99,11 @@ def make_split_dataset(
     `captions` (`data.captions(split)`) may be passed in precomputed, e.g. when
     this is called inside a `tf.data` function (`recovery.epoch_feed`).
     """
-    global_batch = cfg.train.batch_size * runtime.replicas
     ds = caption_batches(
         data.cache.shards(split),
         data.cache.grid_shape,
         data.captions(split) if captions is None else captions,
-        batch_size=global_batch,
+        batch_size=runtime.global_batch_size(cfg.train.batch_size),
         shuffle=training,
         seed=cfg.train.seed if seed is None else seed,
         shuffle_buffer=cfg.train.shuffle_buffer,
@@ -91,13 +111,13 @@ def make_split_dataset(
         cache=fits_in_memory(feature_bytes(len(data.cache.image_ids(split)), data.cache.grid_shape)),
     ).with_options(dataset_options(runtime.strategy))
     # Known length: progress bars show totals and schedules know the step count.
-    return ds.apply(tf.data.experimental.assert_cardinality(math.ceil(data.pair_count(split) / global_batch)))
+    return ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch(data, split, cfg, runtime)))
 
 
 def build_model(cfg: Config, data: PreparedData, runtime: Runtime, steps_per_epoch: int):
     with runtime.strategy.scope():
         model = build_decoder(
-            cfg.model, data.vocab.size, data.cache.grid_shape, cfg.text.max_length, recompute_grad=cfg.train.recompute_grad
+            cfg.model, data.vocab.size, data.cache.grid_shape, data.vocab.max_length, recompute_grad=cfg.train.recompute_grad
         )
         # Linear scaling rule: the global batch grows with the replicas, so does the step size.
         learning_rate = learning_rate_for(cfg.train, steps_per_epoch, runtime.replicas)
@@ -109,8 +129,8 @@ def build_model(cfg: Config, data: PreparedData, runtime: Runtime, steps_per_epo
 
 def make_callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]:
     callbacks = [
-        keras.callbacks.TensorBoard(str(run_dir / run_files.LOG_DIR), update_freq="epoch"),
-        keras.callbacks.CSVLogger(str(run_dir / run_files.HISTORY_FILE), append=True),
+        keras.callbacks.TensorBoard(str(run_dir / run_folder.LOG_DIR), update_freq="epoch"),
+        keras.callbacks.CSVLogger(str(run_dir / run_folder.HISTORY_FILE), append=True),
     ]
     return callbacks + early_stopping(cfg.train)
 
@@ -125,37 +145,43 @@ def validation_bleu(data: PreparedData, cfg: Config, bleu: BleuFunction | None):
     return validation_bleu_callback(grids, references, data.vocab, bleu, cfg.eval.eval_batch_size)
 
 
-def save_weights_atomically(model: keras.Model, path: Path) -> None:
-    tmp = path.with_name("partial-" + path.name)
-    model.save_weights(tmp)
-    tmp.replace(path)
-
-
-def train(cfg: Config, bleu: BleuFunction | None = None) -> Path:
+def train(requested: Config, bleu: BleuFunction | None = None) -> Path:
     """Train a decoder as configured; returns the run folder.
 
+    `requested` is left unchanged; training uses its resolved copy (`prepare_data`).
     `bleu` (e.g. `caption_tf.evaluation.metrics.corpus_bleu_scores`) enables the
     per-epoch `val_bleu4` (needed by `--early-stopping-monitor val_bleu4`).
     """
-    runtime = setup_runtime(cfg.train)
+    runtime = setup_runtime(requested.train)
     print(f"Runtime: {runtime.replicas} replica(s), precision {runtime.precision}, XLA {'on' if runtime.jit_compile else 'off'}")
-    data = prepare_data(cfg, runtime.replicas)
-    run_dir = run_files.run_directory(cfg)
+    run_dir = run_folder.run_directory(requested)  # a plain name; the same for the resolved config
+    run_folder.check_run_folder(run_dir)  # before any work: a folder that is not a run is never written to
+    with run_folder.locked_run(run_dir, enabled=is_chief(runtime.strategy)):
+        return _train_locked(requested, bleu, runtime, run_dir)
+
+
+def _train_locked(requested: Config, bleu: BleuFunction | None, runtime: Runtime, run_dir: Path) -> Path:
+    data = prepare_data(requested, runtime.replicas)
+    cfg = data.config  # resolved: every value below is final
     # Resume, refuse (different settings), or report a completed run: before any file is rewritten.
-    identity = recovery.RunIdentity.of(cfg, data.vocab.fingerprint(), data.cache.fingerprint)
-    plan = recovery.plan_run(cfg, run_dir, identity, recovery.read_run_info(run_dir))
+    identity = run_folder.RunIdentity.of(cfg, data.vocab.fingerprint(), data.cache.fingerprint)
+    previous = run_folder.read_run_info(run_dir, missing_ok=True)
+    plan = recovery.plan_run(cfg, run_dir, identity, previous, chief=is_chief(runtime.strategy))
     if plan.message:
         print(plan.message, flush=True)
     if plan.complete:
         return run_dir
-    run_files.save_run_files(
+    kept = {k: previous[k] for k in ("phases", "resume_overrides") if k in previous and plan.moved_to is None}
+    run_folder.save_run_files(
         run_dir,
         cfg,
         data.vocab,
         {
+            **kept,
             "grid_shape": list(data.cache.grid_shape),
             "feature_cache": str(data.cache.directory),
             "feature_fingerprint": data.cache.fingerprint,
+            "encoder": data.cache.manifest["encoder"],  # with feature_normalizer.npz: new images are encoded like the cache
             "dataset_fingerprint": data.dataset.fingerprint(),
             "vocab_fingerprint": data.vocab.fingerprint(),
             "vocab_size": data.vocab.size,
@@ -166,39 +192,58 @@ def train(cfg: Config, bleu: BleuFunction | None = None) -> Path:
             **identity.metadata(),
         },
     )
+    with atomic_path(run_dir / run_folder.FEATURE_NORMALIZER_FILE) as tmp:
+        shutil.copyfile(data.cache.directory / NORMALIZER_FILE, tmp)
     data.dataset.skips.skipped_images.extend(data.cache.skipped())
-    data.dataset.skips.save(run_dir / run_files.SKIPS_FILE)
+    data.dataset.skips.save(run_dir / run_folder.SKIPS_FILE)
 
-    steps_per_epoch = math.ceil(data.pair_count("train") / (cfg.train.batch_size * runtime.replicas))
+    train_steps = steps_per_epoch(data, "train", cfg, runtime)
     val_ds = make_split_dataset(data, "val", cfg, runtime, training=False) if data.cache.image_ids("val") else None
-    model = build_model(cfg, data, runtime, steps_per_epoch=steps_per_epoch)
+    # The same seed, however much randomness preparing the data used (e.g. building a backbone
+    # for a fresh feature cache): the same command always starts from the same decoder.
+    keras.utils.set_random_seed(cfg.train.seed)
+    model = build_model(cfg, data, runtime, steps_per_epoch=train_steps)
     print(f"Decoder: {cfg.model.decoder} + {cfg.model.attention}, {model.count_params():,} parameters, vocabulary {data.vocab.size}")
 
-    # Checkpoints (every --checkpoint-every batches and each epoch), NaN guard, health monitor.
-    session = recovery.RecoverySession(model, run_dir, cfg, identity, steps_per_epoch, run_dir / run_files.LOG_DIR)
-    start = session.restore()
-    recovery.trim_history(run_dir / run_files.HISTORY_FILE, start[0])  # epochs trained again
-    started = time.time()
+    # Verified checkpoints every --checkpoint-every batches and each epoch, exact resume, NaN guard, health monitor.
     callbacks = schedule_callbacks(cfg.train, validation_bleu(data, cfg, bleu), val_ds is not None) + make_callbacks(cfg, run_dir)
-
+    session = recovery.ResumableTraining(
+        model, run_dir, run_dir / run_folder.CHECKPOINT_DIR, cfg, identity, train_steps, callbacks, runtime.strategy, run_dir / run_folder.LOG_DIR
+    )
+    start = session.restore()
+    apply_resume_overrides(model, cfg, session.overrides(), train_steps, runtime, run_dir, step=session.backup.position["step"])
+    run_folder.trim_history(run_dir / run_folder.HISTORY_FILE, start[0])  # epochs trained again
+    started = time.time()
     train_captions = data.captions("train")
 
-    def make_epoch(epoch_seed):  # epoch e is shuffled with seed + e: a resumed run replays it exactly
-        return make_split_dataset(data, "train", cfg, runtime, True, seed=cfg.train.seed + epoch_seed, captions=train_captions)
+    def make_epoch(epoch):  # epoch e is shuffled with seed + e: a resumed run replays it exactly
+        return make_split_dataset(data, "train", cfg, runtime, True, seed=cfg.train.seed + epoch, captions=train_captions)
 
     try:
-        recovery.fit_from_position(
-            model, make_epoch, start, steps_per_epoch, cfg.train.epochs, val_ds,
-            session.callbacks(callbacks), session.checkpoint_callback, dataset_options=dataset_options(runtime.strategy),
-        )
+        session.fit(make_epoch, cfg.train.epochs, val_ds, dataset_options=dataset_options(runtime.strategy))
     finally:
         stopped = session.finish_status()
     if stopped is not None:
-        run_files.write_json(run_dir / run_files.RUN_FILE, {**recovery.read_run_info(run_dir), "status": stopped.status})
+        if stopped.exit_code == EXIT_CHECKPOINT_FAILED:
+            run_folder.release_disk_reserve(run_dir)  # room for run.json on a full disk
+        with contextlib.suppress(OSError):
+            run_folder.update_run_info(run_dir, status=stopped.status)
         raise stopped
-    save_weights_atomically(model, run_dir / run_files.WEIGHTS_FILE)
-    info = {**run_files.load_run(run_dir, with_model=False).info, "status": "complete"}
-    info["train_seconds"] = round(time.time() - started, 1)
-    info["epochs_run"] = session.epochs_done
-    run_files.write_json(run_dir / run_files.RUN_FILE, info)
+    with atomic_path(run_dir / run_folder.WEIGHTS_FILE) as tmp:
+        model.save_weights(tmp)
+    run_folder.record_weights(run_dir, status="complete", train_seconds=round(time.time() - started, 1), epochs_run=session.epochs_done)
     return run_dir
+
+
+def apply_resume_overrides(model, cfg: Config, changes: dict, train_steps: int, runtime: Runtime, run_dir: Path, step: int) -> None:
+    """A resumed run may change --learning-rate and --clipnorm (the NaN advice); say so and record it in run.json.
+
+    The optimizer was built with the new values; only the learning-rate variable came back from the checkpoint.
+    """
+    if not changes:
+        return
+    print("Resuming with changed settings: " + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changes.items()), flush=True)
+    if "learning_rate" in changes and cfg.train.lr_schedule != "warmup_cosine":  # a schedule is not checkpointed
+        model.optimizer.learning_rate = learning_rate_for(cfg.train, train_steps, runtime.replicas)
+    history = run_folder.read_run_info(run_dir).get("resume_overrides", [])
+    run_folder.update_run_info(run_dir, resume_overrides=history + [{"step": step, **changes}])

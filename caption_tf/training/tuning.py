@@ -36,8 +36,11 @@ import yaml
 
 from caption_tf.config import Config
 from caption_tf.data.text import CaptionVocabulary
-from caption_tf.training import run as run_files
+from caption_tf.files import atomic_path, write_text
+from caption_tf.run_folder import default_run_name
+from caption_tf.training.runtime import setup_runtime
 from caption_tf.training.schedules import BLEU_MONITOR, BleuFunction, monitor_mode, schedule_callbacks
+from caption_tf.training.trainer import build_model, make_split_dataset, prepare_data, validation_bleu
 
 TUNING_DIR = "tuning"
 SEARCH_PROJECT = "search"
@@ -98,8 +101,6 @@ class CaptionTuner(kt.BayesianOptimization):
         self.cfg, self.data, self.runtime, self.bleu = cfg, data, runtime, bleu
 
     def run_trial(self, trial, *args, **kwargs):
-        from caption_tf.training.trainer import build_model, make_split_dataset, validation_bleu
-
         cfg = trial_config(self.cfg, trial.hyperparameters)
         # Same words, another caption length: only the token tables change.
         data = dataclasses.replace(self.data, vocab=CaptionVocabulary(self.data.vocab.tokens, cfg.text.max_length))
@@ -126,19 +127,19 @@ def results_rows(tuner: kt.Tuner) -> list[dict]:
 
 def write_results(rows: list[dict], csv_path: Path, md_path: Path) -> None:
     columns = list(rows[0]) if rows else ["trial"]
-    with open(csv_path, "w", newline="") as fh:
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, columns)
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in columns) + " |" for r in rows]
-    md_path.write_text("\n".join(lines) + "\n")
+    write_text(md_path, "\n".join(lines) + "\n")
 
 
 def write_preset(cfg: Config, path: Path, note: str) -> None:
     """A configs/-style YAML preset of a full configuration."""
     body = {name: values for name, values in cfg.to_dict().items() if name != "preset"}
-    path.write_text(f"# {note}\n" + yaml.safe_dump(body, sort_keys=False))
+    write_text(path, f"# {note}\n" + yaml.safe_dump(body, sort_keys=False))
 
 
 def tune(cfg: Config, bleu: Optional[BleuFunction] = None) -> TuningResult:
@@ -149,19 +150,16 @@ def tune(cfg: Config, bleu: Optional[BleuFunction] = None) -> TuningResult:
     >>> tune(load_config("minimal", {"trials": 2, "epochs": 1})).best_preset
     PosixPath('runs/tuning/minimal-shapes-inception_v3-lstm-bahdanau/best.yaml')
     """
-    from caption_tf.training.runtime import setup_runtime
-    from caption_tf.training.trainer import prepare_data
-
     if cfg.train.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {cfg.train.trials}")
     if cfg.train.early_stopping_monitor == BLEU_MONITOR and bleu is None:
         raise ValueError("tuning on val_bleu4 needs a BLEU scorer (train.py passes one)")
-    cfg = copy.deepcopy(cfg)
     runtime = setup_runtime(cfg.train)
-    data = prepare_data(cfg, runtime.replicas)  # resolves `auto` settings
+    data = prepare_data(cfg, runtime.replicas)
+    cfg = data.config  # resolved: `auto` settings derived from the data
     if not data.cache.image_ids("val"):
         raise ValueError("--tune scores trials on the validation split, and this dataset has none (--val-fraction)")
-    directory = Path(cfg.train.runs_dir) / TUNING_DIR / (cfg.train.run_name or run_files.default_run_name(cfg))
+    directory = Path(cfg.train.runs_dir) / TUNING_DIR / (cfg.train.run_name or default_run_name(cfg))
     directory.mkdir(parents=True, exist_ok=True)
     tuner = CaptionTuner(
         cfg, data, runtime, bleu, max_trials=cfg.train.trials, seed=cfg.train.seed, directory=str(directory), project_name=SEARCH_PROJECT

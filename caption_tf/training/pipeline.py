@@ -1,9 +1,10 @@
-"""tf.data pipelines: cached feature shards + tokenised captions -> training batches.
+"""The training input pipeline: cached feature shards + tokenised captions -> teacher-forcing batches.
 
 The pipeline is pure TensorFlow ops (no `py_function`), so its iterator can
 be checkpointed with `tf.train.Checkpoint` and a resumed run continues with
 the exact next batch. Each element is `((grid, input_tokens), target_tokens)`
-with teacher forcing: inputs are tokens[:-1], targets tokens[1:].
+with teacher forcing: inputs are tokens[:-1], targets tokens[1:]. The shards
+are read with `caption_tf.features.tfrecords`, which owns their format.
 
 Example:
 
@@ -18,24 +19,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-# One record per image in the feature cache's TFRecord shards (written by caption_tf.features.cache).
-FEATURE_SPEC = {
-    "index": tf.io.FixedLenFeature([], tf.int64),
-    "image_id": tf.io.FixedLenFeature([], tf.string),
-    "grid": tf.io.FixedLenFeature([], tf.string),
-    "pooled": tf.io.FixedLenFeature([], tf.string),
-}
-
-
-def parse_feature_example(serialized, grid_shape, fields: Sequence[str] = tuple(FEATURE_SPEC)) -> dict:
-    """Pure-TF parser of a cached feature record; only `fields` are read (the training path needs two)."""
-    ex = tf.io.parse_single_example(serialized, {k: FEATURE_SPEC[k] for k in fields})
-    cells, dim = grid_shape
-    if "grid" in ex:
-        ex["grid"] = tf.reshape(tf.io.decode_raw(ex["grid"], tf.float16), (cells, dim))
-    if "pooled" in ex:
-        ex["pooled"] = tf.reshape(tf.io.decode_raw(ex["pooled"], tf.float16), (dim,))
-    return ex
+from caption_tf.features.tfrecords import read_feature_shards
 
 
 def captions_table(token_rows: Sequence[np.ndarray], max_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -47,20 +31,6 @@ def captions_table(token_rows: Sequence[np.ndarray], max_length: int) -> tuple[n
         table[i, : len(rows)] = rows
         valid[i, : len(rows)] = True
     return table, valid
-
-
-def read_feature_shards(shards: Sequence[str], grid_shape: tuple[int, int]) -> tf.data.Dataset:
-    """(index, grid float16) per image, shards read in parallel, order deterministic."""
-
-    def parse(raw):
-        ex = parse_feature_example(raw, grid_shape, fields=("index", "grid"))
-        return ex["index"], ex["grid"]
-
-    files = tf.data.Dataset.from_tensor_slices(list(shards))
-    records = files.interleave(
-        tf.data.TFRecordDataset, cycle_length=min(len(shards), 4) or 1, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    )
-    return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def caption_batches(
@@ -95,8 +65,3 @@ def caption_batches(
     return pairs.map(lambda g, t, ok: ((g, t[:, :-1]), t[:, 1:]), num_parallel_calls=tf.data.AUTOTUNE).prefetch(
         tf.data.AUTOTUNE
     )
-
-
-def feature_batches(shards: Sequence[str], grid_shape: tuple[int, int], batch_size: int) -> tf.data.Dataset:
-    """(index, grid) batches, one per image, for decoding and evaluation."""
-    return read_feature_shards(shards, grid_shape).batch(batch_size).prefetch(tf.data.AUTOTUNE)
