@@ -207,9 +207,13 @@ class TransformerCaptionDecoder(CaptionModel):
     def memory(self, grid):
         return self.memory_norm(self.grid_encoder(grid))
 
-    def embed(self, tokens, start: int = 0):
-        """Word + position embeddings of tokens [B, T] at positions start, start+1, ..."""
-        if tokens.shape[1] + start > self.max_length:
+    def embed(self, tokens, start=0):
+        """Word + position embeddings of tokens [B, T] at positions start, start+1, ...
+
+        `start` is an int, or a scalar tensor where the cache length is only known at run
+        time (retrieval's prefix-tree decoding traces one function for every length).
+        """
+        if isinstance(start, int) and tokens.shape[1] + start > self.max_length:
             raise ValueError(f"captions of {tokens.shape[1] + start} positions exceed max_length {self.max_length}")
         positions = ops.arange(start, start + tokens.shape[1])
         return self.embedding(tokens) + ops.cast(self.token_positions(positions), self.compute_dtype)[None]
@@ -256,7 +260,8 @@ class TransformerCaptionDecoder(CaptionModel):
 
     def step(self, tokens, state, values, keys, training=False):
         """One word per caption: (logits [B, V], caches grown by one position, attention [B, cells])."""
-        x = self.embed(tokens[:, None], start=state[0].shape[1])
+        cached = state[0].shape[1]  # positions so far: static in the unrolled decoding loops
+        x = self.embed(tokens[:, None], start=cached if cached is not None else ops.shape(state[0])[1])
         new_state = []
         for i, layer in enumerate(self.decoder_layers):
             x, cache_keys, cache_values, weights = layer.step(x, state[2 * i], state[2 * i + 1], keys[:, :, i])
