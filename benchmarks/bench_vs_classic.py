@@ -10,7 +10,8 @@ every target token counts); each side is warmed up (tracing, XLA compilation), t
 sides are timed in interleaved rounds (each round: `--steps` steps of every side in turn),
 so a busy moment on the shared cores hits every side alike. Per side and round the median
 step gives tokens/s; ratios to the classic loop are taken within a round (same XLA setting
-on both sides), and the table shows the median ratio over the rounds with its min-max.
+on both sides), and the table shows the median ratio over the rounds with its min-max; so
+is each side's XLA speed-up (its step without XLA / with XLA, within a round).
 
     python benchmarks/bench_vs_classic.py --sizes minimal            # emb 64, units 128, vocab 3000, length 15, batch 32, grid 25x2048
     python benchmarks/bench_vs_classic.py --sizes fast               # emb 128, units 256, vocab 5000, length 20, batch 64
@@ -117,13 +118,17 @@ def main() -> None:
         if ("classic", jit) in times:
             ratios = np.array(times[("classic", jit)]) / per_round
             row.update({"x classic": float(np.median(ratios)), "min": float(ratios.min()), "max": float(ratios.max())})
+        if jit == "on" and (name, "off") in times:  # XLA's own effect: the side's step without / with XLA, per round
+            speedups = np.array(times[(name, "off")]) / per_round
+            row.update({"XLA speed-up": float(np.median(speedups)), "XLA min": float(speedups.min()), "XLA max": float(speedups.max())})
         rows.append(row)
     report(f"vs_classic_{args.sizes}_{args.grid[0]}", rows, {
         "sizes": f"embedding {embedding}, units {units}, vocab {vocab}, max length {max_length} ({max_length - 1} steps), "
                  f"batch {batch}, grid {args.grid[0]}x{args.grid[1]}, Adam; model overrides: {overrides or 'none'}",
         "method": f"{args.rounds} interleaved rounds of {args.steps} steps per side after {args.warmup} warm-up calls; "
                   f"tokens/s = {tokens_per_step} target tokens / median step; 'x classic' = classic step / side step "
-                  "within each round, same XLA setting (median over rounds, min, max)",
+                  "within each round, same XLA setting (median over rounds, min, max); 'XLA speed-up' = the side's step "
+                  "without XLA / with XLA within each round",
     })
 
 
