@@ -124,6 +124,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="the split to evaluate")
     parser.add_argument("--beam-size", type=int, default=None, help="beam width (default: the run's eval.beam_size)")
     parser.add_argument("--length-penalty", type=float, default=None, help="GNMT length penalty alpha (default: the run's eval.length_penalty)")
+    parser.add_argument("--no-repeat-ngram", type=int, default=None, metavar="N",
+                        help="greedy and beam search never repeat a word N-gram; 0: off (default: the run's eval.no_repeat_ngram)")
     parser.add_argument("--max-eval-images", type=int, default=None, help="evaluate only the first N images (default: the run's eval.max_eval_images)")
     parser.add_argument("--word-vectors", default=None, help="GloVe/word2vec/.kv file (default: word2vec trained on the training captions)")
     parser.add_argument("--meteor", action=argparse.BooleanOptionalAction, default=None, help="compute METEOR (needs Java; default: the run's eval.meteor)")
@@ -152,6 +154,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         split=args.split,
         beam_size=args.beam_size,
         length_penalty=args.length_penalty,
+        no_repeat_ngram=args.no_repeat_ngram,
         max_eval_images=args.max_eval_images,
         word_vectors=args.word_vectors,
         meteor=args.meteor,

@@ -73,15 +73,23 @@ class FeatureConfig:
 
 @dataclass
 class ModelConfig:
-    """Decoder architecture."""
+    """Decoder architecture and training objective (see docs/models.md)."""
 
-    decoder: str = "lstm"  # lstm | gru
-    attention: str = "bahdanau"  # bahdanau | luong
+    decoder: str = "lstm"  # lstm | gru | transformer
+    attention: str = "bahdanau"  # bahdanau | luong (LSTM/GRU; the transformer cross-attends)
     luong_score: str = "general"  # dot | general
-    embedding_dim: int = 64
-    units: int = 128
-    attention_units: Optional[int] = None  # None: same as units
+    embedding_dim: int = 64  # word embeddings; the transformer's model width
+    units: int = 128  # LSTM/GRU cell width; the transformer's feed-forward width
+    attention_units: Optional[int] = None  # Bahdanau hidden width; None: same as units
+    feature_units: Optional[int] = None  # LSTM/GRU: projected grid width; None: same as units
+    num_layers: int = 2  # transformer decoder layers
+    num_heads: int = 4  # transformer attention heads
+    grid_positions: str = "learned"  # learned | sinusoidal | none: 2-D position of each grid cell
+    grid_adapter: str = "none"  # none | conv: a trainable residual 3x3 convolution over the frozen grid
+    tie_embeddings: bool = False  # predict words through the input embedding matrix
     dropout: float = 0.0
+    attention_penalty: float = 0.0  # weight of the doubly stochastic attention penalty (0: off)
+    label_smoothing: float = 0.0
 
 
 @dataclass
@@ -130,6 +138,7 @@ class EvalConfig:
 
     beam_size: int = 3
     length_penalty: float = 0.7
+    no_repeat_ngram: int = 0  # > 0: greedy and beam search never repeat an n-gram of this length
     eval_batch_size: int = 64
     max_eval_images: Optional[int] = None
     meteor: bool = True  # METEOR needs Java; ~8 s JVM start
@@ -256,7 +265,9 @@ def load_config(preset: Optional[str] = "minimal", overrides: Optional[dict] = N
 
 
 CHOICES = {
-    "decoder": ("lstm", "gru"),
+    "decoder": ("lstm", "gru", "transformer"),
+    "grid_positions": ("learned", "sinusoidal", "none"),
+    "grid_adapter": ("none", "conv"),
     "attention": ("bahdanau", "luong"),
     "luong_score": ("dot", "general"),
     "precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),

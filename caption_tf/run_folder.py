@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
+import yaml
+
 from caption_tf.config import Config, load_saved_config, save_config
 from caption_tf.data.text import CaptionVocabulary
 from caption_tf.files import atomic_path, file_sha256, stable_hash, write_json
@@ -53,6 +55,9 @@ from caption_tf.files import atomic_path, file_sha256, stable_hash, write_json
 CONFIG_FILE, VOCAB_FILE, RUN_FILE, WEIGHTS_FILE = "config.yaml", "vocab.json", "run.json", "model.weights.h5"
 METRICS_FILE, HISTORY_FILE, LOG_DIR, SKIPS_FILE = "metrics.json", "history.csv", "logs", "skips.json"
 CHECKPOINT_DIR = "checkpoints"
+# A model field every config.yaml written since the decoders share `models.base.CaptionModel` has;
+# runs from before (no grid positions, another weights layout) cannot be loaded by this version.
+CURRENT_DECODER_FIELD = "grid_positions"
 ALERTS_FILE = "alerts.jsonl"
 BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
 # With run.json's "encoder", what turns a new image into the decoder's input (features.encoder).
@@ -342,10 +347,15 @@ class Run:
     info: dict
     model: object = None
 
-    def generator(self, jit_compile: bool = False):
+    def generator(self, jit_compile: bool = False, no_repeat_ngram: Optional[int] = None):
+        """The run's `CaptionGenerator`; `no_repeat_ngram` None: the run's `eval.no_repeat_ngram`."""
         from caption_tf.models.decoding import CaptionGenerator  # TensorFlow: only when decoding
 
-        return CaptionGenerator(self.model, self.vocab.start_id, self.vocab.end_id, self.vocab.max_length, jit_compile)
+        if no_repeat_ngram is None:
+            no_repeat_ngram = self.config.eval.no_repeat_ngram
+        return CaptionGenerator(
+            self.model, self.vocab.start_id, self.vocab.end_id, self.vocab.max_length, jit_compile, no_repeat_ngram
+        )
 
 
 def weights_problem(run_dir: Path, info: dict) -> Optional[str]:
@@ -361,6 +371,18 @@ def weights_problem(run_dir: Path, info: dict) -> Optional[str]:
 def record_weights(run_dir: Path, **changes) -> dict:
     """Update run.json with `changes` and the SHA-256 of the model.weights.h5 just published."""
     return update_run_info(run_dir, weights_sha256=file_sha256(Path(run_dir) / WEIGHTS_FILE), **changes)
+
+
+def _check_decoder_layout(run_dir: Path) -> None:
+    """Raise a `RunFolderError` for a run trained by the decoder of an earlier caption_tf version."""
+    with open(run_dir / CONFIG_FILE) as fh:
+        model = (yaml.safe_load(fh) or {}).get("model") or {}
+    if CURRENT_DECODER_FIELD not in model:
+        raise RunFolderError(
+            f"{run_dir}: trained by an earlier version of caption_tf's decoder ({run_dir / CONFIG_FILE} has no "
+            f"model.{CURRENT_DECODER_FIELD}), whose weights this version cannot load. Train it again with this version "
+            "(train.py with a new --run-name), or evaluate it with the caption_tf version that trained it"
+        )
 
 
 def load_run(run_dir: str | Path, with_model: bool = True) -> Run:
@@ -382,6 +404,7 @@ def load_run(run_dir: str | Path, with_model: bool = True) -> Run:
         weights = run_dir / WEIGHTS_FILE
         if not weights.exists():
             raise FileNotFoundError(f"{weights}: no trained weights; has training finished? (rerun train.py to resume)")
+        _check_decoder_layout(run_dir)
         rewrite = "Rerun the train.py command that made this run: it writes the weights again from the run's newest verified checkpoint"
         problem = weights_problem(run_dir, run.info)
         if problem:

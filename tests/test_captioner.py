@@ -117,6 +117,19 @@ def test_captioner_api_returns_both_decodings_with_attention(two_runs_one_comman
         assert np.isfinite(result.beam_score)
 
 
+def test_no_repeat_ngram_comes_from_the_run_or_the_caller_and_holds_in_both_decodings(two_runs_one_command):
+    run_dir, _ = two_runs_one_command
+    _, _, grids = _test_split(run_dir)
+    assert Captioner.from_run(run_dir).no_repeat_ngram == 0  # the run's eval.no_repeat_ngram (off by default)
+    blocked = Captioner.from_run(run_dir, no_repeat_ngram=1)
+    assert blocked.generator.no_repeat_ngram == 1
+    for item in blocked.caption_grids(grids):
+        for decoding in ("greedy", "beam"):
+            words = item[f"{decoding}_words"]
+            assert words and len(words) == len(set(words)), words  # n = 1: no word twice
+            assert len(item[f"{decoding}_attention"]) == len(words)
+
+
 def test_a_run_on_a_backbone_weights_file_encodes_files_like_its_cache(tmp_path):
     """--weights PATH: the file is recorded with the run (path + SHA-256) and reloaded to encode new images."""
     from caption_tf.features.backbones import BackboneWeightsError, build_backbone

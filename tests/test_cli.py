@@ -47,7 +47,7 @@ def test_train_then_evaluate_end_to_end(tmp_path):
 
 
 def test_bad_flags_and_missing_weights_give_one_clear_line(tmp_path):
-    bad = _run([str(REPO_ROOT / "train.py"), "--decoder", "transformer"], tmp_path)
+    bad = _run([str(REPO_ROOT / "train.py"), "--decoder", "mamba"], tmp_path)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
     missing = _run([str(REPO_ROOT / "train.py"), *_flags(tiny_overrides(tmp_path, weights=tmp_path / "nope.weights.h5"))], tmp_path)
     assert missing.returncode == 2

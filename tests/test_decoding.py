@@ -1,23 +1,27 @@
-"""Greedy and beam decoding on tiny random decoders: equivalences, optimality, shapes, XLA."""
+"""Greedy and beam decoding on tiny random decoders of every family: equivalences, optimality, shapes, XLA, n-gram blocking."""
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from caption_tf.models.decoder import CaptionDecoder
-from caption_tf.models.decoding import CaptionGenerator, gnmt_length_penalty
+from caption_tf.config import ModelConfig
+from caption_tf.models.decoder import build_decoder
+from caption_tf.models.decoding import CaptionGenerator, gnmt_length_penalty, repeated_ngram_ban
 
-VOCAB, CELLS, DIM, MAX_LENGTH, BATCH = 12, 5, 10, 10, 6
+VOCAB, CELLS, DIM, MAX_LENGTH, BATCH = 12, 9, 10, 10, 6
 START, END = 2, 3
+FAMILIES = [("lstm", "bahdanau"), ("gru", "luong"), ("transformer", "bahdanau")]
+FAMILY_IDS = ["lstm-bahdanau", "gru-luong", "transformer"]
 
 
-def tiny_generator(decoder="lstm", attention="bahdanau", jit_compile=False, seed=1):
+def tiny_generator(decoder="lstm", attention="bahdanau", jit_compile=False, seed=1, no_repeat_ngram=0, sharpen=6.0):
     keras.utils.set_random_seed(seed)
-    model = CaptionDecoder(vocab_size=VOCAB, embedding_dim=8, units=16, decoder=decoder, attention=attention)
-    model((np.zeros((1, CELLS, DIM), "float32"), np.zeros((1, MAX_LENGTH - 1), "int32")))
+    cfg = ModelConfig(decoder=decoder, attention=attention, embedding_dim=8, units=16, num_heads=2)
+    model = build_decoder(cfg, vocab_size=VOCAB, grid_shape=(CELLS, DIM), max_length=MAX_LENGTH)
     kernel = model.to_logits.kernel
-    kernel.assign(kernel * 6.0)  # peakier word distributions, so beams really diverge
-    return CaptionGenerator(model, start_id=START, end_id=END, max_length=MAX_LENGTH, jit_compile=jit_compile)
+    kernel.assign(kernel * sharpen)  # peakier word distributions, so beams really diverge
+    return CaptionGenerator(model, START, END, MAX_LENGTH, jit_compile=jit_compile, no_repeat_ngram=no_repeat_ngram)
 
 
 def with_start(tokens):
@@ -29,9 +33,10 @@ def grid():
     return np.random.default_rng(0).random((BATCH, CELLS, DIM), dtype=np.float32)
 
 
-@pytest.mark.parametrize("decoder,attention", [("lstm", "bahdanau"), ("gru", "luong")])
-def test_beam_of_one_is_greedy(decoder, attention, grid):
-    generator = tiny_generator(decoder, attention)
+@pytest.mark.parametrize("no_repeat_ngram", [0, 2])
+@pytest.mark.parametrize("decoder,attention", FAMILIES, ids=FAMILY_IDS)
+def test_beam_of_one_is_greedy(decoder, attention, no_repeat_ngram, grid):
+    generator = tiny_generator(decoder, attention, no_repeat_ngram=no_repeat_ngram)
     greedy_tokens, greedy_attention = generator.greedy(grid)
     beam_tokens, _, beam_attention = generator.beam(grid, beam_size=1, length_penalty=0.7)
     np.testing.assert_array_equal(beam_tokens, greedy_tokens)
@@ -53,8 +58,9 @@ def test_beam_shapes_and_finished_captions_pad(grid):
 
 
 @pytest.mark.parametrize("beam_size", [3, 5])
-def test_beam_scores_are_log_probs_and_beat_greedy(beam_size, grid):
-    generator = tiny_generator(seed=3)
+@pytest.mark.parametrize("decoder,attention", FAMILIES, ids=FAMILY_IDS)
+def test_beam_scores_are_log_probs_and_beat_greedy(decoder, attention, beam_size, grid):
+    generator = tiny_generator(decoder, attention, seed=3)
     greedy_tokens, _ = generator.greedy(grid)
     tokens, scores, _ = generator.beam(grid, beam_size=beam_size, length_penalty=0.0)
     beam_ll, _ = generator.log_likelihood(grid, with_start(tokens))
@@ -84,10 +90,49 @@ def test_log_likelihood_counts_real_tokens_only(grid):
     np.testing.assert_allclose(total, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_xla_decoding_matches_graph_decoding(grid):
-    plain, compiled = tiny_generator(seed=5), tiny_generator(seed=5, jit_compile=True)
+@pytest.mark.parametrize("decoder,attention", FAMILIES, ids=FAMILY_IDS)
+def test_xla_decoding_matches_graph_decoding(decoder, attention, grid):
+    plain = tiny_generator(decoder, attention, seed=5, no_repeat_ngram=3)
+    compiled = tiny_generator(decoder, attention, seed=5, jit_compile=True, no_repeat_ngram=3)
     np.testing.assert_array_equal(compiled.greedy(grid)[0], plain.greedy(grid)[0])
+    np.testing.assert_allclose(compiled.greedy(grid)[1], plain.greedy(grid)[1], atol=1e-5)
     np.testing.assert_array_equal(compiled.beam(grid, 3, 0.7)[0], plain.beam(grid, 3, 0.7)[0])
+
+
+def ngram_repeats(row, n):
+    words = [int(w) for w in row if w not in (0, END)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) - len(set(grams))
+
+
+@pytest.mark.parametrize("decoder,attention", FAMILIES, ids=FAMILY_IDS)
+def test_no_repeat_ngram_blocks_repeated_phrases_in_greedy_and_beam(decoder, attention, grid):
+    # A decoder that babbles: the end token is never likely, so captions run to full length and repeat.
+    def babbler(no_repeat_ngram):
+        generator = tiny_generator(decoder, attention, seed=2, no_repeat_ngram=no_repeat_ngram, sharpen=2.0)
+        bias = generator.model.to_logits.bias
+        bias.assign(bias - 50.0 * tf.one_hot(END, VOCAB))
+        return generator
+
+    plain, blocked = babbler(0), babbler(2)
+    plain_tokens = plain.greedy(grid)[0].numpy()
+    assert sum(ngram_repeats(row, 2) for row in plain_tokens) > 0  # without blocking it does repeat
+    for tokens in (blocked.greedy(grid)[0], blocked.beam(grid, 3, 0.7)[0]):
+        assert all(ngram_repeats(row, 2) == 0 for row in tokens.numpy()), tokens.numpy()
+    # Blocking only removes repeats: up to the first blocked word the captions are the same.
+    blocked_tokens = blocked.greedy(grid)[0].numpy()
+    for row, blocked_row in zip(plain_tokens, blocked_tokens):
+        first = next((t for t in range(1, len(row)) if ngram_repeats(row[: t + 1], 2)), len(row))
+        np.testing.assert_array_equal(row[:first], blocked_row[:first])
+
+
+def test_repeated_ngram_ban_marks_exactly_the_repeating_words():
+    history = [tf.constant([5, 5]), tf.constant([6, 7]), tf.constant([5, 5])]
+    ban = repeated_ngram_ban(history, 2, 9).numpy()
+    assert np.flatnonzero(ban[0]).tolist() == [6]  # "5 6 5": 6 would repeat "5 6"
+    assert np.flatnonzero(ban[1]).tolist() == [7]  # "5 7 5": 7 would repeat "5 7"
+    assert repeated_ngram_ban(history, 4, 9) is None  # no complete 4-gram yet
+    assert np.flatnonzero(repeated_ngram_ban(history, 1, 9).numpy()[0]).tolist() == [5, 6]
 
 
 def test_beam_size_must_be_positive(grid):

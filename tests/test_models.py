@@ -1,3 +1,5 @@
+"""The decoder families: attention, losses, positions, parallel teacher forcing = the per-step path, saving."""
+
 import keras
 import numpy as np
 import pytest
@@ -7,6 +9,18 @@ from caption_tf.config import ModelConfig
 from caption_tf.models.attention import BahdanauAttention, LuongAttention
 from caption_tf.models.decoder import CaptionDecoder, build_decoder, masked_loss
 from caption_tf.models.decoding import CaptionGenerator
+from caption_tf.models.grid import GridEncoder, sinusoidal_grid_positions
+from caption_tf.models.losses import doubly_stochastic_penalty, token_cross_entropy
+from caption_tf.models.transformer import TransformerCaptionDecoder
+
+FAMILIES = [("lstm", "bahdanau"), ("gru", "bahdanau"), ("lstm", "luong"), ("gru", "luong"), ("transformer", "bahdanau")]
+FAMILY_IDS = ["lstm-bahdanau", "gru-bahdanau", "lstm-luong", "gru-luong", "transformer"]
+
+
+def tiny_model(decoder="lstm", attention="bahdanau", vocab=20, cells=9, dim=8, length=7, seed=0, **overrides):
+    keras.utils.set_random_seed(seed)
+    cfg = ModelConfig(decoder=decoder, attention=attention, embedding_dim=8, units=16, num_heads=2, **overrides)
+    return build_decoder(cfg, vocab_size=vocab, grid_shape=(cells, dim), max_length=length)
 
 
 @pytest.mark.parametrize("attention", [BahdanauAttention(16), LuongAttention(24, "dot"), LuongAttention(24, "general")])
@@ -19,6 +33,19 @@ def test_attention_weights_sum_to_one_over_the_grid(attention):
     assert np.all(np.asarray(weights) >= 0)
     # The context is the attention-weighted mean of the values.
     np.testing.assert_allclose(context, np.einsum("bn,bnd->bd", weights, values), atol=1e-5)
+
+
+def test_luong_attends_for_all_steps_like_step_by_step():
+    attention = LuongAttention(8, "general")
+    values = keras.random.normal((2, 9, 6), seed=1)
+    queries = keras.random.normal((2, 5, 8), seed=2)
+    attention.build((None, 8), values.shape)
+    keys = attention.project_keys(values)
+    context, weights = attention.attend_all(queries, values, keys)
+    for t in range(5):
+        step_context, step_weights = attention(queries[:, t], values, keys)
+        np.testing.assert_allclose(context[:, t], step_context, atol=1e-6)
+        np.testing.assert_allclose(weights[:, t], step_weights, atol=1e-6)
 
 
 def test_luong_dot_prefers_the_cell_that_matches_the_query():
@@ -36,7 +63,63 @@ def test_masked_loss_ignores_padding():
     assert float(masked_loss(targets, good)) < 1e-3
 
 
-@pytest.mark.parametrize("decoder,attention", [("lstm", "bahdanau"), ("gru", "luong")])
+def test_cross_entropy_matches_keras_with_and_without_label_smoothing():
+    logits = keras.random.normal((3, 4, 7), seed=3)
+    targets = tf.random.stateless_uniform((3, 4), (1, 2), 0, 7, tf.int32)
+    plain = keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True)
+    np.testing.assert_allclose(token_cross_entropy(targets, logits), plain, atol=1e-5)
+    smoothed = keras.losses.categorical_crossentropy(tf.one_hot(targets, 7), logits, from_logits=True, label_smoothing=0.1)
+    np.testing.assert_allclose(token_cross_entropy(targets, logits, 0.1), smoothed, atol=1e-5)
+
+
+def test_grid_positions_are_row_plus_column_codes():
+    encoder = GridEncoder(8, positions="learned")
+    encoder.build((None, 9, 4))
+    table = encoder.positions.positions().numpy().reshape(3, 3, 8)
+    # A learned row vector plus a learned column vector: cells of one row differ by column only.
+    np.testing.assert_allclose(table[0, 1] - table[0, 0], table[2, 1] - table[2, 0], atol=1e-6)
+    assert not np.allclose(table[0, 0], table[1, 0])
+    sinusoidal = sinusoidal_grid_positions(3, 3, 8)
+    assert len({tuple(np.round(row, 5)) for row in sinusoidal}) == 9  # every cell has its own code
+    with pytest.raises(ValueError, match="square"):
+        GridEncoder(8)(np.zeros((1, 10, 4), "float32"))
+
+
+@pytest.mark.parametrize("decoder,attention", FAMILIES, ids=FAMILY_IDS)
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_teacher_forcing_equals_the_per_step_loop(decoder, attention, tied):
+    """The training pass (parallel where the maths allows) computes what decoding computes step by step."""
+    model = tiny_model(decoder, attention, tie_embeddings=tied, grid_adapter="conv")
+    rng = np.random.default_rng(0)
+    grid = tf.constant(rng.normal(size=(3, 9, 8)).astype("float32"))
+    tokens = tf.constant(rng.integers(1, 20, (3, 6)).astype("int32"))
+
+    def per_step():
+        values, keys, state = model.encode(grid)
+        logits, weights = [], []
+        for t in range(tokens.shape[1]):
+            step_logits, state, step_weights = model.step(tokens[:, t], state, values, keys)
+            logits.append(step_logits)
+            weights.append(step_weights)
+        return tf.stack(logits, 1), tf.stack(weights, 1)
+
+    results = []
+    for forward in (lambda: model((grid, tokens), return_attention=True), per_step):
+        with tf.GradientTape() as tape:
+            logits, weights = forward()
+            loss = masked_loss(tokens, logits) + doubly_stochastic_penalty(weights, tokens)
+        grads = tape.gradient(loss, model.trainable_variables)
+        results.append((logits, weights, grads))
+    (logits, weights, grads), (step_logits, step_weights, step_grads) = results
+    np.testing.assert_allclose(logits, step_logits, atol=1e-5)
+    np.testing.assert_allclose(weights, step_weights, atol=1e-5)
+    np.testing.assert_allclose(np.sum(weights, -1), 1.0, atol=1e-5)
+    assert len(grads) == len(model.trainable_variables) and all(g is not None for g in grads)
+    for g, h in zip(grads, step_grads):
+        np.testing.assert_allclose(tf.convert_to_tensor(g), tf.convert_to_tensor(h), atol=1e-5)
+
+
+@pytest.mark.parametrize("decoder,attention", [("lstm", "bahdanau"), ("gru", "luong"), ("transformer", "bahdanau")])
 def test_decoder_learns_a_feature_dependent_task(decoder, attention):
     """Two 'images' that differ only in one grid cell get different captions after training."""
     rng = np.random.default_rng(0)
@@ -44,7 +127,7 @@ def test_decoder_learns_a_feature_dependent_task(decoder, attention):
     tokens = np.array([[2, 4, 5, 3], [2, 4, 6, 3]], "int32")  # <start> a red|blue <end>
     x = np.repeat(grids, 32, 0)
     y = np.repeat(tokens, 32, 0)
-    model = CaptionDecoder(vocab_size=8, embedding_dim=8, units=16, decoder=decoder, attention=attention)
+    model = tiny_model(decoder, attention, vocab=8, length=4)
     model.compile(optimizer=keras.optimizers.Adam(0.01))
     history = model.fit((x, y[:, :-1]), y[:, 1:], batch_size=16, epochs=15, verbose=0)
     assert history.history["loss"][-1] < 0.1 * history.history["loss"][0]
@@ -54,8 +137,73 @@ def test_decoder_learns_a_feature_dependent_task(decoder, attention):
     np.testing.assert_allclose(attention_maps.numpy().sum(-1), 1.0, atol=1e-5)
 
 
-def test_saved_and_reloaded_model_gives_the_same_captions(tmp_path):
-    cfg = ModelConfig(embedding_dim=8, units=16, decoder="gru", attention="luong")
+def relation_task(count=64, seed=0):
+    """3x3 grids holding an 'A' cell and a 'B' cell at the two ends of one row: "A left-of|right-of B".
+
+    Every grid holds the same two cell vectors (plus the same background), only their
+    places change: as a set of cells, "A left of B" and "A right of B" are the same image.
+    """
+    background, a, b = np.random.default_rng(123).normal(size=(3, 8)).astype("float32")
+    rng = np.random.default_rng(seed)
+    grids, tokens = [], []
+    for _ in range(count):
+        row, a_left = rng.integers(3), bool(rng.integers(2))
+        grid = np.tile(background, (9, 1))
+        grid[row * 3], grid[row * 3 + 2] = (a, b) if a_left else (b, a)
+        grids.append(grid)
+        tokens.append([2, 4, 5 if a_left else 7, 6, 3])  # <start> A left-of|right-of B <end>
+    return np.stack(grids), np.array(tokens, "int32")
+
+
+@pytest.mark.parametrize("decoder,attention", [("gru", "luong"), ("transformer", "bahdanau")])
+def test_grid_positions_let_the_decoder_state_relations(decoder, attention):
+    grids, tokens = relation_task()
+    swapped = grids[:, ::-1]  # the same cells in another order: a permutation of the grid
+    results = {}
+    for positions in ("none", "learned"):
+        model = tiny_model(decoder, attention, vocab=8, length=5, grid_positions=positions, seed=1)
+        if positions == "none":  # without positions the decoder cannot tell a grid from its permutation
+            np.testing.assert_allclose(model((grids, tokens[:, :-1])), model((swapped, tokens[:, :-1])), atol=1e-5)
+        model.compile(optimizer=keras.optimizers.Adam(0.02))
+        model.fit((grids, tokens[:, :-1]), tokens[:, 1:], batch_size=16, epochs=40, verbose=0)
+        test_grids, test_tokens = relation_task(seed=7)
+        generated = CaptionGenerator(model, start_id=2, end_id=3, max_length=5).greedy(test_grids)[0].numpy()
+        results[positions] = float(np.mean(np.all(generated == test_tokens[:, 1:], axis=1)))
+    assert results["learned"] == 1.0, results
+    assert results["none"] <= 0.7, results  # chance is 0.5: half the captions name the other order
+
+
+def test_attention_penalty_is_added_to_the_loss_as_defined():
+    model = tiny_model("gru", "bahdanau", attention_penalty=0.7)
+    rng = np.random.default_rng(2)
+    grid = rng.normal(size=(4, 9, 8)).astype("float32")
+    tokens = rng.integers(4, 20, (4, 6)).astype("int32")
+    tokens[:2, 4:] = 0  # padding steps do not count
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    total, ce, penalty, _ = model.objective(grid, inputs, targets)
+    logits, weights = model((grid, inputs), return_attention=True)
+    real = (targets != 0).astype("float32")
+    by_hand = np.mean(np.sum((1.0 - np.einsum("btn,bt->bn", weights, real)) ** 2, -1))
+    assert float(penalty) == pytest.approx(by_hand, rel=1e-5) and by_hand > 0.1
+    assert float(ce) == pytest.approx(float(masked_loss(targets, logits)), rel=1e-6)
+    assert float(total) == pytest.approx(float(ce) + 0.7 * by_hand, rel=1e-6)
+    # It really enters the gradient, and fit logs it.
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    logs = model.train_on_batch((grid, inputs), targets, return_dict=True)
+    assert logs["attention_penalty"] == pytest.approx(by_hand, rel=1e-4)
+    assert set(logs) == {"loss", "accuracy", "attention_penalty"}
+
+
+def test_attention_penalty_is_zero_when_each_cell_gets_one_unit_of_attention():
+    weights = np.eye(3, dtype="float32")[None]  # 3 steps, each on its own cell of 3
+    assert float(doubly_stochastic_penalty(weights, np.ones((1, 3), "int32"))) == pytest.approx(0.0)
+    # With the last step padding, the third cell gets nothing: (1 - 0)^2 = 1.
+    assert float(doubly_stochastic_penalty(weights, np.array([[5, 6, 0]]))) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("decoder,attention", [("gru", "luong"), ("transformer", "bahdanau")])
+def test_saved_and_reloaded_model_gives_the_same_captions(decoder, attention, tmp_path):
+    cfg = ModelConfig(embedding_dim=8, units=16, num_heads=2, decoder=decoder, attention=attention, tie_embeddings=True)
     model = build_decoder(cfg, vocab_size=20, grid_shape=(9, 8), max_length=6)
     grid = np.random.default_rng(1).normal(size=(4, 9, 8)).astype("float32")
     before = CaptionGenerator(model, 2, 3, 6).greedy(grid)
@@ -69,6 +217,7 @@ def test_saved_and_reloaded_model_gives_the_same_captions(tmp_path):
     # The whole model also round-trips through the .keras format.
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert type(loaded) is type(model)
     np.testing.assert_array_equal(CaptionGenerator(loaded, 2, 3, 6).greedy(grid)[0], before[0])
 
 
@@ -99,3 +248,46 @@ def test_train_on_batch_and_sample_weights_are_accepted():
     tokens = np.array([[2, 4, 5, 3, 0]] * 4, "int32")
     logs = model.train_on_batch((np.ones((4, 4, 3), "float32"), tokens[:, :-1]), tokens[:, 1:], return_dict=True)
     assert np.isfinite(logs["loss"])
+
+
+def test_bad_settings_say_what_was_received():
+    with pytest.raises(ValueError, match="transformer"):
+        CaptionDecoder(vocab_size=10, decoder="transformer")
+    with pytest.raises(ValueError, match="divisible by num_heads 3"):
+        TransformerCaptionDecoder(vocab_size=10, max_length=5, embedding_dim=8, num_heads=3)
+    with pytest.raises(ValueError, match="feature_units == units"):
+        CaptionDecoder(vocab_size=10, units=16, feature_units=8, attention="luong", luong_score="dot")
+    model = tiny_model("transformer", length=5)
+    with pytest.raises(ValueError, match="exceed max_length 5"):
+        model((np.zeros((1, 9, 8), "float32"), np.zeros((1, 6), "int32")))
+
+
+@pytest.mark.parametrize("decoder,attention", [("lstm", "bahdanau"), ("gru", "luong"), ("transformer", "bahdanau")])
+def test_every_weight_is_in_a_tf_train_checkpoint(decoder, attention, tmp_path):
+    """Crash recovery saves `tf.train.Checkpoint(model=...)`: every weight must be tracked by it."""
+    trained = tiny_model(decoder, attention, seed=1, tie_embeddings=True, grid_adapter="conv", num_layers=2)
+    fresh = tiny_model(decoder, attention, seed=2, tie_embeddings=True, grid_adapter="conv", num_layers=2)
+    for variable in trained.trainable_variables:
+        variable.assign(variable + 0.5)
+    tf.train.Checkpoint(model=fresh).read(tf.train.Checkpoint(model=trained).write(str(tmp_path / "ckpt")))
+    for a, b in zip(trained.trainable_variables, fresh.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
+def test_transformer_and_tied_output_train_under_mixed_precision(precision):
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        rng = np.random.default_rng(0)
+        grid = rng.random((32, 4, 8), dtype=np.float32)
+        tokens = rng.integers(4, 16, (32, 8)).astype("int32")
+        tokens[:, 0], tokens[:, 1] = 2, 4 + np.argmax(grid.mean(1), -1)  # the first word names the strongest channel
+        model = tiny_model("transformer", vocab=16, cells=4, length=8, tie_embeddings=True, attention_penalty=0.5)
+        model.compile(optimizer=keras.optimizers.Adam(0.01))
+        history = model.fit((grid, tokens[:, :-1]), tokens[:, 1:], epochs=5, batch_size=8, verbose=0).history["loss"]
+        assert np.all(np.isfinite(history)) and history[-1] < history[0]
+        logits, attention = model((grid, tokens[:, :-1]), return_attention=True)
+        assert model.compute_dtype == precision.split("_")[1]
+        assert logits.dtype == "float32" and attention.dtype == "float32"  # softmaxes stay float32
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

@@ -81,7 +81,7 @@ def user_images(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(two_runs, user_images, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    options = ReportOptions(out_dir=str(out), meteor=False, beam_size=2, resource_batch_sizes=(1, 2),
+    options = ReportOptions(out_dir=str(out), meteor=False, beam_size=2, no_repeat_ngram=3, resource_batch_sizes=(1, 2),
                             images=[str(p) for p in user_images], llm="caption-tf-tests/no-such-captioner")
     summary = build_report([str(r) for r in two_runs], options)
     return out, summary
@@ -92,9 +92,13 @@ def test_metrics_json_has_every_section_for_both_decodings(report, two_runs):
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved["runs"]) == {r.name for r in two_runs}
     for run in saved["runs"].values():
-        assert run["images"] > 0 and run["decoding"]["beam_size"] == 2
+        assert run["images"] > 0 and run["decoding"]["beam_size"] == 2 and run["decoding"]["no_repeat_ngram"] == 3
         for decoding in DECODINGS:
             entry = run[decoding]
+            for caption in entry["captions"].values():  # --no-repeat-ngram 3 held in both decodings
+                words = caption.split()
+                trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+                assert len(trigrams) == len(set(trigrams)), caption
             assert set(entry["headline"]) == HEADLINE
             assert entry["headline"]["meteor"] is None  # turned off: unavailable with its reason
             assert entry["scores"]["meteor"]["reason"]
@@ -218,8 +222,11 @@ def test_user_images_of_any_mode_are_captioned(report, user_images):
 
 def test_cli_images_only_writes_a_small_report(two_runs, user_images, tmp_path, capsys):
     out = tmp_path / "small"
-    assert evaluate_main(["--run", str(two_runs[0]), "--images", str(user_images[0]), str(user_images[1]), "--out", str(out)]) == 0
+    assert evaluate_main(["--run", str(two_runs[0]), "--images", str(user_images[0]), str(user_images[1]), "--out", str(out),
+                          "--no-repeat-ngram", "1"]) == 0
     printed = capsys.readouterr().out
+    captions = [line.split(": ", 1)[1].split() for line in printed.splitlines() if line.startswith(("  greedy: ", "  beam "))]
+    assert len(captions) == 4 and all(len(words) == len(set(words)) for words in captions)  # n = 1: no word twice
     assert "gray.png" in printed and "rgba.png" in printed
     assert printed.count("  greedy: ") == 2 and printed.count("  beam (beam size 3): ") == 2
     saved = json.loads((out / "metrics.json").read_text())

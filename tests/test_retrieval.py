@@ -73,6 +73,27 @@ def test_retrieval_on_a_tiny_trained_run(tiny_run):
             assert matrix[i, j] == pytest.approx(expected, abs=1e-3)
 
 
+@pytest.mark.parametrize("decoder,attention", [("lstm", "bahdanau"), ("gru", "luong"), ("transformer", "bahdanau")])
+def test_pair_scores_equal_teacher_forced_log_likelihoods_for_every_family(decoder, attention):
+    """The prefix-tree scorer (one compiled function, open shapes) = `CaptionGenerator.log_likelihood` per pair."""
+    import keras
+
+    from caption_tf.config import ModelConfig
+    from caption_tf.models.decoder import build_decoder
+    from caption_tf.models.decoding import CaptionGenerator
+
+    keras.utils.set_random_seed(3)
+    cfg = ModelConfig(decoder=decoder, attention=attention, embedding_dim=16, units=24, num_layers=2, num_heads=2)
+    model = build_decoder(cfg, vocab_size=20, grid_shape=(9, 8), max_length=6)
+    grids = np.random.default_rng(0).normal(size=(3, 9, 8)).astype("float32")
+    tokens = np.array([[2, 5, 6, 3, 0, 0], [2, 5, 7, 8, 9, 3], [2, 11, 3, 0, 0, 0]], "int32")  # shared prefix, full length
+    matrix = pair_scores(model, grids, tokens)
+    generator = CaptionGenerator(model, start_id=2, end_id=3, max_length=6)
+    for i in range(len(grids)):
+        total, count = generator.log_likelihood(np.repeat(grids[i : i + 1], len(tokens), 0), tokens)
+        np.testing.assert_allclose(matrix[i], total.numpy() / count.numpy(), atol=1e-5)
+
+
 def test_caption_trie_decodes_each_shared_prefix_once():
     # <start>=2, <end>=3: "a dog" / "a dog runs" / "a cat" / "a dog" again (a duplicate caption).
     tokens = np.array([[2, 5, 6, 3, 0], [2, 5, 6, 7, 3], [2, 5, 8, 3, 0], [2, 5, 6, 3, 0]])

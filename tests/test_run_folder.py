@@ -105,6 +105,22 @@ def test_damaged_weights_are_named_then_written_again_from_the_checkpoint(tiny_r
     assert weight_values(run_dir / WEIGHTS_FILE) == weights and read_run_info(run_dir)["status"] == "complete"
 
 
+def test_a_run_of_the_earlier_decoder_is_named_with_the_way_forward(tiny_run, tmp_path):
+    """A run trained before grid positions (its config.yaml has no model.grid_positions) cannot be loaded: one line says so."""
+    cfg, original = tiny_run
+    run_dir = tmp_path / "runs" / original.name
+    shutil.copytree(original, run_dir)
+    config = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text("".join(line for line in config.splitlines(keepends=True) if "grid_positions" not in line))
+    weights = (run_dir / WEIGHTS_FILE).read_bytes()
+
+    evaluated = _run("evaluate.py", "--run", run_dir, "--out", tmp_path / "report", cwd=tmp_path)
+    assert evaluated.returncode == 2 and "Traceback" not in evaluated.stderr
+    assert f"error: {run_dir}: trained by an earlier version of caption_tf's decoder" in evaluated.stderr
+    assert "Train it again with this version" in evaluated.stderr
+    assert (run_dir / WEIGHTS_FILE).read_bytes() == weights  # nothing the user owns is touched
+
+
 def test_a_run_name_is_a_name_and_foreign_folders_are_left_alone(tmp_path, capsys):
     from caption_tf.cli import main_guard, train_main
 

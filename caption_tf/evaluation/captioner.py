@@ -125,6 +125,8 @@ class Captioner:
         encoder: the run's image encoder (default: `run_encoder(run)`).
         beam_size, length_penalty: beam search settings (default: the run's
             `eval.beam_size` / `eval.length_penalty`).
+        no_repeat_ngram: greedy and beam search never repeat a word n-gram of this
+            length; 0: off (default: the run's `eval.no_repeat_ngram`).
         batch_size: images per backbone and decoder call.
 
     Example:
@@ -135,7 +137,8 @@ class Captioner:
     """
 
     def __init__(self, run: Run, encoder: Optional[ImageEncoder] = None, beam_size: Optional[int] = None,
-                 length_penalty: Optional[float] = None, batch_size: int = DECODE_BATCH_SIZE):
+                 length_penalty: Optional[float] = None, batch_size: int = DECODE_BATCH_SIZE,
+                 no_repeat_ngram: Optional[int] = None):
         if run.model is None:
             raise ValueError("Captioner needs a run loaded with its model: load_run(run_dir, with_model=True)")
         self.run, self._encoder = run, encoder
@@ -144,7 +147,8 @@ class Captioner:
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
         self.batch_size = batch_size
-        self.generator = run.generator()
+        self.generator = run.generator(no_repeat_ngram=no_repeat_ngram)
+        self.no_repeat_ngram = self.generator.no_repeat_ngram
 
     @property
     def encoder(self) -> ImageEncoder:

@@ -5,6 +5,7 @@
 - `word_errors`: words hallucinated (generated, in no reference of that image)
   and missed (in most references, not generated), with counts.
 - `length_stats`: generated vs reference caption lengths.
+- `repetition_rate`: the share of captions that stutter ("circle circle") or repeat a phrase.
 - `object_accuracy` (shapes dataset, which has ground-truth objects): parses
   captions into (size?, colour, shape) mentions plus the relation between the
   first two mentioned objects, and scores colour, shape, size, objects, count
@@ -186,6 +187,51 @@ def length_stats(references: dict[str, list[str]], hypotheses: dict[str, str]) -
     }
 
 
+REPEAT_NGRAM = 4  # phrases this long repeated in one caption count as a repetition
+
+
+def repeated_phrases(caption: str, n: int = REPEAT_NGRAM) -> list[str]:
+    """Word stutters ("circle circle") and word n-grams said twice in one caption.
+
+    Example:
+
+    >>> repeated_phrases("a circle circle")
+    ['circle circle']
+    >>> repeated_phrases("a large green circle left of a large green circle")
+    ['a large green circle']
+    >>> repeated_phrases("a large red circle left of a large red square")
+    []
+    """
+    words = tokenize(caption)
+    found = [f"{a} {b}" for a, b in zip(words, words[1:]) if a == b]
+    seen: set = set()
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i : i + n])
+        if gram in seen and " ".join(gram) not in found:
+            found.append(" ".join(gram))
+        seen.add(gram)
+    return found
+
+
+def repetition_rate(hypotheses: dict[str, str], n: int = REPEAT_NGRAM) -> dict:
+    """Share of captions with a stutter or a repeated n-gram (`repeated_phrases`), with examples.
+
+    Example:
+
+    >>> repetition_rate({"a": "a circle circle", "b": "a red square"})["rate"]
+    0.5
+    """
+    repeats = {key: repeated_phrases(h, n) for key, h in hypotheses.items()}
+    flagged = {key: r for key, r in repeats.items() if r}
+    return {
+        "rate": _ratio(len(flagged), len(hypotheses)),
+        "captions_with_repeats": len(flagged),
+        "num_captions": len(hypotheses),
+        "ngram": n,
+        "examples": [{"image_id": k, "caption": hypotheses[k], "repeated": r} for k, r in list(flagged.items())[:10]],
+    }
+
+
 # ---- shapes dataset: object-level accuracy ----------------------------------------------------
 
 
@@ -292,6 +338,9 @@ def _exact(m: Mention, o: SceneObject) -> bool:
 
 
 def _score_image(parsed: ParsedCaption, objects: list[SceneObject], tallies: dict) -> dict:
+    # The same (colour, shape) named twice: scenes never hold two such objects, so it is a repetition.
+    named = [(m.colour, m.shape) for m in parsed.mentions]
+    repeated_mention = len(named) != len(set(named))
     mentions = list(dict.fromkeys(parsed.mentions))  # repeated mentions count once
     pairs = _pair_mentions(mentions, objects)
     for mi, oi in pairs:
@@ -330,6 +379,7 @@ def _score_image(parsed: ParsedCaption, objects: list[SceneObject], tallies: dic
         "count_ok": count_ok,
         "relation": parsed.relation,
         "relation_ok": relation_ok,
+        "repeated_mention": repeated_mention,
         "all_correct": exact_image,
     }
 
@@ -345,7 +395,8 @@ def object_accuracy(objects: dict[str, list[SceneObject]], hypotheses: dict[str,
     objects, object precision (mentions naming a real object) and recall
     (objects named), count accuracy (stated or implied count == objects),
     relation accuracy (the relation between the first two mentions, checked on
-    the ground-truth boxes with `shapes.relation`), "object_accuracy" (the
+    the ground-truth boxes with `shapes.relation`), the share of captions naming
+    one object (colour and shape) twice ("repeated_mention_rate"), "object_accuracy" (the
     fraction of images whose caption names exactly the scene's objects with
     the right count), colour/shape confusion tables {truth: {generated: n}},
     and per-image details.
@@ -377,6 +428,7 @@ def object_accuracy(objects: dict[str, list[SceneObject]], hypotheses: dict[str,
         "relation_accuracy": _ratio(tallies["relations_correct"], tallies["relations_stated"]),
         "relations_stated": tallies["relations_stated"],
         "relations_unresolved": tallies["relations_unresolved"],
+        "repeated_mention_rate": _ratio(sum(p["repeated_mention"] for p in per_image.values()), n),
         "matched_objects": tallies["matched"],
         "colour_confusion": {t: dict(c) for t, c in sorted(tallies["colour_confusion"].items())},
         "shape_confusion": {t: dict(c) for t, c in sorted(tallies["shape_confusion"].items())},
@@ -434,13 +486,14 @@ def error_analysis(
 
     >>> refs, hyps = {"a": ["a red circle"]}, {"a": "a red circle"}
     >>> sorted(error_analysis(refs, hyps, {"a": {"cider": 1.0}}))
-    ['best_and_worst', 'lengths', 'score_distribution', 'words']
+    ['best_and_worst', 'lengths', 'repetition', 'score_distribution', 'words']
     """
     report = {
         "score_distribution": score_distribution(per_image, metric),
         "best_and_worst": best_and_worst(per_image, references, hypotheses, metric, k),
         "words": word_errors(references, hypotheses),
         "lengths": length_stats(references, hypotheses),
+        "repetition": repetition_rate(hypotheses),
     }
     if objects:
         report["objects"] = object_accuracy(objects, {key: h for key, h in hypotheses.items() if key in objects})

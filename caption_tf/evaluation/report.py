@@ -63,6 +63,7 @@ class ReportOptions:
     split: str = "test"
     beam_size: Optional[int] = None
     length_penalty: Optional[float] = None
+    no_repeat_ngram: Optional[int] = None
     max_eval_images: Optional[int] = None
     word_vectors: Optional[str] = None
     meteor: Optional[bool] = None
@@ -97,7 +98,8 @@ class RunResult:
         """One captioner per run: its compiled decoding loops serve the split and the user's images."""
         if self._captioner is None:
             ev = self.run.config.eval
-            self._captioner = Captioner(self.run, beam_size=ev.beam_size, length_penalty=ev.length_penalty, batch_size=ev.eval_batch_size)
+            self._captioner = Captioner(self.run, beam_size=ev.beam_size, length_penalty=ev.length_penalty,
+                                        batch_size=ev.eval_batch_size, no_repeat_ngram=ev.no_repeat_ngram)
         return self._captioner
 
 
@@ -188,12 +190,14 @@ def decode_split(captioner: Captioner, cache, split: str, limit: Optional[int]) 
 
 def _with_eval_overrides(run, options: ReportOptions):
     ev = run.config.eval
-    for name in ("beam_size", "length_penalty", "max_eval_images", "word_vectors", "meteor"):
+    for name in ("beam_size", "length_penalty", "no_repeat_ngram", "max_eval_images", "word_vectors", "meteor"):
         value = getattr(options, name)
         if value is not None:
             setattr(ev, name, value)
     if ev.beam_size < 1:
         raise ValueError(f"--beam-size must be >= 1, got {ev.beam_size}")
+    if ev.no_repeat_ngram < 0:
+        raise ValueError(f"--no-repeat-ngram must be >= 0 (0: off), got {ev.no_repeat_ngram}")
     return run
 
 
@@ -234,7 +238,7 @@ def evaluate_split(result: RunResult, options: ReportOptions, vectors: _WordVect
         "run_dir": str(run.directory),
         "config": {"model": asdict(run.config.model), "features": asdict(run.config.features), "eval": asdict(ev)},
         "images": len(ids),
-        "decoding": {"beam_size": ev.beam_size, "length_penalty": ev.length_penalty},
+        "decoding": {"beam_size": ev.beam_size, "length_penalty": ev.length_penalty, "no_repeat_ngram": ev.no_repeat_ngram},
     }
     name = slug(result.name)
     for decoding in DECODINGS:
@@ -323,6 +327,7 @@ def comparison_table(results: list[RunResult], llm: Optional[dict]) -> dict:
             row = dict(m["headline"])
             row["cosine_max"] = m["semantic"]["cosine_max"]
             row["wmd"] = m["semantic"]["wmd"].get("mean_min_distance")
+            row["repetition_rate"] = m["errors"]["repetition"]["rate"]
             objs = m["errors"].get("objects")
             if objs:
                 row["object_accuracy"] = objs["object_accuracy"]

@@ -19,7 +19,8 @@ from typing import Any, Iterable, Optional, Sequence
 METRIC_NAMES = {
     "bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "cider": "CIDEr-D",
     "rouge_l": "ROUGE-L", "meteor": "METEOR", "cosine_max": "word-vector cosine (max over refs)",
-    "wmd": "WMD (min over refs, lower is better)", "object_accuracy": "object accuracy (whole scene right)",
+    "wmd": "WMD (min over refs, lower is better)",
+    "repetition_rate": "captions repeating a word or phrase (lower is better)", "object_accuracy": "object accuracy (whole scene right)",
     "colour_accuracy": "colour accuracy", "shape_accuracy": "shape accuracy", "relation_accuracy": "relation accuracy",
     "attention_in_box_colour": "attention in box: colour words", "attention_in_box_shape": "attention in box: shape words",
     "attention_in_box_size": "attention in box: size words",
@@ -108,9 +109,9 @@ def _comparison(summary: dict) -> str:
         label = "greedy decoding" if decoding == "greedy" else "beam search"
         body += f"<h3>{esc(label)}</h3>" + table(["metric", *names], rows)
     runs = summary["runs"]
-    body += table(["run", "what it is", "images", "beam size", "length penalty"],
-                  [[n, r["label"], r.get("images"), r.get("decoding", {}).get("beam_size"), r.get("decoding", {}).get("length_penalty")]
-                   for n, r in runs.items()])
+    settings = ("beam_size", "length_penalty", "no_repeat_ngram")
+    body += table(["run", "what it is", "images", "beam size", "length penalty", "no-repeat n-gram (0: off)"],
+                  [[n, r["label"], r.get("images"), *[r.get("decoding", {}).get(k) for k in settings]] for n, r in runs.items()])
     body += images(summary["figures"].get("comparison", []), "metric comparison", "figs")
     llm = summary.get("llm")
     if llm is not None:
@@ -161,13 +162,17 @@ def _errors(name: str, run: dict) -> str:
         body += table(["most hallucinated words (images)", "most missed words (images)"],
                       [[", ".join(f"{w} ({c})" for w, c in words["hallucinated"]) or "none",
                         ", ".join(f"{w} ({c})" for w, c in words["missed"]) or "none"]])
+        repetition = errors["repetition"]
+        body += f'<p class="note">Captions that stutter or repeat a {repetition["ngram"]}-word phrase: ' \
+                f'{repetition["captions_with_repeats"]} of {repetition["num_captions"]}' + \
+                "".join(f"<br>{esc(e['caption'])} ({esc(', '.join(e['repeated']))})" for e in repetition["examples"][:3]) + "</p>"
         body += table(["length (words)", "mean", "std", "min", "max"],
                       [[k, lengths[k].get("mean"), lengths[k].get("std"), lengths[k].get("min"), lengths[k].get("max")]
                        for k in ("generated", "reference")], formats={3: COUNT, 4: COUNT})
         objects = errors.get("objects")
         if objects:
             keys = ("object_accuracy", "colour_accuracy", "shape_accuracy", "size_accuracy", "object_precision",
-                    "object_recall", "count_accuracy", "relation_accuracy")
+                    "object_recall", "count_accuracy", "relation_accuracy", "repeated_mention_rate")
             body += table(["object-level (shapes)", *[k.replace("_", " ") for k in keys]],
                           [["", *[objects[k] for k in keys]]])
     body += images(run["figures"].get("confusion", []), "confusion", "figs")

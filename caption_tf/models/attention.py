@@ -3,8 +3,9 @@
 Both layers share one interface: `keys = layer.project_keys(values)` once per
 image (it does not depend on the decoder state), then per decoding step
 `context, weights = layer(query, values, keys)` with `weights` summing to 1
-over the grid cells. Scores and softmax run in float32, so the layers stay
-stable under mixed precision.
+over the grid cells. Luong's scores need only the queries, so it also attends for
+every step of a caption at once: `layer.attend_all(queries [B, T, U], values, keys)`.
+Scores and softmax run in float32, so the layers stay stable under mixed precision.
 
 Example:
 
@@ -24,8 +25,7 @@ from keras import ops
 def _attend(scores, values):
     """Softmax over the last axis (cells) in float32, then the weighted sum of values."""
     weights = ops.softmax(ops.cast(scores, "float32"), axis=-1)
-    context = ops.sum(ops.cast(weights, values.dtype)[..., None] * values, axis=1)
-    return context, weights
+    return ops.einsum("bn,bnd->bd", ops.cast(weights, values.dtype), values), weights
 
 
 @keras.saving.register_keras_serializable("caption_tf")
@@ -38,6 +38,11 @@ class BahdanauAttention(keras.layers.Layer):
         self.key_dense = keras.layers.Dense(units, name="key")
         self.query_dense = keras.layers.Dense(units, name="query")
         self.score_dense = keras.layers.Dense(1, name="score")
+
+    def build(self, query_shape, values_shape, keys_shape=None):
+        for layer, shape in ((self.key_dense, values_shape), (self.query_dense, query_shape), (self.score_dense, (*values_shape[:-1], self.units))):
+            if not layer.built:  # project_keys may have run (and built key_dense) first
+                layer.build(shape)
 
     def project_keys(self, values):
         return self.key_dense(values)
@@ -65,11 +70,20 @@ class LuongAttention(keras.layers.Layer):
         self.units, self.score = units, score
         self.key_dense = keras.layers.Dense(units, use_bias=False, name="key") if score == "general" else None
 
+    def build(self, query_shape, values_shape, keys_shape=None):
+        if self.key_dense is not None and not self.key_dense.built:
+            self.key_dense.build(values_shape)
+
     def project_keys(self, values):
         return self.key_dense(values) if self.key_dense is not None else values
 
     def call(self, query, values, keys):
         return _attend(ops.einsum("bnd,bd->bn", keys, query), values)
+
+    def attend_all(self, queries, values, keys):
+        """All steps at once: queries [B, T, U] -> (context [B, T, D], weights [B, T, cells])."""
+        weights = ops.softmax(ops.cast(ops.einsum("bnd,btd->btn", keys, queries), "float32"), axis=-1)
+        return ops.einsum("btn,bnd->btd", ops.cast(weights, values.dtype), values), weights
 
     def get_config(self):
         return {**super().get_config(), "units": self.units, "score": self.score}

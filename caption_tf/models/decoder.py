@@ -1,10 +1,22 @@
-"""The attention decoder: an LSTM or GRU that captions a feature grid.
+"""The recurrent decoders: an LSTM or GRU with Bahdanau or Luong attention over the feature grid.
 
-`CaptionDecoder` is a `keras.Model` with its own `train_step` / `test_step`
-(teacher forcing, padding-masked loss), so `model.fit`, `model.evaluate` and
-every Keras callback work. Per step it embeds the previous word, attends over
-the projected grid (Bahdanau: with the previous state, before the cell; Luong:
-with the new state, after it) and predicts the next word.
+`CaptionDecoder` is a `keras.Model` (see `base.CaptionModel`: teacher forcing,
+padding-masked loss, optional doubly stochastic attention penalty), so `model.fit`,
+`model.evaluate` and every Keras callback work. The grid goes through `GridEncoder`
+(projection + 2-D positions) once per image. Then, per word:
+
+- Bahdanau (Bahdanau et al., 2015; Show, Attend and Tell): attend with the previous state,
+  feed [word; context] to the cell, predict from [cell output; context]. The next
+  attention depends on the state, so training runs step by step (a Python-unrolled loop);
+  the output layer and the loss still run once over [batch x time].
+- Luong (Luong et al., 2015, without input feeding): the cell reads the word only, then
+  attends with its output and predicts from `combine([output; context])`. The cell never
+  sees the context, so teacher forcing runs `keras.layers.LSTM/GRU(return_sequences=True)`
+  over the whole caption (cuDNN on a GPU), then attends for all steps with one batched
+  matmul.
+
+Decoding (`models/decoding.py`) uses `encode` once and `step` per word; `step` computes,
+one word at a time, exactly what teacher forcing computes over the caption.
 
 Example:
 
@@ -23,44 +35,32 @@ import tensorflow as tf
 from keras import ops
 
 from caption_tf.models.attention import build_attention
+from caption_tf.models.base import CHECKPOINT_BLOCK_STEPS, CaptionModel, TiedOutput, checkpointed_head_loss
+from caption_tf.models.grid import GridEncoder
+from caption_tf.models.losses import doubly_stochastic_penalty, masked_accuracy, masked_loss, padding_mask, token_cross_entropy
 from caption_tf.models.recompute import recompute_grad
 
-# Steps per recomputed block in the checkpointed training loss. Measured (bench_memory.py,
-# batch 64, 512 units, vocab 5000, max length 40): 1 step 143 MB, 4 steps 234 MB, plain 1233 MB;
-# 4 steps trained ~35% faster than 1.
-CHECKPOINT_BLOCK_STEPS = 4
-
-
-def masked_loss(targets, logits):
-    """Mean cross-entropy over real tokens; padding (id 0) does not count."""
-    ce = keras.losses.sparse_categorical_crossentropy(targets, logits, from_logits=True)
-    mask = ops.cast(ops.not_equal(targets, 0), "float32")
-    return ops.sum(ce * mask) / ops.maximum(ops.sum(mask), 1.0)
-
-
-def replica_token_share(targets, replicas: int):
-    """This replica's share of the real (non-padding) target tokens of the global batch.
-
-    1 on one device. Captions differ in length, so the replicas' halves of a batch
-    hold different numbers of tokens, and the plain 1/replicas weighting would not
-    reproduce the single-device gradient. Call in a replica context (`train_step`).
-    """
-    if replicas == 1:
-        return 1.0
-    local = ops.sum(ops.cast(ops.not_equal(targets, 0), "float32"))
-    total = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, local)
-    return local / ops.maximum(total, 1.0)
-
-
-def masked_accuracy(targets, logits):
-    hits = ops.cast(ops.equal(ops.cast(ops.argmax(logits, -1), targets.dtype), targets), "float32")
-    mask = ops.cast(ops.not_equal(targets, 0), "float32")
-    return ops.sum(hits * mask) / ops.maximum(ops.sum(mask), 1.0)
-
+__all__ = ["CaptionDecoder", "build_decoder", "masked_loss", "masked_accuracy"]
 
 @keras.saving.register_keras_serializable("caption_tf")
-class CaptionDecoder(keras.Model):
-    """LSTM/GRU decoder with Bahdanau or Luong attention over image features."""
+class CaptionDecoder(CaptionModel):
+    """LSTM/GRU decoder with Bahdanau or Luong attention over image features.
+
+    Args:
+        vocab_size: words in the vocabulary.
+        embedding_dim: word embedding width.
+        units: cell width.
+        decoder: "lstm" or "gru".
+        attention: "bahdanau" or "luong".
+        luong_score: "general" or "dot" (Luong only; "dot" needs `feature_units == units`).
+        attention_units: Bahdanau's hidden width (None: `units`).
+        feature_units: width of the projected grid cells (None: `units`).
+        grid_positions: "learned", "sinusoidal" or "none" (`grid.GridEncoder`).
+        grid_adapter: "none" or "conv" (`grid.GridEncoder`).
+        tie_embeddings: predict words through the input embeddings (`base.TiedOutput`).
+        dropout: on the features the output layer reads.
+        attention_penalty, label_smoothing, recompute_grad: see `base.CaptionModel`.
+    """
 
     def __init__(
         self,
@@ -73,46 +73,88 @@ class CaptionDecoder(keras.Model):
         attention_units: int | None = None,
         dropout: float = 0.0,
         recompute_grad: bool = False,
+        feature_units: int | None = None,
+        grid_positions: str = "learned",
+        grid_adapter: str = "none",
+        tie_embeddings: bool = False,
+        attention_penalty: float = 0.0,
+        label_smoothing: float = 0.0,
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        super().__init__(vocab_size, dropout, attention_penalty, label_smoothing, recompute_grad, **kwargs)
         if decoder not in ("lstm", "gru"):
-            raise ValueError(f"decoder must be 'lstm' or 'gru', got {decoder!r}")
-        self.vocab_size, self.embedding_dim, self.units = vocab_size, embedding_dim, units
+            raise ValueError(f"CaptionDecoder: decoder must be 'lstm' or 'gru', got {decoder!r} (the transformer is TransformerCaptionDecoder)")
+        if attention not in ("bahdanau", "luong"):
+            raise ValueError(f"attention must be 'bahdanau' or 'luong', got {attention!r}")
+        feature_units = feature_units or units
+        if attention == "luong" and luong_score == "dot" and feature_units != units:
+            raise ValueError(f"Luong 'dot' attention needs feature_units == units, got {feature_units} and {units}")
+        self.embedding_dim, self.units, self.feature_units = embedding_dim, units, feature_units
         self.decoder, self.attention_kind, self.luong_score = decoder, attention, luong_score
-        self.attention_units, self.dropout_rate = attention_units, dropout
-        # Gradient checkpointing: keep only each step's inputs for the backward pass and
-        # recompute the attention/cell activations from them (less memory, ~1 extra forward).
-        self.recompute_grad = recompute_grad
+        self.attention_units = attention_units
+        self.grid_positions, self.grid_adapter, self.tie_embeddings = grid_positions, grid_adapter, tie_embeddings
 
-        self.encoder = keras.layers.Dense(units, activation="relu", name="encoder")
+        self.grid_encoder = GridEncoder(feature_units, grid_positions, grid_adapter, name="grid_encoder")
         self.init_h = keras.layers.Dense(units, activation="tanh", name="init_h")
         self.init_c = keras.layers.Dense(units, activation="tanh", name="init_c") if decoder == "lstm" else None
         self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")
-        cell_cls = keras.layers.LSTMCell if decoder == "lstm" else keras.layers.GRUCell
-        self.cell = cell_cls(units, name=decoder)
-        # Luong scores the cell output against the keys, so it works at decoder width.
+        rnn_cls = keras.layers.LSTM if decoder == "lstm" else keras.layers.GRU
+        # The layer runs whole captions (Luong); its cell runs single steps (decoding, Bahdanau).
+        self.rnn = rnn_cls(units, return_sequences=True, name=decoder)
+        # Luong scores the cell output against the keys, so its keys have the decoder's width.
         att_units = (attention_units or units) if attention == "bahdanau" else units
         self.attention = build_attention(attention, att_units, luong_score)
         self.combine = keras.layers.Dense(units, activation="tanh", name="combine") if attention == "luong" else None
-        self.dropout = keras.layers.Dropout(dropout)
-        self.to_logits = keras.layers.Dense(vocab_size, dtype="float32", name="logits")
-        self.loss_tracker = keras.metrics.Mean(name="loss")
-        self.accuracy_tracker = keras.metrics.Mean(name="accuracy")
+        if tie_embeddings:
+            self.to_logits = None
+            self.tied_output = TiedOutput(embedding_dim, vocab_size, name="tied_output")
+        else:
+            self.to_logits = keras.layers.Dense(vocab_size, dtype="float32", name="logits")
+            self.tied_output = None
 
-    # -- the two halves every decoding loop uses ---------------------------------------------
+    def build(self, input_shape):
+        grid_shape, tokens_shape = input_shape
+        self.grid_encoder.build(grid_shape)
+        cells_shape = (*grid_shape[:-1], self.feature_units)
+        self.init_h.build((None, self.feature_units))
+        if self.init_c is not None:
+            self.init_c.build((None, self.feature_units))
+        self.embedding.build(tokens_shape)
+        cell_inputs = self.embedding_dim + (self.feature_units if self.combine is None else 0)
+        self.rnn.build((None, None, cell_inputs))
+        self.attention.build((None, self.units), cells_shape)
+        features = self.units + self.feature_units if self.combine is None else self.units
+        if self.combine is not None:
+            self.combine.build((None, self.units + self.feature_units))
+        if self.tied_output is not None:
+            self.tied_output.build((None, features))
+        else:
+            self.to_logits.build((None, features))
+        self.built = True
+
+    # -- pieces shared by teacher forcing and decoding -----------------------------------------
+    @property
+    def cell(self):
+        return self.rnn.cell
+
     def encode(self, grid, training=False):
-        """Project the grid once: (values, attention keys, initial cell state)."""
-        values = self.encoder(ops.cast(grid, self.compute_dtype))
+        """Project the grid once: (values [B, cells, D], attention keys, initial cell state)."""
+        values = self.grid_encoder(grid)
         keys = self.attention.project_keys(values)
         mean = ops.mean(values, axis=1)
         state = [self.init_h(mean), self.init_c(mean)] if self.init_c is not None else [self.init_h(mean)]
         return values, keys, state
 
+    def logits(self, features):
+        """Output layer: features [..., F] -> logits float32 [..., V]."""
+        if self.tied_output is not None:
+            return self.tied_output(features, self.embedding.embeddings)
+        return self.to_logits(features)
+
     def step(self, tokens, state, values, keys, training=False):
         """One word: (logits [B, V] float32, new state, attention weights [B, cells])."""
         features, state, weights = self.step_features(self.embedding(tokens), state, values, keys, training)
-        return self.to_logits(self.dropout(features, training=training)), state, weights
+        return self.logits(self.dropout(features, training=training)), state, weights
 
     def step_features(self, embedded, state, values, keys, training=False):
         """Attention + cell for one embedded word: (features, new state list, weights).
@@ -129,8 +171,35 @@ class CaptionDecoder(keras.Model):
             features = self.combine(ops.concatenate([output, context], -1))
         return features, list(state) if isinstance(state, (list, tuple)) else [state], weights
 
+    # -- teacher forcing -------------------------------------------------------------------------
+    def teacher_forcing_features(self, grid, tokens, training=False):
+        """(features [B, T, F] before dropout, attention [B, T, cells], final state)."""
+        values, keys, state = self.encode(grid, training)
+        embedded = self.embedding(tokens)
+        if self.combine is not None:  # Luong: the whole caption at once
+            outputs = self.rnn(embedded, initial_state=state, training=training)
+            context, weights = self.attention.attend_all(outputs, values, keys)
+            return self.combine(ops.concatenate([outputs, context], -1)), weights, None
+        if self.recompute_grad and training:
+            features, weights, state = self._recomputed_blocks(embedded, state, values, keys, training)
+            return ops.stack(features, 1), ops.stack(weights, 1), state
+        features, weights = [], []
+        # Python-unrolled over the static caption length: Keras 3 runs train_step without
+        # autograph, and a fixed length is what XLA wants anyway.
+        for t in range(tokens.shape[1]):
+            step_features, state, step_weights = self.step_features(embedded[:, t], state, values, keys, training)
+            features.append(step_features)
+            weights.append(step_weights)
+        return ops.stack(features, 1), ops.stack(weights, 1), state
+
+    def teacher_forcing(self, grid, tokens, training=False):
+        features, weights, _ = self.teacher_forcing_features(grid, tokens, training)
+        # The output layer runs once over [batch x time], not per step.
+        return self.logits(self.dropout(features, training=training)), weights
+
+    # -- gradient checkpointing --------------------------------------------------------------
     def _recomputed_blocks(self, embedded, state, values, keys, training):
-        """Steps in blocks of ~sqrt(T), each replayed in the backward pass: (features, weights) lists, state.
+        """Bahdanau steps in blocks of ~sqrt(T), each replayed in the backward pass: (features, weights) lists, state.
 
         Per-step blocks save nothing at long lengths: the backward pass then holds one
         gradient of the shared `values`/`keys` per step until their final sum. A block
@@ -155,15 +224,22 @@ class CaptionDecoder(keras.Model):
             weights += [block_weights[:, t] for t in range(block_weights.shape[1])]
         return features, weights, state
 
-    def checkpointed_loss(self, grid, inputs, targets, block_steps: int = CHECKPOINT_BLOCK_STEPS):
+    def checkpointed_objective(self, grid, inputs, targets):
+        loss, accuracy, penalty = self.checkpointed_loss(grid, inputs, targets, with_penalty=True)
+        return loss, penalty, accuracy
+
+    def checkpointed_loss(self, grid, inputs, targets, block_steps: int = CHECKPOINT_BLOCK_STEPS, with_penalty=False):
         """`(masked_loss, masked_accuracy)` of a training pass, with gradient checkpointing.
 
         Equal (to float rounding) to `masked_loss(targets, self((grid, inputs), training=True))`,
-        same dropout masks and gradients, but the backward pass keeps far less alive:
+        same dropout masks and gradients, but the backward pass keeps far less alive.
+        With `with_penalty`, also the doubly stochastic attention penalty (a third value).
+
+        Bahdanau (sequential):
 
         - Blocks of `block_steps` steps run attention, cell, logits and loss and return
-          only the loss sum and the state; the backward pass replays one block at a time.
-          The [B, T, vocab] logits and their softmax gradient never exist.
+          only the loss sum, the attention sums and the state; the backward pass replays
+          one block at a time. The [B, T, vocab] logits and their softmax gradient never exist.
         - What dominated the peak was not activations but gradients waiting to be summed:
           an unrolled loop gives every step its own gradient for each weight and for the
           shared `values`/`keys`, and TensorFlow's tape sums such a list only once about
@@ -171,147 +247,127 @@ class CaptionDecoder(keras.Model):
           `keras.StatelessScope`), `values` and `keys` go into each block as inputs and come
           out as identities feeding the next block, so their gradients are summed block by
           block along that chain: one running sum each.
-        - Dropout masks are drawn before the blocks, in step order (the same masks as
-          `call`), so a replay cannot draw new ones.
+
+        Luong (parallel): the recurrent layer and the batched attention run over the whole
+        caption as usual (their activations are small: [B, T, units]); the output layer and
+        the loss, whose [B, T, vocab] activations dominate, run in recomputed blocks of time.
+
+        Dropout masks are drawn before the blocks (the same masks as `call`), so a replay
+        cannot draw new ones.
 
         Example:
 
         >>> loss, accuracy = model.checkpointed_loss(grid, tokens[:, :-1], tokens[:, 1:])
         """
+        if self.combine is not None:  # Luong
+            features, weights, _ = self.teacher_forcing_features(grid, inputs, training=True)
+            loss, accuracy = checkpointed_head_loss(self, features, targets, block_steps)
+            return (loss, accuracy, doubly_stochastic_penalty(weights, targets)) if with_penalty else (loss, accuracy)
         values, keys, state = self.encode(grid, training=True)
         embedded = self.embedding(inputs)
         steps, batch = inputs.shape[1], ops.shape(inputs)[0]
-        width = self.to_logits.kernel.shape[0]
-        masks = [self.dropout(ops.ones((batch, width), self.compute_dtype), training=True) for _ in range(steps)]
+        width = self.units + self.feature_units
+        masks = self.dropout(ops.ones((batch, steps, width), self.compute_dtype), training=True)
         variables = self._step_variables()
         weights = [tf.identity(v.value) for v in variables]
-        loss_sums, hit_sums = [], []
+        loss_sums, hit_sums, attention_sums = [], [], []
         for start in range(0, steps, block_steps):
             stop = min(start + block_steps, steps)
-            block = recompute_grad(self._loss_block(targets[:, start:stop], masks[start:stop], variables, len(state)))
-            loss_sum, hits, values, keys, *carried = block(embedded[:, start:stop], values, keys, *state, *weights)
+            block = recompute_grad(self._loss_block(targets[:, start:stop], masks[:, start:stop], variables, len(state)))
+            loss_sum, hits, attention_sum, values, keys, *carried = block(embedded[:, start:stop], values, keys, *state, *weights)
             state, weights = carried[: len(state)], carried[len(state) :]
             loss_sums.append(loss_sum)
             hit_sums.append(hits)
-        count = ops.maximum(ops.sum(ops.cast(ops.not_equal(targets, 0), "float32")), 1.0)
-        return ops.sum(ops.stack(loss_sums)) / count, ops.sum(ops.stack(hit_sums)) / count
+            attention_sums.append(attention_sum)
+        count = ops.maximum(ops.sum(padding_mask(targets)), 1.0)
+        loss, accuracy = ops.sum(ops.stack(loss_sums)) / count, ops.sum(ops.stack(hit_sums)) / count
+        if not with_penalty:
+            return loss, accuracy
+        per_cell = ops.sum(ops.stack(attention_sums), axis=0)
+        return loss, accuracy, ops.mean(ops.sum(ops.square(1.0 - per_cell), axis=-1))
+
+    def head_variables(self):
+        """The weights of the output layer (carried through checkpointed blocks)."""
+        if self.tied_output is not None:
+            return self.tied_output.trainable_variables + self.embedding.trainable_variables
+        return self.to_logits.trainable_variables
 
     def _step_variables(self):
         """The weights every decoding step reads (carried through the checkpointed blocks)."""
-        layers = [self.cell, self.attention, self.to_logits] + ([self.combine] if self.combine is not None else [])
-        return [v for layer in layers for v in layer.trainable_variables]
+        layers = [self.cell, self.attention] + ([self.combine] if self.combine is not None else [])
+        return [v for layer in layers for v in layer.trainable_variables] + self.head_variables()
 
     def _loss_block(self, targets, masks, variables, state_size):
-        """`fn(embedded, values, keys, *state, *weights)` for `recompute_grad`: loss sum, hits, carries."""
+        """`fn(embedded, values, keys, *state, *weights)` for `recompute_grad`: loss sum, hits, attention sums, carries."""
 
         def block(embedded, values, keys, *carried):
             state, weights = list(carried[:state_size]), carried[state_size:]
-            loss_sum, hits = 0.0, 0.0
+            loss_sum, hits, attention_sum = 0.0, 0.0, 0.0
             with keras.StatelessScope(state_mapping=list(zip(variables, weights))):
-                for t in range(len(masks)):
-                    features, state, _ = self.step_features(embedded[:, t], state, values, keys, training=True)
-                    logits = self.to_logits(features * masks[t])
-                    target, real = targets[:, t], ops.cast(ops.not_equal(targets[:, t], 0), "float32")
-                    ce = keras.losses.sparse_categorical_crossentropy(target, logits, from_logits=True)
-                    loss_sum += ops.sum(ce * real)
-                    hit = ops.cast(ops.equal(ops.cast(ops.argmax(logits, -1), target.dtype), target), "float32")
+                for t in range(masks.shape[1]):
+                    features, state, step_weights = self.step_features(embedded[:, t], state, values, keys, training=True)
+                    logits = self.logits(features * masks[:, t])
+                    target, real = targets[:, t], padding_mask(targets[:, t])
+                    loss_sum += ops.sum(token_cross_entropy(target, logits, self.label_smoothing) * real)
+                    hit = ops.cast(ops.equal(tf.argmax(logits, -1, output_type=tf.int32), ops.cast(target, "int32")), "float32")
                     hits += ops.sum(hit * real)
+                    attention_sum += ops.cast(step_weights, "float32") * real[:, None]
             # Identities, not the inputs themselves: each block's output is a new tensor to chain on.
             carried_out = [tf.identity(x) for x in (values, keys, *state, *weights)]
-            return (loss_sum, tf.stop_gradient(hits), *carried_out)
+            return (loss_sum, tf.stop_gradient(hits), attention_sum, *carried_out)
 
         return block
-
-    def call(self, inputs, training=False, return_attention=False):
-        grid, tokens = inputs
-        values, keys, state = self.encode(grid, training)
-        if self.recompute_grad and training:
-            features, weights, state = self._recomputed_blocks(self.embedding(tokens), state, values, keys, training)
-            # Dropout stays outside the recomputed blocks: a replay would draw new masks.
-            logits = ops.stack([self.to_logits(self.dropout(f, training=training)) for f in features], axis=1)
-            return (logits, ops.stack(weights, axis=1)) if return_attention else logits
-        logits, weights = [], []
-        # Python-unrolled over the static caption length: Keras 3 runs train_step without
-        # autograph, and a fixed length is what XLA wants anyway.
-        for t in range(tokens.shape[1]):
-            step_logits, state, step_weights = self.step(tokens[:, t], state, values, keys, training)
-            logits.append(step_logits)
-            weights.append(step_weights)
-        logits = ops.stack(logits, axis=1)
-        return (logits, ops.stack(weights, axis=1)) if return_attention else logits
-
-    # -- training ---------------------------------------------------------------------------
-    @property
-    def metrics(self):
-        return [self.loss_tracker, self.accuracy_tracker]
-
-    def train_step(self, data):
-        (grid, inputs), targets, _ = keras.utils.unpack_x_y_sample_weight(data)
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        with tf.GradientTape() as tape:
-            if self.recompute_grad:  # never materialises the [B, T, vocab] logits
-                loss, accuracy = self.checkpointed_loss(grid, inputs, targets)
-            else:
-                logits = self((grid, inputs), training=True)
-                loss, accuracy = masked_loss(targets, logits), None
-            # Gradients are summed across replicas: weighting each replica's token mean by its
-            # share of the global batch's real tokens makes the update the token mean of the
-            # global batch, as on one device. Other losses count once: 1/replicas each.
-            total = loss * replica_token_share(targets, replicas)
-            if self.losses:
-                total += ops.sum(self.losses) / replicas
-            scaled = self.optimizer.scale_loss(total)
-        grads = tape.gradient(scaled, self.trainable_variables)
-        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
-        if accuracy is None:
-            return self._update_metrics(loss, targets, logits)
-        self.loss_tracker.update_state(loss)
-        self.accuracy_tracker.update_state(accuracy)
-        return {m.name: m.result() for m in self.metrics}
-
-    def test_step(self, data):
-        (grid, inputs), targets, _ = keras.utils.unpack_x_y_sample_weight(data)
-        logits = self((grid, inputs), training=False)
-        return self._update_metrics(masked_loss(targets, logits), targets, logits)
-
-    def _update_metrics(self, loss, targets, logits):
-        self.loss_tracker.update_state(loss)
-        self.accuracy_tracker.update_state(masked_accuracy(targets, logits))
-        return {m.name: m.result() for m in self.metrics}
 
     def get_config(self):
         return {
             **super().get_config(),
-            "vocab_size": self.vocab_size,
             "embedding_dim": self.embedding_dim,
             "units": self.units,
             "decoder": self.decoder,
             "attention": self.attention_kind,
             "luong_score": self.luong_score,
             "attention_units": self.attention_units,
-            "dropout": self.dropout_rate,
-            "recompute_grad": self.recompute_grad,
+            "feature_units": self.feature_units,
+            "grid_positions": self.grid_positions,
+            "grid_adapter": self.grid_adapter,
+            "tie_embeddings": self.tie_embeddings,
         }
 
 
-def build_decoder(
-    model_cfg, vocab_size: int, grid_shape: tuple[int, int], max_length: int, recompute_grad: bool = False
-) -> CaptionDecoder:
-    """A CaptionDecoder from a `ModelConfig`, built (weights created) for the given grid.
+def build_decoder(model_cfg, vocab_size: int, grid_shape: tuple[int, int], max_length: int, recompute_grad: bool = False):
+    """The decoder a `ModelConfig` describes, built (weights created) for the given grid.
 
-    `recompute_grad` (from `TrainConfig.recompute_grad`) turns on gradient checkpointing.
+    `model_cfg.decoder`: "lstm" or "gru" -> `CaptionDecoder`; "transformer" ->
+    `TransformerCaptionDecoder`. `recompute_grad` (from `TrainConfig.recompute_grad`) turns
+    on gradient checkpointing.
     """
-    model = CaptionDecoder(
+    common = dict(
         vocab_size=vocab_size,
         embedding_dim=model_cfg.embedding_dim,
         units=model_cfg.units,
-        decoder=model_cfg.decoder,
-        attention=model_cfg.attention,
-        luong_score=model_cfg.luong_score,
-        attention_units=model_cfg.attention_units,
         dropout=model_cfg.dropout,
         recompute_grad=recompute_grad,
+        grid_positions=model_cfg.grid_positions,
+        grid_adapter=model_cfg.grid_adapter,
+        tie_embeddings=model_cfg.tie_embeddings,
+        attention_penalty=model_cfg.attention_penalty,
+        label_smoothing=model_cfg.label_smoothing,
         name="caption_decoder",
     )
+    if model_cfg.decoder == "transformer":
+        from caption_tf.models.transformer import TransformerCaptionDecoder
+
+        model = TransformerCaptionDecoder(
+            max_length=max_length, num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads, **common
+        )
+    else:
+        model = CaptionDecoder(
+            decoder=model_cfg.decoder,
+            attention=model_cfg.attention,
+            luong_score=model_cfg.luong_score,
+            attention_units=model_cfg.attention_units,
+            feature_units=model_cfg.feature_units,
+            **common,
+        )
     model((ops.zeros((1, *grid_shape)), ops.zeros((1, max_length - 1), "int32")))
     return model

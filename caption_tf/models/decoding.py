@@ -7,6 +7,9 @@ the `beam_size` best continuations of every image, gathering the decoder state
 of each survivor from its parent beam. Candidates are ranked by GNMT's
 length-normalised score, log p / ((5 + length) / 6) ** length_penalty
 (Wu et al., 2016); a finished beam keeps its score and only extends with padding.
+With `no_repeat_ngram=N` (> 0), a word that would complete an N-gram already in the
+caption is not allowed (n-gram blocking, Paulus et al., 2018), in greedy and beam
+search alike, so "a red circle and a red circle" cannot be generated with N <= 3.
 
 Example:
 
@@ -44,6 +47,33 @@ def _gather_beams(tensor, parents):
     return tf.reshape(tf.gather(shaped, parents, batch_dims=1), tf.shape(tensor))
 
 
+def repeated_ngram_ban(history, n: int, vocab):
+    """[N, V] additive scores: NEG_INF on words that would repeat an n-gram of `history`, else 0.
+
+    `history` is the list of words generated so far ([N] int32 each, step order). A word w
+    is banned when the last n-1 words followed by w form an n-gram already in the history.
+    Returns None when nothing can be banned yet (n <= 0 or fewer than n words).
+
+    Example:
+
+    >>> history = [tf.constant([5]), tf.constant([6]), tf.constant([5])]
+    >>> ban = repeated_ngram_ban(history, 2, 8)   # "5 6 5": after 5, 6 would repeat "5 6"
+    >>> int(tf.argmin(ban[0]))
+    6
+    """
+    steps = len(history)
+    if n <= 0 or steps < n:
+        return None
+    prefix = history[steps - n + 1 :]
+    banned = 0.0
+    for start in range(steps - n + 1):
+        match = tf.ones_like(history[0], tf.bool)
+        for k, word in enumerate(prefix):
+            match &= tf.equal(history[start + k], word)
+        banned += tf.one_hot(history[start + n - 1], vocab) * tf.cast(match, tf.float32)[:, None]
+    return tf.where(banned > 0, NEG_INF, 0.0)
+
+
 def _without_padding(scores):
     """`scores` [N, V] with padding made impossible: it ends a caption only after <end>."""
     pad = tf.one_hot(PAD_ID, tf.shape(scores)[-1], on_value=NEG_INF, off_value=0.0)
@@ -59,10 +89,13 @@ class CaptionGenerator:
     >>> tokens, attention = generator.greedy(grid)
     """
 
-    def __init__(self, model, start_id: int, end_id: int, max_length: int, jit_compile: bool = False):
+    def __init__(self, model, start_id: int, end_id: int, max_length: int, jit_compile: bool = False, no_repeat_ngram: int = 0):
         self.model, self.start_id, self.end_id = model, start_id, end_id
         self.steps = max_length - 1  # <start> is given, not generated
         self.jit_compile = jit_compile
+        if no_repeat_ngram < 0:
+            raise ValueError(f"no_repeat_ngram must be >= 0 (0: off), got {no_repeat_ngram}")
+        self.no_repeat_ngram = no_repeat_ngram
         # The loops are unrolled in Python over a static length, so autograph has nothing to
         # convert; leaving it on made it re-convert Keras internals (a flaky "tf____init__" error).
         compile_options = {"jit_compile": jit_compile, "reduce_retracing": True, "autograph": False}
@@ -108,11 +141,17 @@ class CaptionGenerator:
         tokens, weights = [], []
         for _ in range(self.steps):
             logits, state, step_weights = self.model.step(token, state, values, keys)
-            token = tf.where(done, PAD_ID, tf.argmax(_without_padding(logits), -1, output_type=tf.int32))
+            scores = self._allowed(_without_padding(logits), tokens)
+            token = tf.where(done, PAD_ID, tf.argmax(scores, -1, output_type=tf.int32))
             done = done | tf.equal(token, self.end_id)
             tokens.append(token)
             weights.append(tf.cast(step_weights, tf.float32))
         return tf.stack(tokens, 1), tf.stack(weights, 1)
+
+    def _allowed(self, scores, history):
+        """`scores` [N, V] with n-gram repeats made impossible (when `no_repeat_ngram` > 0)."""
+        ban = repeated_ngram_ban(history, self.no_repeat_ngram, tf.shape(scores)[-1])
+        return scores if ban is None else scores + ban
 
     def _beam_impl(self, grid, beam_size: int, alpha: float):
         batch = tf.shape(grid)[0]
@@ -126,10 +165,11 @@ class CaptionGenerator:
         lengths = tf.zeros([batch, beam_size])
         finished = tf.zeros([batch, beam_size], tf.bool)
         history = []  # per step: (chosen words [B, K], parent beams [B, K], attention [B, K, cells])
+        generated = []  # per step: the words of each live beam so far [B*K], for n-gram blocking
         for _ in range(self.steps):
             logits, state, step_weights = self.model.step(token, state, values, keys)
             vocab = tf.shape(logits)[-1]
-            log_probs = _without_padding(tf.nn.log_softmax(tf.cast(logits, tf.float32)))
+            log_probs = self._allowed(_without_padding(tf.nn.log_softmax(tf.cast(logits, tf.float32))), generated)
             log_probs = tf.reshape(log_probs, [batch, beam_size, -1])
             # A finished beam has one continuation, padding, at no cost: it keeps its score.
             pad_only = tf.one_hot(PAD_ID, vocab, on_value=0.0, off_value=NEG_INF)
@@ -144,6 +184,8 @@ class CaptionGenerator:
             finished = tf.gather(finished, parents, batch_dims=1) | tf.equal(words, self.end_id)
             state = [_gather_beams(s, parents) for s in state]
             token = tf.reshape(words, [-1])
+            if self.no_repeat_ngram:
+                generated = [_gather_beams(g, parents) for g in generated] + [token]
             weights = tf.reshape(tf.cast(step_weights, tf.float32), [batch, beam_size, -1])
             history.append((words, parents, weights))
         # top_k sorts, so beam 0 holds the best normalised score; walk its parents back.

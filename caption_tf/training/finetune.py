@@ -57,7 +57,7 @@ from caption_tf.features.backbones import FeatureExtractor
 from caption_tf.features.cache import FeatureCache, build_feature_cache, cache_request, open_cache, repair_cache
 from caption_tf.features.encoder import EncoderSpec, ImageEncoder
 from caption_tf.files import atomic_path, file_sha256, stable_hash
-from caption_tf.models.decoder import build_decoder, masked_loss
+from caption_tf.models.decoder import build_decoder
 from caption_tf.run_folder import (
     BACKBONE_WEIGHTS_FILE,
     FINE_TUNE_CHECKPOINT_DIR,
@@ -105,7 +105,9 @@ class EndToEndCaptioner(keras.Model):
     """Images -> backbone grid -> standardisation -> decoder, trained with teacher forcing.
 
     A batch is `(images uint8 [B, S, S, 3], tokens int32 [B, refs, max_length])`;
-    reference slots without a caption are all padding and drop out of the loss.
+    reference slots without a caption are all padding and drop out of the loss. The loss is
+    the decoder's own objective (`CaptionModel.objective`: label smoothing and attention
+    penalty as in phase 1).
 
     Example:
 
@@ -124,12 +126,17 @@ class EndToEndCaptioner(keras.Model):
         grid, _ = self.extractor(images, training=training)
         return (ops.cast(grid, "float32") - self.mean) / self.std
 
-    def call(self, inputs, training=False):
+    def teacher_forcing_batch(self, inputs, training=False):
+        """(grid repeated per reference [B*refs, cells, C], decoder inputs, targets [B*refs, max_length - 1])."""
         images, tokens = inputs
         grid = self.grid(images, training)
         refs = tokens.shape[1]
         flat = ops.reshape(tokens, (-1, tokens.shape[2]))
-        return self.decoder((ops.repeat(grid, refs, axis=0), flat[:, :-1]), training=training), flat[:, 1:]
+        return ops.repeat(grid, refs, axis=0), flat[:, :-1], flat[:, 1:]
+
+    def call(self, inputs, training=False):
+        grid, decoder_inputs, targets = self.teacher_forcing_batch(inputs, training)
+        return self.decoder((grid, decoder_inputs), training=training), targets
 
     @property
     def metrics(self):
@@ -138,8 +145,8 @@ class EndToEndCaptioner(keras.Model):
     def train_step(self, data):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
-            logits, targets = self(data, training=True)
-            loss = masked_loss(targets, logits)
+            grid, decoder_inputs, targets = self.teacher_forcing_batch(data, training=True)
+            loss = self.decoder.objective(grid, decoder_inputs, targets, training=True)[0]
             scaled = self.optimizer.scale_loss(loss / replicas)
         variables = self.trainable_variables
         self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
@@ -147,8 +154,8 @@ class EndToEndCaptioner(keras.Model):
         return {"loss": self.loss_tracker.result()}
 
     def test_step(self, data):
-        logits, targets = self(data, training=False)
-        self.loss_tracker.update_state(masked_loss(targets, logits))
+        grid, decoder_inputs, targets = self.teacher_forcing_batch(data, training=False)
+        self.loss_tracker.update_state(self.decoder.objective(grid, decoder_inputs, targets, training=False)[0])
         return {"loss": self.loss_tracker.result()}
 
 

@@ -89,7 +89,9 @@ def _replicas_on_cpu(strategy: tf.distribute.Strategy) -> bool:
 def resolve_jit(requested: str, strategy: tf.distribute.Strategy) -> bool:
     """Whether to XLA-compile the train step and decoding loops.
 
-    auto: on with GPUs, off on CPU (no consistent gain measured there). on/off are
+    auto: on with GPUs, off on CPU: there every decoder family's XLA speed-up straddled 1
+    (0.73-1.28x medians, parallel families slower) and compiling took 16-61 s more
+    (benchmarks/RESULTS.md, "Decoders vs the classic tutorial loop"). on/off are
     obeyed, except that XLA under a multi-replica strategy on CPU devices fails
     ("Trying to access resource ... located in device CPU:1", an XLA limitation),
     so it is turned off there with a warning.

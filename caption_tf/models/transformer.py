@@ -1,0 +1,283 @@
+"""The Transformer decoder: masked self-attention over the words, cross-attention over the grid.
+
+As in "Attention Is All You Need" (Vaswani et al., 2017) with pre-layer normalisation
+(Xiong et al., 2020), the decoder of the TensorFlow and keras-io Transformer captioning
+examples. The grid goes through `GridEncoder` (projection + 2-D positions) and a layer
+normalisation; words get a learned position embedding. Each layer:
+
+    x = x + dropout(self_attention(norm(x)))          causal: word t sees words <= t
+    x = x + dropout(cross_attention(norm(x), grid))   the attention maps come from here
+    x = x + dropout(feed_forward(norm(x)))
+
+Teacher forcing runs every position at once (`keras.layers.MultiHeadAttention` with a
+causal mask). Decoding runs one position per `step` with a key/value cache: the decoder
+state is each layer's self-attention keys and values of the words so far
+([B, t, heads, head_dim], growing by one row per step), and `encode` computes the
+cross-attention keys and values of the grid once. Causal masking makes the two identical.
+
+Sizes: `embedding_dim` is the model width (embeddings, attention, residual stream),
+`units` the feed-forward width (the keras-io example's EMBED_DIM and FF_DIM).
+The attention map of a step (`return_attention`, the decoding functions) is the last
+layer's cross-attention averaged over the heads.
+
+Example:
+
+>>> model = TransformerCaptionDecoder(vocab_size=100, max_length=10, embedding_dim=32, units=64)
+>>> grid = keras.random.normal((2, 49, 64)); tokens = keras.ops.ones((2, 9), "int32")
+>>> model((grid, tokens)).shape
+(2, 9, 100)
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from caption_tf.models.base import CHECKPOINT_BLOCK_STEPS, CaptionModel, TiedOutput, checkpointed_head_loss
+from caption_tf.models.grid import GridEncoder
+from caption_tf.models.losses import doubly_stochastic_penalty
+from caption_tf.models.recompute import recompute_grad
+
+
+def cached_attention(attention: keras.layers.MultiHeadAttention, query, keys, values):
+    """`attention`'s output and weights for `query` [B, Tq, D] over projected `keys`/`values` [B, Tk, H, d].
+
+    The same computation as `MultiHeadAttention.call` without dropout and masks, from keys
+    and values already projected by its `key_dense`/`value_dense`: what a key/value cache needs.
+    Returns (output [B, Tq, D], weights [B, H, Tq, Tk]).
+    """
+    q = attention.query_dense(query) * ops.cast(1.0 / ops.sqrt(float(attention.key_dim)), query.dtype)
+    scores = ops.einsum("bkhd,bqhd->bhqk", keys, q)
+    # tf.nn.softmax: keras.ops.softmax warns about the size-1 axis of the first decoding step.
+    weights = tf.nn.softmax(ops.cast(scores, "float32"), axis=-1)
+    mixed = ops.einsum("bhqk,bkhd->bqhd", ops.cast(weights, values.dtype), values)
+    return attention.output_dense(mixed), weights
+
+
+@keras.saving.register_keras_serializable("caption_tf")
+class TransformerDecoderLayer(keras.layers.Layer):
+    """One pre-norm decoder layer; dropout masks are passed in, so a recomputed replay reuses them.
+
+    Args:
+        width: model width.
+        ff_units: feed-forward hidden width.
+        num_heads: attention heads (`width` must be divisible by it).
+    """
+
+    def __init__(self, width: int, ff_units: int, num_heads: int, **kwargs):
+        super().__init__(**kwargs)
+        if width % num_heads:
+            raise ValueError(f"transformer width (embedding_dim) {width} must be divisible by num_heads {num_heads}")
+        self.width, self.ff_units, self.num_heads = width, ff_units, num_heads
+        head_dim = width // num_heads
+        self.self_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="self_norm")
+        self.self_attention = keras.layers.MultiHeadAttention(num_heads, head_dim, name="self_attention")
+        self.cross_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="cross_norm")
+        self.cross_attention = keras.layers.MultiHeadAttention(num_heads, head_dim, name="cross_attention")
+        self.ff_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="ff_norm")
+        self.ff_hidden = keras.layers.Dense(ff_units, activation="gelu", name="ff_hidden")
+        self.ff_out = keras.layers.Dense(width, name="ff_out")
+
+    def build(self, x_shape, memory_shape=None):
+        memory_shape = memory_shape or x_shape
+        for norm in (self.self_norm, self.cross_norm, self.ff_norm):
+            norm.build(x_shape)
+        self.self_attention.build(x_shape, x_shape)
+        self.cross_attention.build(x_shape, memory_shape)
+        self.ff_hidden.build(x_shape)
+        self.ff_out.build((*x_shape[:-1], self.ff_units))
+
+    def feed_forward(self, x):
+        return self.ff_out(self.ff_hidden(self.ff_norm(x)))
+
+    def call(self, x, memory, masks=None):
+        """All positions at once: (x [B, T, D], cross-attention weights [B, heads, T, cells]).
+
+        `masks`: three dropout masks (scaled, [B, T, D]) for the three residual branches, or None.
+        """
+        masks = masks or (1.0, 1.0, 1.0)
+        normed = self.self_norm(x)
+        x = x + masks[0] * self.self_attention(normed, normed, use_causal_mask=True)
+        context, weights = self.cross_attention(self.cross_norm(x), memory, return_attention_scores=True)
+        x = x + masks[1] * context
+        return x + masks[2] * self.feed_forward(x), weights
+
+    def memory_keys(self, memory):
+        """Cross-attention keys and values of the grid, computed once per image: [B, cells, 2, H, d]."""
+        return ops.stack([self.cross_attention.key_dense(memory), self.cross_attention.value_dense(memory)], axis=2)
+
+    def step(self, x, cache_keys, cache_values, memory_keys):
+        """One position x [B, 1, D] given the cache: (x, new cache keys, new cache values, weights [B, H, 1, cells])."""
+        normed = self.self_norm(x)
+        cache_keys = ops.concatenate([cache_keys, self.self_attention.key_dense(normed)], axis=1)
+        cache_values = ops.concatenate([cache_values, self.self_attention.value_dense(normed)], axis=1)
+        x = x + cached_attention(self.self_attention, normed, cache_keys, cache_values)[0]
+        context, weights = cached_attention(self.cross_attention, self.cross_norm(x), memory_keys[:, :, 0], memory_keys[:, :, 1])
+        x = x + context
+        return x + self.feed_forward(x), cache_keys, cache_values, weights
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "ff_units": self.ff_units, "num_heads": self.num_heads}
+
+
+@keras.saving.register_keras_serializable("caption_tf")
+class TransformerCaptionDecoder(CaptionModel):
+    """Transformer decoder over the feature grid, with the same contract as `CaptionDecoder`.
+
+    Args:
+        vocab_size: words in the vocabulary.
+        max_length: longest caption in tokens (with <start>/<end>): the positions learned.
+        embedding_dim: model width.
+        units: feed-forward width.
+        num_layers, num_heads: decoder layers and attention heads.
+        grid_positions, grid_adapter: see `grid.GridEncoder`.
+        tie_embeddings: predict words through the input embeddings (`base.TiedOutput`).
+        dropout: on each residual branch and on the features the output layer reads.
+        attention_penalty, label_smoothing, recompute_grad: see `base.CaptionModel`.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_length: int,
+        embedding_dim: int = 64,
+        units: int = 128,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        dropout: float = 0.0,
+        recompute_grad: bool = False,
+        grid_positions: str = "learned",
+        grid_adapter: str = "none",
+        tie_embeddings: bool = False,
+        attention_penalty: float = 0.0,
+        label_smoothing: float = 0.0,
+        **kwargs,
+    ):
+        super().__init__(vocab_size, dropout, attention_penalty, label_smoothing, recompute_grad, **kwargs)
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.max_length, self.embedding_dim, self.units = max_length, embedding_dim, units
+        self.num_layers, self.num_heads = num_layers, num_heads
+        self.grid_positions, self.grid_adapter, self.tie_embeddings = grid_positions, grid_adapter, tie_embeddings
+        self.decoder, self.attention_kind = "transformer", "cross"
+        self.grid_encoder = GridEncoder(embedding_dim, grid_positions, grid_adapter, name="grid_encoder")
+        self.memory_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="memory_norm")
+        self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")
+        self.token_positions = keras.layers.Embedding(max_length, embedding_dim, name="token_positions")
+        # One attribute per layer, not a list: `tf.train.Checkpoint` (crash recovery) does not
+        # track the variables of layers held in a Python list attribute of a Keras model.
+        for i in range(num_layers):
+            setattr(self, f"layer_{i}", TransformerDecoderLayer(embedding_dim, units, num_heads, name=f"layer_{i}"))
+        self.final_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")
+        if tie_embeddings:
+            self.to_logits, self.tied_output = None, TiedOutput(embedding_dim, vocab_size, name="tied_output")
+        else:
+            self.to_logits, self.tied_output = keras.layers.Dense(vocab_size, dtype="float32", name="logits"), None
+
+    def build(self, input_shape):
+        grid_shape, tokens_shape = input_shape
+        self.grid_encoder.build(grid_shape)
+        memory_shape = (*grid_shape[:-1], self.embedding_dim)
+        self.memory_norm.build(memory_shape)
+        self.embedding.build(tokens_shape)
+        self.token_positions.build((None,))
+        x_shape = (None, None, self.embedding_dim)
+        for layer in self.decoder_layers:
+            layer.build(x_shape, memory_shape)
+        self.final_norm.build(x_shape)
+        (self.tied_output or self.to_logits).build(x_shape)
+        self.built = True
+
+    # -- shared pieces ---------------------------------------------------------------------------
+    @property
+    def decoder_layers(self) -> list[TransformerDecoderLayer]:
+        return [getattr(self, f"layer_{i}") for i in range(self.num_layers)]
+
+    def logits(self, features):
+        if self.tied_output is not None:
+            return self.tied_output(features, self.embedding.embeddings)
+        return self.to_logits(features)
+
+    def head_variables(self):
+        if self.tied_output is not None:
+            return self.tied_output.trainable_variables + self.embedding.trainable_variables
+        return self.to_logits.trainable_variables
+
+    def memory(self, grid):
+        return self.memory_norm(self.grid_encoder(grid))
+
+    def embed(self, tokens, start=0):
+        """Word + position embeddings of tokens [B, T] at positions start, start+1, ...
+
+        `start` is an int, or a scalar tensor where the cache length is only known at run
+        time (retrieval's prefix-tree decoding traces one function for every length).
+        """
+        if isinstance(start, int) and tokens.shape[1] + start > self.max_length:
+            raise ValueError(f"captions of {tokens.shape[1] + start} positions exceed max_length {self.max_length}")
+        positions = ops.arange(start, start + tokens.shape[1])
+        return self.embedding(tokens) + ops.cast(self.token_positions(positions), self.compute_dtype)[None]
+
+    # -- teacher forcing ---------------------------------------------------------------------------
+    def teacher_forcing_features(self, grid, tokens, training=False):
+        """(final features [B, T, D] before dropout, attention [B, T, cells])."""
+        memory = self.memory(grid)
+        x = self.embed(tokens)
+        weights = None
+        for layer in self.decoder_layers:
+            masks = self._residual_masks(x, training)
+            if self.recompute_grad and training:
+                x, weights = recompute_grad(lambda x, memory, *m, layer=layer: layer(x, memory, m))(x, memory, *masks)
+            else:
+                x, weights = layer(x, memory, masks)
+        return self.final_norm(x), ops.mean(ops.cast(weights, "float32"), axis=1)
+
+    def _residual_masks(self, x, training):
+        """Three dropout masks for a layer's residual branches, drawn outside any recomputed block."""
+        if not training or not self.dropout_rate:
+            return None
+        ones = ops.ones_like(x)
+        return [self.dropout(ones, training=True) for _ in range(3)]
+
+    def teacher_forcing(self, grid, tokens, training=False):
+        features, weights = self.teacher_forcing_features(grid, tokens, training)
+        return self.logits(self.dropout(features, training=training)), weights
+
+    def checkpointed_objective(self, grid, inputs, targets):
+        """Each decoder layer is replayed in the backward pass; the output layer and loss run in recomputed blocks of time."""
+        features, weights = self.teacher_forcing_features(grid, inputs, training=True)
+        loss, accuracy = checkpointed_head_loss(self, features, targets, CHECKPOINT_BLOCK_STEPS)
+        return loss, doubly_stochastic_penalty(weights, targets), accuracy
+
+    # -- decoding ---------------------------------------------------------------------------------
+    def encode(self, grid, training=False):
+        """(memory [B, cells, D], cross-attention keys/values [B, cells, layers, 2, H, d], empty caches)."""
+        memory = self.memory(grid)
+        keys = ops.stack([layer.memory_keys(memory) for layer in self.decoder_layers], axis=2)
+        batch, head_dim = ops.shape(grid)[0], self.embedding_dim // self.num_heads
+        empty = ops.zeros((batch, 0, self.num_heads, head_dim), self.compute_dtype)
+        return memory, keys, [empty] * (2 * self.num_layers)
+
+    def step(self, tokens, state, values, keys, training=False):
+        """One word per caption: (logits [B, V], caches grown by one position, attention [B, cells])."""
+        cached = state[0].shape[1]  # positions so far: static in the unrolled decoding loops
+        x = self.embed(tokens[:, None], start=cached if cached is not None else ops.shape(state[0])[1])
+        new_state = []
+        for i, layer in enumerate(self.decoder_layers):
+            x, cache_keys, cache_values, weights = layer.step(x, state[2 * i], state[2 * i + 1], keys[:, :, i])
+            new_state += [cache_keys, cache_values]
+        logits = self.logits(self.final_norm(x))[:, 0]
+        return logits, new_state, ops.mean(weights, axis=1)[:, 0]
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "max_length": self.max_length,
+            "embedding_dim": self.embedding_dim,
+            "units": self.units,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "grid_positions": self.grid_positions,
+            "grid_adapter": self.grid_adapter,
+            "tie_embeddings": self.tie_embeddings,
+        }
