@@ -87,9 +87,9 @@ class ModelConfig:
     grid_positions: str = "learned"  # learned | sinusoidal | none: 2-D position of each grid cell
     grid_adapter: str = "none"  # none | conv: a trainable residual 3x3 convolution over the frozen grid
     tie_embeddings: bool = False  # predict words through the input embedding matrix
-    dropout: float = 0.0
+    dropout: float = 0.0  # on the features the output layer reads
     attention_penalty: float = 0.0  # weight of the doubly stochastic attention penalty (0: off)
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # of the cross-entropy targets (0: off)
 
 
 @dataclass
