@@ -9,9 +9,11 @@ writers that check it (Keras wants `.weights.h5`) accept it.
 
 Example:
 
->>> write_json(Path("runs/x/run.json"), {"status": "complete"})
->>> with atomic_path(Path("runs/x/model.weights.h5")) as tmp:
-...     model.save_weights(tmp)
+```python
+write_json(Path("runs/x/run.json"), {"status": "complete"})
+with atomic_path(Path("runs/x/model.weights.h5")) as tmp:
+    model.save_weights(tmp)
+```
 """
 
 from __future__ import annotations
