@@ -7,11 +7,14 @@ The same run (`--preset`, `--epochs`) is trained, each time in a fresh process, 
 - `every-N-async`: `--checkpoint-every N` (the presets' setting), TensorFlow-async writes;
 - `every-N-sync`: the same with `--no-async-checkpoint`.
 
-Time is run.json's `train_seconds`: `fit` from its first batch to the end of the final wait for
-the last background write, so every save counts, epoch ends included, with the waits for async
-writes and the CPU the background writes take from training. The overhead of a setting is its
-median time over the median of `none`. The settings run interleaved, `--repeats` rounds, so load
-from other processes on the machine spreads over all of them.
+Three figures per setting, medians over `--repeats` interleaved rounds:
+
+- `train_s`: run.json's `train_seconds`, wall time of `fit` from its first batch to the end of
+  the final wait for the last background write: every save counts, epoch ends included.
+- `checkpoint_s`: run.json's `checkpoint_seconds`, how long saves and waits held training up.
+- `cpu_s`: CPU seconds of the whole training process (all its threads, the background writes
+  included; data loading and model building are the same in every setting). On a shared machine
+  this is far steadier than wall time, which other processes' load moves by tens of percent.
 
     python benchmarks/bench_checkpoint_overhead.py [--preset minimal] [--epochs 2] [--every 50] [--repeats 3]
 """
@@ -42,8 +45,10 @@ def child(preset: str, overrides: dict, variant: str) -> None:
 
     if variant == "none":
         recovery.ExactBackupAndRestore._save_model = lambda self, logs=None, epoch_end=False: None
+    started = time.process_time()
     run_dir = train(load_config(preset, overrides))
-    print("RUN_JSON " + (run_dir / "run.json").read_text().replace("\n", " "), flush=True)
+    info = {**json.loads((run_dir / "run.json").read_text()), "cpu_seconds": time.process_time() - started}
+    print("RUN_JSON " + json.dumps(info), flush=True)
 
 
 def variants(every: int) -> dict[str, dict]:
@@ -89,6 +94,7 @@ def main() -> None:
         settings = variants(args.every)
         seconds: dict[str, list[float]] = {name: [] for name in settings}
         blocking: dict[str, list[float]] = {name: [] for name in settings}
+        cpu: dict[str, list[float]] = {name: [] for name in settings}
         loads = [os.getloadavg()[0]]
         run_once(args.preset, {**base, "epochs": 1, "checkpoint_every": 0, "run_name": "warm-up"}, "epoch")  # builds the feature cache
         for round_index in range(args.repeats):
@@ -96,15 +102,18 @@ def main() -> None:
                 info = run_once(args.preset, {**base, **extra, "run_name": name}, name)
                 seconds[name].append(float(info["train_seconds"]))
                 blocking[name].append(float(info.get("checkpoint_seconds", 0.0)))
+                cpu[name].append(float(info["cpu_seconds"]))
                 loads.append(os.getloadavg()[0])
-                print(f"round {round_index + 1} {name}: {info['train_seconds']} s (checkpoint_seconds {blocking[name][-1]})", flush=True)
-    baseline = float(np.median(seconds["none"]))
+                print(f"round {round_index + 1} {name}: {info['train_seconds']} s, checkpoint_seconds {blocking[name][-1]}, "
+                      f"CPU {cpu[name][-1]:.1f} s", flush=True)
+    wall_base, cpu_base = float(np.median(seconds["none"])), float(np.median(cpu["none"]))
     rows = []
     for name in settings:
-        median = float(np.median(seconds[name]))
-        rows.append({"setting": name, "median_train_s": median, "runs_s": " / ".join(f"{s:.1f}" for s in seconds[name]),
-                     "overhead_pct": 100.0 * (median - baseline) / baseline,
-                     "median_checkpoint_seconds": float(np.median(blocking[name]))})
+        wall, cpu_s, held = float(np.median(seconds[name])), float(np.median(cpu[name])), float(np.median(blocking[name]))
+        rows.append({"setting": name, "train_s": wall, "train_s_runs": " / ".join(f"{s:.1f}" for s in seconds[name]),
+                     "wall_overhead_pct": 100.0 * (wall - wall_base) / wall_base, "checkpoint_s": held,
+                     "checkpoint_pct_of_train": 100.0 * held / wall, "cpu_s": cpu_s,
+                     "cpu_s_runs": " / ".join(f"{s:.1f}" for s in cpu[name]), "cpu_overhead_pct": 100.0 * (cpu_s - cpu_base) / cpu_base})
     report("checkpoint_overhead", rows, notes={"preset": args.preset, "epochs": args.epochs, "repeats": args.repeats,
                                                "num_images": args.num_images or "preset",
                                                "load_average_1min": f"{min(loads):.1f}-{max(loads):.1f}", "time": time.strftime("%Y-%m-%d %H:%M")})

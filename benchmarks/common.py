@@ -5,8 +5,10 @@ with the rows, the command line and the machine.
 
 Example:
 
->>> seconds = best_time(lambda: model.train_on_batch(x, y), repeats=5)
->>> report("train_step", [{"config": "lstm", "ms": 12.3}])
+```python
+seconds = best_time(lambda: model.train_on_batch(x, y), repeats=5)
+report("train_step", [{"config": "lstm", "ms": 1000 * seconds}])
+```
 """
 
 from __future__ import annotations

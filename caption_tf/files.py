@@ -13,9 +13,11 @@ workers of a multi-worker job) wait for the first one and reuse its result.
 
 Example:
 
->>> write_json(Path("runs/x/run.json"), {"status": "complete"})
->>> with atomic_path(Path("runs/x/model.weights.h5")) as tmp:
-...     model.save_weights(tmp)
+```python
+write_json(Path("runs/x/run.json"), {"status": "complete"})
+with atomic_path(Path("runs/x/model.weights.h5")) as tmp:
+    model.save_weights(tmp)
+```
 """
 
 from __future__ import annotations

@@ -29,8 +29,10 @@ folder needs no TensorFlow (the supervising parent process reads it); only
 
 Example:
 
->>> run = load_run("runs/minimal-shapes-inception_v3-lstm-bahdanau")
->>> tokens, attention = run.generator().greedy(grids)
+```python
+run = load_run("runs/minimal-shapes-inception_v3-lstm-bahdanau")
+tokens, attention = run.generator().greedy(grids)
+```
 """
 
 from __future__ import annotations
@@ -116,8 +118,9 @@ def config_hash(cfg: Config) -> str:
 
     Example:
 
-    >>> config_hash(load_config("minimal")) == config_hash(load_config("minimal"))
-    True
+    ```python
+    config_hash(load_config("minimal")) == config_hash(load_config("minimal"))
+    ```
     """
     return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 

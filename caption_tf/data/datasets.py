@@ -2,9 +2,10 @@
 
 Example:
 
->>> ds = load_dataset(DataConfig(dataset="shapes", num_images=20))
->>> ds.name
-'shapes'
+```python
+ds = load_dataset(DataConfig(dataset="shapes", num_images=20))  # generated into data/ on first use
+ds.name  # 'shapes'
+```
 """
 
 from __future__ import annotations

@@ -11,9 +11,10 @@ layout to create by hand.
 
 Example:
 
->>> cfg = ensure_flickr8k(DataConfig(dataset="flickr8k", data_dir="data/flickr8k", download=True))
->>> sorted(p.name for p in Path(cfg.data_dir).iterdir())[:2]
-['Flickr8k.token.txt', 'Flicker8k_Dataset']
+```python
+cfg = ensure_flickr8k(DataConfig(dataset="flickr8k", data_dir="data/flickr8k", download=True))
+sorted(p.name for p in Path(cfg.data_dir).iterdir())[:2]
+```
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ def download_file(url: str, dest: str | Path, sha256: Optional[str] = None, time
 
     Example:
 
-    >>> download_file("https://example.org/a.zip", "downloads/a.zip")
-    PosixPath('downloads/a.zip')
+    ```python
+    download_file("https://example.org/a.zip", "downloads/a.zip")
+    ```
     """
     dest = Path(dest)
     if dest.is_file():
@@ -143,8 +145,9 @@ def extract_zip(archive: str | Path, dest: str | Path) -> list[str]:
 
     Example:
 
-    >>> extract_zip("downloads/Flickr8k_text.zip", "data/flickr8k")[:1]
-    ['Flickr8k.token.txt']
+    ```python
+    extract_zip("downloads/Flickr8k_text.zip", "data/flickr8k")[:1]
+    ```
     """
     archive, dest = Path(archive), Path(dest)
     root = dest.resolve()
@@ -179,8 +182,9 @@ def ensure_flickr8k(cfg: DataConfig) -> DataConfig:
 
     Example:
 
-    >>> ensure_flickr8k(DataConfig(dataset="flickr8k", download=True)).data_dir
-    'data/flickr8k'
+    ```python
+    ensure_flickr8k(DataConfig(dataset="flickr8k", download=True)).data_dir
+    ```
     """
     root = Path(cfg.data_dir) if cfg.data_dir else Path(cfg.data_root) / "flickr8k"
     cfg = dataclasses.replace(cfg, data_dir=str(root))

@@ -2,9 +2,10 @@
 
 Example:
 
->>> rgb = load_rgb("photo.png")  # grayscale, RGBA, CMYK, 16-bit all become RGB
->>> rgb.shape[-1]
-3
+```python
+rgb = load_rgb("photo.png")  # grayscale, RGBA, CMYK, 16-bit all become RGB
+rgb.shape[-1]
+```
 """
 
 from __future__ import annotations

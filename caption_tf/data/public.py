@@ -7,11 +7,11 @@ long run never crashes on one bad file and never hides one either.
 
 Example:
 
->>> ds = load_dataset(DataConfig(dataset="flickr8k", data_dir="data/flickr8k"))
->>> sorted({r.split for r in ds.records})
-['test', 'train', 'val']
->>> print(ds.skips.summary())
-nothing skipped
+```python
+ds = load_dataset(DataConfig(dataset="flickr8k", data_dir="data/flickr8k"))
+sorted({r.split for r in ds.records})
+print(ds.skips.summary())
+```
 """
 
 from __future__ import annotations
@@ -71,7 +71,9 @@ def read_lines(path: str | Path, report: SkipReport) -> Iterator[tuple[int, str]
 
     Example:
 
-    >>> for n, line in read_lines("Flickr8k.token.txt", report): ...
+    ```python
+    for n, line in read_lines("Flickr8k.token.txt", report): ...
+    ```
     """
     with open(path, "rb") as fh:
         data = fh.read()
@@ -98,8 +100,9 @@ def parse_token_file(path: str | Path, report: SkipReport) -> dict[str, list[str
 
     Example:
 
-    >>> parse_token_file("Flickr8k.token.txt", SkipReport())["1000268201_693b08cb0e.jpg"][0]
-    'A child in a pink dress is climbing up a set of stairs in an entry way .'
+    ```python
+    parse_token_file("Flickr8k.token.txt", SkipReport())["1000268201_693b08cb0e.jpg"][0]
+    ```
     """
     captions: dict[str, list[str]] = {}
     for number, line in read_lines(path, report):
@@ -145,8 +148,9 @@ def parse_csv_captions(path: str | Path, report: SkipReport, with_split: bool = 
 
     Example:
 
-    >>> parse_csv_captions("captions.txt", SkipReport())["1000268201_693b08cb0e.jpg"][:1]
-    ['A child in a pink dress is climbing up a set of stairs in an entry way .']
+    ```python
+    parse_csv_captions("captions.txt", SkipReport())["1000268201_693b08cb0e.jpg"][:1]
+    ```
     """
     path = Path(path)
     captions: dict[str, list[str]] = {}
@@ -194,8 +198,9 @@ def parse_jsonl_captions(path: str | Path, report: SkipReport) -> dict[str, dict
 
     Example:
 
-    >>> parse_jsonl_captions("captions.jsonl", SkipReport())["cat.jpg"]["captions"]
-    ['a cat on a mat']
+    ```python
+    parse_jsonl_captions("captions.jsonl", SkipReport())["cat.jpg"]["captions"]
+    ```
     """
     out: dict[str, dict] = {}
     for number, line in read_lines(path, report):
@@ -231,8 +236,9 @@ def read_karpathy(path: str | Path) -> list[dict]:
 
     Example:
 
-    >>> read_karpathy("dataset_flickr8k.json")[0]["split"]
-    'train'
+    ```python
+    read_karpathy("dataset_flickr8k.json")[0]["split"]
+    ```
     """
     path = Path(path)
     if not path.is_file():
@@ -297,10 +303,11 @@ def check_images(
 
     Example:
 
-    >>> report = SkipReport()
-    >>> kept = check_images(records, report)
-    >>> report.skipped_images[:1]
-    [{'path': '/data/broken.jpg', 'reason': 'zero-byte file'}]
+    ```python
+    report = SkipReport()
+    kept = check_images(records, report)
+    report.skipped_images[:1]
+    ```
     """
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = list(pool.map(lambda r: _image_problem(r.path), records))
@@ -476,9 +483,10 @@ def load_flickr8k(cfg: DataConfig) -> CaptionDataset:
 
     Example:
 
-    >>> ds = load_flickr8k(DataConfig(dataset="flickr8k", data_dir="data/flickr8k"))
-    >>> len(ds.split("train")), len(ds.split("val")), len(ds.split("test"))
-    (6000, 1000, 1000)
+    ```python
+    ds = load_flickr8k(DataConfig(dataset="flickr8k", data_dir="data/flickr8k"))
+    len(ds.split("train")), len(ds.split("val")), len(ds.split("test"))
+    ```
     """
     if cfg.download:
         cfg = ensure_flickr8k(cfg)
@@ -490,7 +498,9 @@ def load_flickr30k(cfg: DataConfig) -> CaptionDataset:
 
     Example:
 
-    >>> ds = load_flickr30k(DataConfig(dataset="flickr30k", data_dir="data/flickr30k"))
+    ```python
+    ds = load_flickr30k(DataConfig(dataset="flickr30k", data_dir="data/flickr30k"))
+    ```
     """
     return _flickr("flickr30k", cfg, FLICKR30K_CAPTION_FILES, FLICKR30K_IMAGE_DIRS, FLICKR30K_LAYOUT)
 
@@ -538,7 +548,9 @@ def load_coco(cfg: DataConfig) -> CaptionDataset:
 
     Example:
 
-    >>> ds = load_coco(DataConfig(dataset="coco", data_dir="data/coco", split_file="dataset_coco.json"))
+    ```python
+    ds = load_coco(DataConfig(dataset="coco", data_dir="data/coco", split_file="dataset_coco.json"))
+    ```
     """
     root = _require_dir(cfg, "coco")
     report = SkipReport()
@@ -573,8 +585,10 @@ def load_karpathy(cfg: DataConfig) -> CaptionDataset:
 
     Example:
 
-    >>> ds = load_karpathy(DataConfig(dataset="karpathy", split_file="dataset_flickr8k.json",
-    ...                               data_dir="data/flickr8k/Flicker8k_Dataset"))
+    ```python
+    ds = load_karpathy(DataConfig(dataset="karpathy", split_file="dataset_flickr8k.json",
+                                  data_dir="data/flickr8k/Flicker8k_Dataset"))
+    ```
     """
     if not cfg.split_file:
         raise ValueError("--dataset karpathy needs --split-file PATH (dataset_flickr8k/30k/coco.json)")
@@ -613,7 +627,9 @@ def load_custom(cfg: DataConfig) -> CaptionDataset:
 
     Example:
 
-    >>> ds = load_custom(DataConfig(dataset="custom", data_dir="my_photos"))
+    ```python
+    ds = load_custom(DataConfig(dataset="custom", data_dir="my_photos"))
+    ```
     """
     root = _require_dir(cfg, "custom")
     report = SkipReport()

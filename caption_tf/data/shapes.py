@@ -14,9 +14,10 @@ can guess.
 
 Example:
 
->>> ds = load_shapes(DataConfig(num_images=20, data_root="/tmp/shapes"))
->>> ds.records[0].captions[0]
-'a large green square to the left of a small red circle'
+```python
+ds = load_shapes(DataConfig(num_images=20, data_root="/tmp/shapes"))
+ds.records[0].captions[0]
+```
 """
 
 from __future__ import annotations

@@ -13,12 +13,12 @@ loses the others' captions.
 
 Example:
 
->>> captioner = Captioner.from_run("runs/minimal-shapes-inception_v3-lstm-bahdanau")
->>> result = captioner.caption(["a.jpg", "b.png"])[0]
->>> result.greedy, result.beam
-('a red circle above a blue square', 'a small red circle above a large blue square')
->>> result.greedy_attention.shape   # one row per greedy word, one column per grid cell
-(7, 25)
+```python
+captioner = Captioner.from_run("runs/minimal-shapes-inception_v3-lstm-bahdanau")
+result = captioner.caption(["a.jpg", "b.png"])[0]
+result.greedy, result.beam
+result.greedy_attention.shape   # one row per greedy word, one column per grid cell
+```
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ def step_words(vocab, tokens: np.ndarray) -> list[str]:
 
     Example:
 
-    >>> step_words(vocab, np.array([5, 9, 3, 0]))
-    ['red', 'circle']
+    ```python
+    step_words(vocab, np.array([5, 9, 3, 0]))
+    ```
     """
     words = []
     for token in tokens:
@@ -131,9 +132,10 @@ class Captioner:
 
     Example:
 
-    >>> captioner = Captioner.from_run("runs/x", beam_size=5)
-    >>> [c.beam for c in captioner.caption(["dog.jpg", "cat.png"])]
-    ['a dog runs on the grass', 'a cat sits on a sofa']
+    ```python
+    captioner = Captioner.from_run("runs/x", beam_size=5)
+    [c.beam for c in captioner.caption(["dog.jpg", "cat.png"])]
+    ```
     """
 
     def __init__(self, run: Run, encoder: Optional[ImageEncoder] = None, beam_size: Optional[int] = None,

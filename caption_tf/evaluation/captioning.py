@@ -2,9 +2,10 @@
 
 Example:
 
->>> metrics = evaluate_run("runs/minimal-shapes-inception_v3-lstm-bahdanau")
->>> metrics["greedy"]["bleu4"]
-0.41
+```python
+metrics = evaluate_run("runs/minimal-shapes-inception_v3-lstm-bahdanau")
+metrics["greedy"]["bleu4"]
+```
 """
 
 from __future__ import annotations

@@ -22,12 +22,12 @@ the rest of a report is still written.
 
 Example:
 
->>> captioner = LLMCaptioner.load("Salesforce/blip-image-captioning-base")
->>> result = captioner.caption(["dog.jpg", "cat.png"], num_beams=3, max_length=15)
->>> result.captions["dog.jpg"]
-'a dog running on the grass'
->>> result.resources["throughput_images_per_s"]
-4.2
+```python
+captioner = LLMCaptioner.load("Salesforce/blip-image-captioning-base")
+result = captioner.caption(["dog.jpg", "cat.png"], num_beams=3, max_length=15)
+result.captions["dog.jpg"]
+result.resources["throughput_images_per_s"]
+```
 """
 
 from __future__ import annotations
@@ -107,8 +107,9 @@ def hub_offline() -> bool:
 
     Example:
 
-    >>> hub_offline()  # in a shell with `export HF_HUB_OFFLINE=1`
-    True
+    ```python
+    hub_offline()  # in a shell with `export HF_HUB_OFFLINE=1`
+    ```
     """
     if _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE"):
         return True
@@ -136,8 +137,9 @@ def hub_unreachable_reason(timeout_s: float = NETWORK_PROBE_TIMEOUT_S) -> Option
 
     Example:
 
-    >>> hub_unreachable_reason() is None  # on a machine with internet
-    True
+    ```python
+    hub_unreachable_reason() is None  # on a machine with internet
+    ```
     """
     from huggingface_hub.utils import get_session
 
@@ -194,8 +196,9 @@ def detect_kind(config: Any) -> str:
 
     Example:
 
-    >>> detect_kind(transformers.BlipConfig())
-    'blip'
+    ```python
+    detect_kind(transformers.BlipConfig())
+    ```
     """
     model_type = getattr(config, "model_type", None)
     if model_type in SUPPORTED_KINDS:
@@ -237,8 +240,9 @@ class LLMSettings:
 
     Example:
 
-    >>> LLMSettings.from_config(load_config("minimal")).num_beams
-    3
+    ```python
+    LLMSettings.from_config(load_config("minimal")).num_beams
+    ```
     """
 
     num_beams: int = DEFAULT_NUM_BEAMS
@@ -293,9 +297,10 @@ class LLMCaptioner:
 
     Example:
 
-    >>> captioner = LLMCaptioner.load("/models/blip-base", device="cpu")
-    >>> captioner.caption(["a.jpg"], num_beams=1).captions
-    {'a.jpg': 'a red car parked on the street'}
+    ```python
+    captioner = LLMCaptioner.load("/models/blip-base", device="cpu")
+    captioner.caption(["a.jpg"], num_beams=1).captions
+    ```
     """
 
     def __init__(self, model_name: str, kind: str, model: Any, image_processor: Any, tokenizer: Any,
@@ -517,9 +522,10 @@ def llm_column(model: Optional[str], image_paths: Mapping[str, str | Path] | Seq
 
     Example:
 
-    >>> column = llm_column("/models/blip", {"img1": "img1.jpg"}, cfg)
-    >>> column["captions"]["img1"] if column["available"] else column["reason"]
-    'a dog running on the grass'
+    ```python
+    column = llm_column("/models/blip", {"img1": "img1.jpg"}, cfg)
+    column["captions"]["img1"] if column["available"] else column["reason"]
+    ```
     """
     model = model or DEFAULT_LLM
     decoding = LLMSettings.coerce(settings)

@@ -62,8 +62,9 @@ def wrap_title(title: str, width: int) -> str:
 
     Example:
 
-    >>> wrap_title("minimal-shapes-inception_v3-lstm-bahdanau: greedy", 30)
-    'minimal-shapes-inception_v3-ls\ntm-bahdanau: greedy'
+    >>> print(wrap_title("minimal-shapes-inception_v3-lstm-bahdanau: greedy", 30))
+    minimal-shapes-inception_v3-ls
+    tm-bahdanau: greedy
     """
     return "\n".join(textwrap.wrap(title, width, break_on_hyphens=False)) if title else ""
 

@@ -9,9 +9,10 @@ Everything lands in one folder: `report.html`, `metrics.json`, `figures/*.png`.
 
 Example:
 
->>> summary = build_report(["runs/a", "runs/b"], ReportOptions(out_dir="reports/a-vs-b"))
->>> summary["comparison"]["beam"]["a"]["bleu4"]
-0.41
+```python
+summary = build_report(["runs/a", "runs/b"], ReportOptions(out_dir="reports/a-vs-b"))
+summary["comparison"]["beam"]["a"]["bleu4"]
+```
 """
 
 from __future__ import annotations
@@ -119,8 +120,9 @@ def run_label(run) -> str:
 
     Example:
 
-    >>> run_label(load_run("runs/x"))
-    'LSTM + bahdanau, inception_v3'
+    ```python
+    run_label(load_run("runs/x"))
+    ```
     """
     m, f = run.config.model, run.config.features
     return f"{m.decoder.upper()} + {m.attention}, {f.backbone} ({f.input_size or 'native'} px)"

@@ -6,9 +6,10 @@ folder can be zipped, moved or opened straight from disk.
 
 Example:
 
->>> html_text = render_report(json.load(open("reports/x/metrics.json")))
->>> html_text.startswith("<!DOCTYPE html>")
-True
+```python
+html_text = render_report(json.load(open("reports/x/metrics.json")))
+html_text.startswith("<!DOCTYPE html>")
+```
 """
 
 from __future__ import annotations

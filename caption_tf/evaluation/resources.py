@@ -8,9 +8,10 @@ psutil during the timed calls on CPU, and TensorFlow's peak device memory
 
 Example:
 
->>> usage = measure_resources(run, batch_sizes=(1, 8))
->>> usage["throughput"]["8"]["images_per_second"]
-52.1
+```python
+usage = measure_resources(run, batch_sizes=(1, 8))
+usage["throughput"]["8"]["images_per_second"]
+```
 """
 
 from __future__ import annotations

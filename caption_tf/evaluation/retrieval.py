@@ -34,9 +34,10 @@ compiled function runs the decoder (`model.step`) depth by depth over all
 
 Example:
 
->>> result = evaluate_retrieval("runs/minimal-shapes-inception_v3-lstm-bahdanau")
->>> result["image_to_text"]["R@1"], result["chance"]["image_to_text"]["R@1"]
-(0.52, 0.083)
+```python
+result = evaluate_retrieval("runs/minimal-shapes-inception_v3-lstm-bahdanau")
+result["image_to_text"]["R@1"], result["chance"]["image_to_text"]["R@1"]
+```
 """
 
 from __future__ import annotations
@@ -205,7 +206,9 @@ class PairScorer:
 
     Example:
 
-    >>> scores = PairScorer(run.model).scores(grids, run.vocab.encode(captions))   # [images, captions]
+    ```python
+    scores = PairScorer(run.model).scores(grids, run.vocab.encode(captions))   # [images, captions]
+    ```
     """
 
     def __init__(self, model, floats_per_call: int = FLOATS_PER_CALL, max_pairs_per_call: int = MAX_PAIRS_PER_CALL):
@@ -278,8 +281,9 @@ def pair_scores(model, grids: np.ndarray, tokens: np.ndarray) -> np.ndarray:
 
     Example:
 
-    >>> pair_scores(run.model, cache.load_split("test")["grid"][:10], run.vocab.encode(captions)).shape
-    (10, 50)
+    ```python
+    pair_scores(run.model, cache.load_split("test")["grid"][:10], run.vocab.encode(captions)).shape
+    ```
     """
     return PairScorer(model).scores(grids, tokens)
 
@@ -350,9 +354,10 @@ def retrieval_scores(
 
     Example:
 
-    >>> run = load_run(run_dir); cache = open_run_cache(run)
-    >>> retrieval_scores(run, cache, "test", pool_images=None)["text_to_image"]["R@5"]
-    0.61
+    ```python
+    run = load_run(run_dir); cache = open_run_cache(run)
+    retrieval_scores(run, cache, "test", pool_images=None)["text_to_image"]["R@5"]
+    ```
     """
     from caption_tf.data.datasets import load_dataset
 
@@ -409,8 +414,9 @@ def evaluate_retrieval(run_dir: str | Path, split: str = "test", ks: Sequence[in
 
     Example:
 
-    >>> evaluate_retrieval("runs/minimal-shapes-inception_v3-lstm-bahdanau", pool_images=None, images=None)["image_to_text"]
-    {'R@1': 0.41, 'R@5': 0.83, 'R@10': 0.95}
+    ```python
+    evaluate_retrieval("runs/minimal-shapes-inception_v3-lstm-bahdanau", pool_images=None, images=None)["image_to_text"]
+    ```
     """
     from caption_tf.data.datasets import load_dataset
     from caption_tf.evaluation.captioning import open_run_cache

@@ -6,10 +6,10 @@ Each backbone maps a batch of RGB images to a spatial feature grid
 
 Example:
 
->>> extractor = build_extractor("densenet121", weights="none", input_size=96)
->>> grid, pooled = extractor(np.zeros((2, 96, 96, 3), "float32"))
->>> grid.shape, pooled.shape
-(TensorShape([2, 9, 1024]), TensorShape([2, 1024]))
+>>> extractor = build_extractor("mobilenet_v3_small", weights="none", input_size=96)
+>>> grid, pooled = extractor(keras.ops.zeros((2, 96, 96, 3)))
+>>> tuple(grid.shape), tuple(pooled.shape)  # a 3x3 grid of 576 channels
+((2, 9, 576), (2, 576))
 """
 
 from __future__ import annotations

@@ -32,9 +32,10 @@ wait and reuse it.
 
 Example:
 
->>> cache = build_feature_cache(dataset, FeatureConfig(backbone="densenet121", weights="none"))
->>> cache.grid_shape
-(49, 1024)
+```python
+cache = build_feature_cache(dataset, FeatureConfig(backbone="densenet121", weights="none"))
+cache.grid_shape
+```
 """
 
 from __future__ import annotations

@@ -16,9 +16,11 @@ bit for bit from the run alone.
 
 Example:
 
->>> spec = EncoderSpec.from_config(FeatureConfig(backbone="mobilenet_v3_small", weights="none", input_size=64))
->>> encoder = ImageEncoder(spec, normalizer)
->>> grids, ok = encoder.encode(["a.jpg", "b.png"])     # float16 [2, cells, channels], [True, True]
+```python
+spec = EncoderSpec.from_config(FeatureConfig(backbone="mobilenet_v3_small", weights="none", input_size=64))
+encoder = ImageEncoder(spec, normalizer)
+grids, ok = encoder.encode(["a.jpg", "b.png"])     # float16 [2, cells, channels], [True, True]
+```
 """
 
 from __future__ import annotations
@@ -174,8 +176,10 @@ class ImageEncoder:
 
     Example:
 
-    >>> encoder = ImageEncoder(cache.encoder_spec, cache.normalizer())
-    >>> grids, ok = encoder.encode(["a.jpg"])
+    ```python
+    encoder = ImageEncoder(cache.encoder_spec, cache.normalizer())
+    grids, ok = encoder.encode(["a.jpg"])
+    ```
     """
 
     def __init__(self, spec: EncoderSpec, normalizer: Optional[FeatureNormalizer] = None, extractor: Optional[FeatureExtractor] = None):

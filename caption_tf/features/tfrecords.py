@@ -13,9 +13,11 @@ Shards are named `<split>-00000.tfrecord`, `<split>-00001.tfrecord`, ...
 
 Example:
 
->>> writer = ShardWriter(directory, "train", shard_size=512)
->>> writer.write(serialize_feature_example(0, "img1", grid, grid.mean(0))); writer.close()
->>> index, grid = next(iter(read_feature_shards([str(directory / writer.shards[0])], grid.shape)))
+```python
+writer = ShardWriter(directory, "train", shard_size=512)
+writer.write(serialize_feature_example(0, "img1", grid, grid.mean(0))); writer.close()
+index, grid = next(iter(read_feature_shards([str(directory / writer.shards[0])], grid.shape)))
+```
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Example:
 >>> attention = BahdanauAttention(units=32)
 >>> values = keras.random.normal((2, 49, 64)); query = keras.random.normal((2, 64))
 >>> context, weights = attention(query, values, attention.project_keys(values))
->>> context.shape, weights.shape
+>>> tuple(context.shape), tuple(weights.shape)
 ((2, 64), (2, 49))
 """
 

@@ -22,7 +22,7 @@ Example:
 
 >>> model = CaptionDecoder(vocab_size=100, embedding_dim=16, units=32)
 >>> grid = keras.random.normal((2, 49, 64)); tokens = keras.ops.ones((2, 9), "int32")
->>> model((grid, tokens)).shape
+>>> tuple(model((grid, tokens)).shape)
 (2, 9, 100)
 """
 
@@ -257,7 +257,9 @@ class CaptionDecoder(CaptionModel):
 
         Example:
 
-        >>> loss, accuracy = model.checkpointed_loss(grid, tokens[:, :-1], tokens[:, 1:])
+        ```python
+        loss, accuracy = model.checkpointed_loss(grid, tokens[:, :-1], tokens[:, 1:])
+        ```
         """
         if self.combine is not None:  # Luong
             features, weights, _ = self.teacher_forcing_features(grid, inputs, training=True)

@@ -13,10 +13,12 @@ search alike, so "a red circle and a red circle" cannot be generated with N <= 3
 
 Example:
 
->>> generator = CaptionGenerator(model, start_id=2, end_id=3, max_length=15)
->>> tokens, attention = generator.greedy(grid)            # [B, 14], [B, 14, cells]
->>> tokens, scores, attention = generator.beam(grid, 3, 0.7)  # [B, 14], [B], [B, 14, cells]
->>> total, count = generator.log_likelihood(grid, captions)  # captions [B, L] start with <start>
+```python
+generator = CaptionGenerator(model, start_id=2, end_id=3, max_length=15)
+tokens, attention = generator.greedy(grid)            # [B, 14], [B, 14, cells]
+tokens, scores, attention = generator.beam(grid, 3, 0.7)  # [B, 14], [B], [B, 14, cells]
+total, count = generator.log_likelihood(grid, captions)  # captions [B, L] start with <start>
+```
 """
 
 from __future__ import annotations
@@ -85,8 +87,10 @@ class CaptionGenerator:
 
     Example:
 
-    >>> generator = CaptionGenerator(model, start_id=2, end_id=3, max_length=15, jit_compile=True)
-    >>> tokens, attention = generator.greedy(grid)
+    ```python
+    generator = CaptionGenerator(model, start_id=2, end_id=3, max_length=15, jit_compile=True)
+    tokens, attention = generator.greedy(grid)
+    ```
     """
 
     def __init__(self, model, start_id: int, end_id: int, max_length: int, jit_compile: bool = False, no_repeat_ngram: int = 0):

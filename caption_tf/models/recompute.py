@@ -17,10 +17,12 @@ The function must be deterministic (no dropout inside: a replay would draw new m
 
 Example:
 
->>> step = recompute_grad(lambda x, h: dense(tf.concat([x, h], -1)))
->>> with tf.GradientTape() as tape:
-...     loss = tf.reduce_sum(step(x, h))
->>> grads = tape.gradient(loss, dense.trainable_variables)   # same as without recompute_grad
+```python
+step = recompute_grad(lambda x, h: dense(tf.concat([x, h], -1)))
+with tf.GradientTape() as tape:
+    loss = tf.reduce_sum(step(x, h))
+grads = tape.gradient(loss, dense.trainable_variables)   # same as without recompute_grad
+```
 """
 
 from __future__ import annotations

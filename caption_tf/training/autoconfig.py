@@ -169,9 +169,10 @@ def resolve_auto_settings(cfg: Config, captions: list[str], num_images: int, dev
 
     Example:
 
-    >>> resolved = resolve_auto_settings(load_config("minimal", {"batch_size": "auto"}), captions, num_images=800)
-    >>> resolved.train.batch_size is None
-    False
+    ```python
+    resolved = resolve_auto_settings(load_config("minimal", {"batch_size": "auto"}), captions, num_images=800)
+    resolved.train.batch_size is None
+    ```
     """
     decisions = auto_settings(
         DatasetProfile.from_captions(captions, num_images),

@@ -28,9 +28,10 @@ checkpoints in `checkpoints_fine_tune/`).
 
 Example:
 
->>> run_dir = train_in_phases(load_config("optimized", {"weights": "none"}))
->>> (run_dir / "backbone.weights.h5").exists()
-True
+```python
+run_dir = train_in_phases(load_config("optimized", {"weights": "none"}))
+(run_dir / "backbone.weights.h5").exists()
+```
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ def unfreeze_last_layers(backbone: keras.Model, count: int) -> list[str]:
 
     Example:
 
-    >>> names = unfreeze_last_layers(build_backbone("mobilenet_v3_small", "none", 32), 10)
+    ```python
+    names = unfreeze_last_layers(build_backbone("mobilenet_v3_small", "none", 32), 10)
+    ```
     """
     if count < 0:
         raise ValueError(f"--fine-tune-layers must be >= 0, got {count}")
@@ -111,8 +114,10 @@ class EndToEndCaptioner(keras.Model):
 
     Example:
 
-    >>> model = EndToEndCaptioner(extractor, decoder, normalizer.mean, normalizer.std)
-    >>> model.compile(keras.optimizers.Adam(1e-5)); model.fit(image_caption_batches(...))
+    ```python
+    model = EndToEndCaptioner(extractor, decoder, normalizer.mean, normalizer.std)
+    model.compile(keras.optimizers.Adam(1e-5)); model.fit(image_caption_batches(...))
+    ```
     """
 
     def __init__(self, extractor: FeatureExtractor, decoder: keras.Model, mean: np.ndarray, std: np.ndarray, **kwargs):
@@ -169,7 +174,9 @@ def image_caption_batches(
 
     Example:
 
-    >>> ds = image_caption_batches(["a.jpg"], table[:1], size=224, batch_size=16)
+    ```python
+    ds = image_caption_batches(["a.jpg"], table[:1], size=224, batch_size=16)
+    ```
     """
 
     def load(path: bytes):
@@ -217,7 +224,9 @@ def fine_tune(cfg: Config, run_dir: Path) -> Path:
 
     Example:
 
-    >>> fine_tune(cfg, Path("runs/optimized-shapes-inception_v3-lstm-bahdanau"))
+    ```python
+    fine_tune(cfg, Path("runs/optimized-shapes-inception_v3-lstm-bahdanau"))
+    ```
     """
     run = run_folder.load_run(run_dir, with_model=False)
     phase1 = run.info["phases"][PHASE_DECODER]
@@ -320,7 +329,9 @@ def train_in_phases(cfg: Config, bleu: Optional[BleuFunction] = None) -> Path:
 
     Example:
 
-    >>> run_dir = train_in_phases(load_config("optimized"), bleu=corpus_bleu_scores)
+    ```python
+    run_dir = train_in_phases(load_config("optimized"), bleu=corpus_bleu_scores)
+    ```
     """
     requested = config_hash(cfg)
     run_dir = run_folder.run_directory(cfg)

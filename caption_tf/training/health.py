@@ -12,11 +12,13 @@ weights are never saved.
 
 Example:
 
->>> monitor = HealthMonitor(run_dir, log_dir=run_dir / "logs",
-...                         checkpoint_bytes=lambda: store.last_published.total_bytes if store.last_published else None,
-...                         final_save=backup.save_now)
->>> guard = NonFiniteLossGuard(store)
->>> model.fit(ds, epochs=3, callbacks=[guard, backup, monitor])
+```python
+monitor = HealthMonitor(run_dir, log_dir=run_dir / "logs",
+                        checkpoint_bytes=lambda: store.last_published.total_bytes if store.last_published else None,
+                        final_save=backup.save_now)
+guard = NonFiniteLossGuard(store)
+model.fit(ds, epochs=3, callbacks=[guard, backup, monitor])
+```
 """
 
 from __future__ import annotations
@@ -131,10 +133,11 @@ class HealthMonitor(keras.callbacks.Callback):
 
     Example:
 
-    >>> monitor = HealthMonitor("runs/x", log_dir="runs/x/logs", every_n_batches=20)
-    >>> model.fit(ds, callbacks=[monitor])
-    >>> monitor.last_sample["ram_percent"]
-    41.3
+    ```python
+    monitor = HealthMonitor("runs/x", log_dir="runs/x/logs", every_n_batches=20)
+    model.fit(ds, callbacks=[monitor])
+    monitor.last_sample["ram_percent"]
+    ```
     """
 
     def __init__(
@@ -304,7 +307,7 @@ def format_sample(sample: dict[str, float]) -> str:
     Example:
 
     >>> format_sample({"ram_percent": 41.0, "process_rss_gb": 1.2, "disk_free_gb": 70.0})
-    'RAM 41% (process 1.20 GB) | disk 70.0 GB free'
+    'RAM 41% (process 1.20 GB) | disk 70 GB free'
     """
     parts = [
         f"RAM {sample.get('ram_percent', float('nan')):.0f}% (process {sample.get('process_rss_gb', float('nan')):.2f} GB)",
@@ -326,8 +329,9 @@ def read_alerts(run_dir: str | Path) -> list[dict]:
 
     Example:
 
-    >>> [a["kind"] for a in read_alerts("runs/x")]
-    ['ram_percent']
+    ```python
+    [a["kind"] for a in read_alerts("runs/x")]
+    ```
     """
     path = Path(run_dir) / ALERTS_FILE
     if not path.exists():
@@ -348,10 +352,11 @@ class NonFiniteLossGuard(keras.callbacks.Callback):
 
     Example:
 
-    >>> guard = NonFiniteLossGuard(store)
-    >>> model.fit(ds, callbacks=[guard, backup])
-    >>> guard.tripped_at   # (epoch, batch) or None
-    (1, 17)
+    ```python
+    guard = NonFiniteLossGuard(store)
+    model.fit(ds, callbacks=[guard, backup])
+    guard.tripped_at   # (epoch, batch) or None
+    ```
     """
 
     def __init__(self, store: Any = None, monitor: str = "loss"):

@@ -8,8 +8,10 @@ are read with `caption_tf.features.tfrecords`, which owns their format.
 
 Example:
 
->>> ds = caption_batches(shards, (64, 2048), captions, batch_size=32, shuffle=True, seed=1)
->>> (grid, inputs), targets = next(iter(ds))
+```python
+ds = caption_batches(shards, (64, 2048), captions, batch_size=32, shuffle=True, seed=1)
+(grid, inputs), targets = next(iter(ds))
+```
 """
 
 from __future__ import annotations

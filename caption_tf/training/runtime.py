@@ -14,9 +14,10 @@ Attention scores, softmax, logits and the loss stay float32.
 
 Example:
 
->>> runtime = setup_runtime(TrainConfig(precision="auto", jit="auto"))
->>> runtime.precision   # float32 on a CPU, mixed_float16 on a GPU with compute capability >= 7.0
-'float32'
+```python
+runtime = setup_runtime(TrainConfig(precision="auto", jit="auto"))
+runtime.precision  # float32 on a CPU, mixed_float16 on a GPU with compute capability >= 7.0
+```
 """
 
 from __future__ import annotations
@@ -98,8 +99,9 @@ def resolve_jit(requested: str, strategy: tf.distribute.Strategy) -> bool:
 
     Example:
 
-    >>> resolve_jit("auto", tf.distribute.get_strategy())   # on a CPU-only machine
-    False
+    ```python
+    resolve_jit("auto", tf.distribute.get_strategy())  # False on a CPU-only machine
+    ```
     """
     if requested not in ("auto", "on", "off"):
         raise ValueError(f"--jit must be auto, on or off, got {requested!r}")

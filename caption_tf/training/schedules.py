@@ -87,7 +87,9 @@ class LearningRateLogger(keras.callbacks.Callback):
 
     Example:
 
-    >>> model.fit(ds, callbacks=[LearningRateLogger(), keras.callbacks.TensorBoard("logs")])
+    ```python
+    model.fit(ds, callbacks=[LearningRateLogger(), keras.callbacks.TensorBoard("logs")])
+    ```
     """
 
     def on_epoch_end(self, epoch, logs=None):
@@ -104,7 +106,9 @@ class ValidationBleu(keras.callbacks.Callback):
 
     Example:
 
-    >>> ValidationBleu(grids, refs, vocab.decode, lambda m: CaptionGenerator(m, 2, 3, 15), corpus_bleu_scores)
+    ```python
+    ValidationBleu(grids, refs, vocab.decode, lambda m: CaptionGenerator(m, 2, 3, 15), corpus_bleu_scores)
+    ```
     """
 
     def __init__(self, grids: np.ndarray, references: list[list[str]], decode, make_generator, bleu: BleuFunction, batch_size: int = 64):

@@ -13,8 +13,9 @@ This module imports no TensorFlow: the supervising parent stays small.
 
 Example:
 
->>> supervise(["--preset", "minimal"], max_restarts=3)   # 0 once training finished
-0
+```python
+supervise(["--preset", "minimal"], max_restarts=3)  # 0 once training finished
+```
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ class TrainingStopped(RuntimeError):
 
     Example:
 
-    >>> raise TrainingStopped("loss became nan ...", EXIT_NON_FINITE)
+    ```python
+    raise TrainingStopped("loss became nan ...", EXIT_NON_FINITE)
+    ```
     """
 
     def __init__(self, message: str, exit_code: int, status: str = "stopped"):
@@ -95,8 +98,9 @@ def supervise(argv: Sequence[str], max_restarts: int, command: Optional[Callable
 
     Example:
 
-    >>> supervise(["--preset", "minimal"], max_restarts=3)
-    0
+    ```python
+    exit_code = supervise(["--preset", "minimal"], max_restarts=3)
+    ```
     """
     make_command = command or child_command
     env = {**os.environ, SUPERVISED_ENV: "1"}

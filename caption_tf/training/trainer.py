@@ -2,9 +2,10 @@
 
 Example:
 
->>> run_dir = train(load_config("minimal"))
->>> sorted(p.name for p in run_dir.iterdir())
-['config.yaml', 'history.csv', 'logs', 'model.weights.h5', 'run.json', 'skips.json', 'vocab.json']
+```python
+run_dir = train(load_config("minimal"))
+sorted(p.name for p in run_dir.iterdir())
+```
 """
 
 from __future__ import annotations

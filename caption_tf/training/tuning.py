@@ -17,9 +17,10 @@ float with categorical choices, which its Gaussian process handles.
 
 Example:
 
->>> result = tune(load_config("minimal", {"tune": True, "trials": 10}))
->>> load_config(str(result.best_preset)).model.units
-256
+```python
+result = tune(load_config("minimal", {"tune": True, "trials": 10}))
+load_config(str(result.best_preset)).model.units
+```
 """
 
 from __future__ import annotations
@@ -147,8 +148,9 @@ def tune(cfg: Config, bleu: Optional[BleuFunction] = None) -> TuningResult:
 
     Example:
 
-    >>> tune(load_config("minimal", {"trials": 2, "epochs": 1})).best_preset
-    PosixPath('runs/tuning/minimal-shapes-inception_v3-lstm-bahdanau/best.yaml')
+    ```python
+    tune(load_config("minimal", {"trials": 2, "epochs": 1})).best_preset
+    ```
     """
     if cfg.train.trials < 1:
         raise ValueError(f"--trials must be >= 1, got {cfg.train.trials}")
