@@ -38,25 +38,6 @@ from caption_tf.run_folder import FEATURE_NORMALIZER_FILE, Run, RunFolderError, 
 DECODE_BATCH_SIZE = 32
 
 
-def step_words(vocab, tokens: np.ndarray) -> list[str]:
-    """The generated words of one caption in step order, up to (not including) <end>.
-
-    Unlike `vocab.decode`, keeps word t aligned with decoding step t.
-
-    Example:
-
-    >>> step_words(vocab, np.array([5, 9, 3, 0]))
-    ['red', 'circle']
-    """
-    words = []
-    for token in tokens:
-        token = int(token)
-        if token in (vocab.end_id, vocab.pad_id):
-            break
-        words.append(vocab.tokens[token] if token < len(vocab.tokens) else "[UNK]")
-    return words
-
-
 def run_encoder(run: Run) -> ImageEncoder:
     """The image encoder a run's decoder was trained with.
 
@@ -193,7 +174,7 @@ class Captioner:
             beam_tokens, beam_scores, beam_att = self.generator.beam(grid, self.beam_size, self.length_penalty)
             rows = zip(greedy_tokens.numpy(), greedy_att.numpy(), beam_tokens.numpy(), beam_scores.numpy(), beam_att.numpy())
             for g_tok, g_att, b_tok, b_score, b_att in list(rows)[:count]:
-                g_words, b_words = step_words(self.run.vocab, g_tok), step_words(self.run.vocab, b_tok)
+                g_words, b_words = self.run.vocab.step_words(g_tok), self.run.vocab.step_words(b_tok)
                 out.append({
                     "greedy": " ".join(g_words), "beam": " ".join(b_words),
                     "greedy_words": g_words, "beam_words": b_words,
