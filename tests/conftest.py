@@ -49,7 +49,8 @@ def tiny_run(tmp_path_factory):
 
 
 def read_scalars(log_dir) -> dict[str, list[float]]:
-    """{tag: [values]} of the scalars in the TensorBoard event files directly in `log_dir` (text and images left out)."""
+    """{tag: [values]} of the scalars in the TensorBoard event files directly in `log_dir` (text, images, HParams left out)."""
+    import numpy as np
     import tensorflow as tf
     from tensorflow.core.framework import types_pb2
     from tensorflow.core.util import event_pb2
@@ -62,5 +63,7 @@ def read_scalars(log_dir) -> dict[str, list[float]]:
                 if value.HasField("tensor") and value.tensor.dtype == types_pb2.DT_STRING:
                     continue
                 tensor = tf.make_ndarray(value.tensor) if value.HasField("tensor") else value.simple_value
+                if np.size(tensor) != 1:  # the HParams records: empty tensors
+                    continue
                 scalars.setdefault(value.tag, []).append(float(tensor))
     return scalars

@@ -238,6 +238,9 @@ class HealthMonitor(keras.callbacks.Callback):
             self.gpu_probe = GpuProbe()
         if self.log_dir is not None and self._writer is None:
             self._writer = tf.summary.create_file_writer(str(self.log_dir))
+        # Past step 0 (a resumed process, phase 2, the next fit), the point at this step is the one logged before.
+        step = int(self.step())
+        self._last_logged_step = step if step > 0 else self._last_logged_step
         self.sample()
 
     def on_epoch_begin(self, epoch, logs=None):
