@@ -100,8 +100,11 @@ class GpuProbe:
                 import pynvml as nvml
             nvml.nvmlInit()
             self._nvml = nvml
-            self._devices = [(i, nvml.nvmlDeviceGetHandleByIndex(i)) for i in visible_gpu_indices(nvml.nvmlDeviceGetCount())]
+            count = nvml.nvmlDeviceGetCount()
+            self._devices = [(i, nvml.nvmlDeviceGetHandleByIndex(i)) for i in visible_gpu_indices(count)]
             self.available = bool(self._devices)
+            if count and not self._devices:
+                logger.info("GPU health metrics skipped: CUDA_VISIBLE_DEVICES hides all %d GPUs.", count)
         except ImportError as err:
             logger.info("GPU health metrics skipped: nvidia-ml-py is not installed (%s).", err)
         except Exception as err:  # noqa: BLE001 - NVML raises its own error classes

@@ -118,7 +118,7 @@ class CaptionTuner(kt.BayesianOptimization):
             summaries.trim_events(trial_dir, 0, -1)
             hparams = summaries.run_hparams(cfg, data.vocab.size, self.runtime.replicas, self.runtime.precision)
             summaries.write_hparams(trial_dir, hparams, trial_id=f"{self.log_dir.parent.name}/trial_{trial.trial_id}")
-            callbacks.append(summaries.TensorBoard(trial_dir))
+            callbacks.append(summaries.TensorBoard(trial_dir, summaries.SummaryAxis(step=lambda: int(model.optimizer.iterations))))
         history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=callbacks, shuffle=False, verbose=2)
         values = history.history[self.oracle.objective.name]
         best = max(values) if self.oracle.objective.direction == "max" else min(values)
