@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from caption_tf.config import add_config_arguments, load_config, overrides_from_args
+from caption_tf.console import import_tensorflow
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -27,13 +28,16 @@ def train_main(argv: list[str] | None = None) -> int:
 
     if supervising(cfg.checkpoint.max_restarts):  # rerun training in a child process after a crash
         return supervise(sys.argv[1:] if argv is None else argv, cfg.checkpoint.max_restarts)
+    import_tensorflow(cfg.train.verbose)  # first: its start-up notices only with --verbose
     from caption_tf.training.runtime import configure_cpu_replicas, process_is_chief
 
     # Before anything runs a TensorFlow op: devices are fixed when TensorFlow first uses them.
     configure_cpu_replicas(cfg.train.cpu_replicas)
     from caption_tf.evaluation.captioning import evaluate_run
     from caption_tf.evaluation.metrics import corpus_bleu_scores
+    from caption_tf.run_folder import LOG_DIR
     from caption_tf.training.finetune import train_in_phases
+    from caption_tf.training.summaries import write_test_metrics
 
     if cfg.train.tune:
         from caption_tf.training.tuning import tune
@@ -48,6 +52,7 @@ def train_main(argv: list[str] | None = None) -> int:
             print(f"\nThis worker's part is done; the chief writes and evaluates the run folder {run_dir}")
             return 0
         metrics = evaluate_run(run_dir)
+        write_test_metrics(run_dir / LOG_DIR, metrics["greedy"])  # TensorBoard: beside val BLEU-4, and in HParams
     except TrainingStopped as stop:  # NaN loss, disk full: clean stop, last good checkpoint kept
         print(f"error: {stop}", file=sys.stderr)
         return stop.exit_code
@@ -141,10 +146,13 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-resources", dest="resources", action="store_false", help="skip the latency/memory benchmark")
     parser.add_argument("--no-embeddings", dest="embeddings", action="store_false", help="skip the PCA/t-SNE plots")
     parser.add_argument("--resource-batch-sizes", type=int, nargs="+", default=None, help="batch sizes timed (default: 1 8 32)")
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's C++ start-up messages (CUDA probing, oneDNN, CPU features)")
     return parser
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
+    # First (the parser's defaults import TensorFlow): its start-up notices only with --verbose.
+    import_tensorflow("--verbose" in (sys.argv[1:] if argv is None else argv))
     args = evaluate_parser().parse_args(argv)
     from caption_tf.evaluation.report import REPORT_FILE, ReportOptions, build_report, default_out_dir
     from caption_tf.evaluation.resources import RESOURCE_BATCH_SIZES
@@ -185,13 +193,23 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
 
 def main_guard(fn) -> None:
-    """Run an entry point; known user errors print one clear line instead of a traceback."""
+    """Run an entry point; known user errors print one clear line instead of a traceback.
+
+    The error classes are imported after the failure: importing them imports TensorFlow,
+    which the entry point imports itself once it knows whether to be --verbose.
+    """
+    try:
+        sys.exit(fn())
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
     from caption_tf.data.images import BadImageError
     from caption_tf.features.backbones import BackboneWeightsError
     from caption_tf.features.cache import FeatureCacheError
 
-    try:
-        sys.exit(fn())
-    except (FileNotFoundError, ValueError, BackboneWeightsError, BadImageError, FeatureCacheError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    return FileNotFoundError, ValueError, BackboneWeightsError, BadImageError, FeatureCacheError

@@ -119,6 +119,9 @@ class TrainConfig:
     fine_tune_epochs: int = 2  # phase 2 (--fine-tune-layers > 0): end-to-end epochs on images
     fine_tune_learning_rate: float = 1e-5
     fine_tune_batch_size: int = 16  # images per step (each with all its captions)
+    profile_batches: Optional[str] = None  # "A,B": profile batches A..B of the process (TensorBoard's Profile tab)
+    tensorboard_images: int = 3  # validation images drawn under their attention maps in TensorBoard each epoch (~1 s CPU each)
+    verbose: bool = False  # show TensorFlow's C++ start-up messages (CUDA probing, oneDNN, CPU features)
 
 
 @dataclass
@@ -294,6 +297,29 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--cpu-replicas must be >= 1, got {cfg.train.cpu_replicas}")
     if (cfg.train.batch_size is not None and cfg.train.batch_size < 1) or cfg.train.epochs < 0:
         raise ValueError("--batch-size must be >= 1 and --epochs >= 0")
+    profile_batch_range(cfg.train.profile_batches)
+    if cfg.train.tensorboard_images < 0:
+        raise ValueError(f"--tensorboard-images must be >= 0 (0: no attention images), got {cfg.train.tensorboard_images}")
+
+
+def profile_batch_range(value: Optional[str]) -> tuple[int, int] | int:
+    """`--profile-batches` as Keras' TensorBoard `profile_batch`: (A, B), or 0 (off) for none.
+
+    Example:
+
+    >>> profile_batch_range("10,20"), profile_batch_range("5"), profile_batch_range(None)
+    ((10, 20), (5, 5), 0)
+    """
+    if value is None or str(value).strip() in ("", "0"):
+        return 0
+    parts = str(value).split(",")
+    try:
+        first, last = (int(p) for p in (parts * 2 if len(parts) == 1 else parts))
+    except ValueError:
+        first = last = -1
+    if len(parts) > 2 or not 1 <= first <= last:
+        raise ValueError(f"--profile-batches expects A,B with 1 <= A <= B (batches of this training process), or 0 for none; got {value!r}")
+    return first, last
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -11,7 +11,7 @@ module, so the layout and the file formats are defined once.
         feature_normalizer.npz       the per-channel statistics the decoder's inputs were standardised with
         model.weights.h5             final (or best) decoder weights
         history.csv                  per-epoch metrics
-        logs/                        TensorBoard (logs/fine_tune: phase 2)
+        logs/                        TensorBoard, phases 1 and 2 on one step axis (caption_tf.training.summaries)
         metrics.json                 test-split metrics
         skips.json                   what the dataset loader and feature extractor left out
         checkpoints/                 verified checkpoints (caption_tf.training.checkpoints)
@@ -66,7 +66,6 @@ BACKBONE_WEIGHTS_FILE = "backbone.weights.h5"
 FEATURE_NORMALIZER_FILE = "feature_normalizer.npz"
 PHASE1_WEIGHTS_FILE = "decoder_phase1.weights.h5"
 FINE_TUNE_HISTORY_FILE = "history_fine_tune.csv"
-FINE_TUNE_LOG_DIR = "fine_tune"  # under logs/
 FINE_TUNE_CHECKPOINT_DIR = "checkpoints_fine_tune"
 OLD_RUN_SUFFIX = ".old-"  # --resume never moves runs/<name> to runs/<name>.old-<time>
 LOCK_SUFFIX = ".lock"  # runs/<name>.lock, beside the folder so --resume never can move the folder
@@ -134,6 +133,7 @@ NEUTRAL_FIELDS = frozenset({
     "data_root", "data_dir", "download", "cache_dir", "extract_batch_size", "runs_dir", "run_name", "tune", "trials",
     "epochs", "early_stopping_patience", "jit", "cpu_replicas", "cluster_start_timeout", "fine_tune_layers", "fine_tune_epochs", "fine_tune_learning_rate",
     "fine_tune_batch_size", "checkpoint_every", "keep_checkpoints", "resume", "async_checkpoint", "max_restarts",
+    "profile_batches", "tensorboard_images", "verbose",
     *RESUME_OVERRIDES,
 })
 

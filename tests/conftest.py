@@ -49,8 +49,10 @@ def tiny_run(tmp_path_factory):
 
 
 def read_scalars(log_dir) -> dict[str, list[float]]:
-    """{tag: [values]} from the TensorBoard event files directly in `log_dir`."""
+    """{tag: [values]} of the scalars in the TensorBoard event files directly in `log_dir` (text, images, HParams left out)."""
+    import numpy as np
     import tensorflow as tf
+    from tensorflow.core.framework import types_pb2
     from tensorflow.core.util import event_pb2
 
     scalars: dict[str, list[float]] = {}
@@ -58,6 +60,10 @@ def read_scalars(log_dir) -> dict[str, list[float]]:
         for record in tf.data.TFRecordDataset(path):
             event = event_pb2.Event.FromString(record.numpy())
             for value in event.summary.value:
+                if value.HasField("tensor") and value.tensor.dtype == types_pb2.DT_STRING:
+                    continue
                 tensor = tf.make_ndarray(value.tensor) if value.HasField("tensor") else value.simple_value
+                if np.size(tensor) != 1:  # the HParams records: empty tensors
+                    continue
                 scalars.setdefault(value.tag, []).append(float(tensor))
     return scalars

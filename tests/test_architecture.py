@@ -2,7 +2,8 @@
 
 Layers, lowest first; a module may import its own layer and the layers below:
 
-    caption_tf, config, files     the package, configuration, atomic writes and hashes
+    caption_tf, config, files,    the package, configuration, atomic writes and hashes,
+    figures, console              figures training and evaluation both draw, the quiet console
     data                          datasets, images, text
     features                      backbones, feature cache and its record format
     models                        attention, decoder (loss, train step), decoding
@@ -31,7 +32,7 @@ from conftest import REPO_ROOT
 PACKAGE = "caption_tf"
 PACKAGE_DIR = REPO_ROOT / PACKAGE
 LAYERS = (
-    ("caption_tf", "caption_tf.config", "caption_tf.files"),
+    ("caption_tf", "caption_tf.config", "caption_tf.files", "caption_tf.figures", "caption_tf.console"),
     ("caption_tf.data",),
     ("caption_tf.features",),
     ("caption_tf.models",),

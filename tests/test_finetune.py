@@ -116,3 +116,17 @@ def test_rerun_after_a_phase2_crash_resumes_phase2_only(fine_tuned, monkeypatch,
     assert json.loads((run_dir / "run.json").read_text())["phases"]["fine_tune"]["status"] == "complete"
     train_in_phases(cfg)  # everything complete: nothing runs
     assert calls == [run_dir]
+
+
+def test_phase2_continues_the_phase1_curves_in_tensorboard(fine_tuned):
+    """Phase 2 (and its rerun above) log after phase 1 on the same axes, in the same folders: no curve restarts."""
+    from caption_tf.training.summaries import CAPTIONS_TAG, scalar_steps
+
+    _, run_dir, _ = fine_tuned
+    logs = run_dir / "logs"
+    phase1_steps = json.loads((run_dir / "run.json").read_text())["steps_run"]
+    assert scalar_steps(logs / "train", "epoch_loss") == [0, 1]  # phase 1's epoch, then phase 2's
+    assert scalar_steps(logs / "validation", "epoch_loss") == scalar_steps(logs / "validation", CAPTIONS_TAG) == [0, 1]
+    health = scalar_steps(logs, "health/ram_percent")
+    assert health == sorted(set(health)) and health[0] == 0 and phase1_steps in health and health[-1] > phase1_steps
+    assert not (logs / "fine_tune").exists()

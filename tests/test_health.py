@@ -66,8 +66,8 @@ def test_monitor_logs_ram_and_disk_to_tensorboard_and_alerts(tmp_path, caplog):
         model.fit(data(), epochs=2, callbacks=[monitor], verbose=0)
 
     scalars = read_scalars(tmp_path / "logs")
-    # train begin + every 2 of 16 batches + 2 epoch ends
-    assert len(scalars["health/ram_percent"]) == 1 + 16 // 2 + 2
+    # train begin + every 2 of 16 batches; the 2 epoch ends share their step with a periodic sample: one point per step
+    assert len(scalars["health/ram_percent"]) == 1 + 16 // 2
     assert all(0 < v <= 100 for v in scalars["health/ram_percent"])
     assert all(v > 0 for v in scalars["health/disk_free_gb"])
     assert all(v > 0 for v in scalars["health/process_rss_gb"])
@@ -184,3 +184,91 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path, capsys
     fresh = ExactBackupAndRestore(tmp_path / "ckpts", tiny_model(), steps_per_epoch=BATCHES_PER_EPOCH)
     assert fresh.restore() == (0, 4) and fresh.restored.step == 4
     assert all_finite(fresh._model_ref.weights) and all_finite(fresh._model_ref.optimizer.variables)
+
+
+class FixedNvml:
+    """The `pynvml` calls `GpuProbe` makes, answering fixed values: two GPUs, GPU1's temperature sensor broken."""
+
+    NVML_TEMPERATURE_GPU = 0
+    NVML_ERROR_LIBRARY_NOT_FOUND, NVML_ERROR_DRIVER_NOT_LOADED, NVML_ERROR_UNKNOWN = 12, 9, 999
+
+    class NVMLError(Exception):
+        def __init__(self, value):
+            super().__init__(f"NVML error {value}")
+            self.value = value
+
+    def __init__(self, init_error=None):
+        self.init_error = init_error
+        self.temperature_reads = 0
+
+    def nvmlInit(self):
+        if self.init_error is not None:
+            raise self.NVMLError(self.init_error)
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return f"handle{index}"
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return type("Utilization", (), {"gpu": {"handle0": 87, "handle1": 12}[handle]})()
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return type("Memory", (), {"used": 6 * 1024**3, "total": 8 * 1024**3})()
+
+    def nvmlDeviceGetTemperature(self, handle, sensor):
+        self.temperature_reads += 1
+        if handle == "handle1":
+            raise self.NVMLError(self.NVML_ERROR_UNKNOWN)
+        return 91
+
+
+def test_gpu_probe_reads_every_device_and_logs_a_failing_metric_once(caplog, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    nvml = FixedNvml()
+    probe = GpuProbe(nvml=nvml)
+    with caplog.at_level(logging.INFO):
+        readings = [probe.read() for _ in range(3)]
+    assert probe.available and nvml.temperature_reads == 6
+    assert readings[-1] == [
+        {"index": 0, "util_percent": 87.0, "memory_percent": 75.0, "memory_used_gb": 6.0, "temp_c": 91.0},
+        {"index": 1, "util_percent": 12.0, "memory_percent": 75.0, "memory_used_gb": 6.0},  # no temperature, the rest read
+    ]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "GPU1 temp_c" in warnings[0] and "NVML error 999" in warnings[0]
+    assert format_sample({"ram_percent": 1.0, "process_rss_gb": 1.0, "disk_free_gb": 1.0, **{f"gpu1_{k}": v for k, v in readings[-1][1].items()}}).endswith("GPU1 12% util, mem 75%, nanC")
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert [r["index"] for r in GpuProbe(nvml=FixedNvml()).read()] == [1]
+
+
+def test_gpu_probe_tells_no_driver_from_a_broken_one(caplog):
+    with caplog.at_level(logging.INFO):
+        absent = GpuProbe(nvml=FixedNvml(init_error=FixedNvml.NVML_ERROR_LIBRARY_NOT_FOUND))
+        broken = GpuProbe(nvml=FixedNvml(init_error=FixedNvml.NVML_ERROR_UNKNOWN))
+    assert not absent.available and not broken.available and absent.read() == [] == broken.read()
+    levels = [(r.levelno, r.getMessage()) for r in caplog.records if "GPU" in r.getMessage()]
+    assert levels[0][0] == logging.INFO and "no NVIDIA driver" in levels[0][1]
+    assert levels[1][0] == logging.WARNING and "NVML failed to start" in levels[1][1]
+
+
+def test_monitor_writes_gpu_scalars_and_alerts_as_text_to_tensorboard(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monitor = HealthMonitor(tmp_path, log_dir=tmp_path / "logs", every_n_batches=4, gpu_temp_c_max=85.0, gpu_probe=GpuProbe(nvml=FixedNvml()))
+    tiny_model().fit(data(), epochs=2, callbacks=[monitor], verbose=0)
+
+    scalars = read_scalars(tmp_path / "logs")
+    samples = 1 + 16 // 4 + 2 - 2  # begin, every 4 batches, epoch ends; an epoch end shares its step with a periodic sample
+    assert scalars["health/gpu0_util_percent"] == [87.0] * samples and scalars["health/gpu1_util_percent"] == [12.0] * samples
+    assert scalars["health/gpu0_memory_percent"] == [75.0] * samples and scalars["health/gpu0_temp_c"] == [91.0] * samples
+    assert "health/gpu1_temp_c" not in scalars
+    assert [a["kind"] for a in read_alerts(tmp_path)] == ["gpu0_temp_c"]  # once, not at every sample
+    accumulator = event_accumulator.EventAccumulator(str(tmp_path / "logs"), size_guidance={event_accumulator.TENSORS: 0})
+    accumulator.Reload()
+    alerts = accumulator.Tensors("health/alerts")
+    assert len(alerts) == 1 and alerts[0].step == 0
+    text = tf.make_ndarray(alerts[0].tensor_proto).item().decode()
+    assert "gpu0_temp_c" in text and "91" in text and "85" in text

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import csv
+import math
 
+import pytest
+import tensorflow as tf
 from conftest import tiny_overrides
 
 from caption_tf.config import load_config
+from caption_tf.training.trainer import prepare_data
 from caption_tf.training.tuning import BATCH_SIZES, UNITS, max_length_choices, tune
 
 
@@ -29,3 +33,23 @@ def test_two_trial_search_writes_a_loadable_best_preset_and_results(tmp_path):
     assert best.data.num_images == 30  # the rest of the configuration is kept
     assert result.results_markdown.read_text().count("\n") == 4  # header, rule, 2 trials
     assert (result.directory / "search").is_dir()
+
+    # TensorBoard: each trial's HParams record and val loss curve, for the HParams dashboard.
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.plugins.hparams import metadata
+
+    pairs = prepare_data(cfg).pair_count("train")  # the cached data the trials trained on
+    for row in rows:
+        logs = result.directory / "logs" / f"trial_{row['trial']}"
+        acc = event_accumulator.EventAccumulator(str(logs))
+        acc.Reload()
+        info = metadata.parse_session_start_info_plugin_data(acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content)
+        assert info.hparams["units"].number_value == int(row["units"]) and info.hparams["attention"].string_value == row["attention"]
+        assert info.hparams["learning_rate"].number_value == pytest.approx(float(row["learning_rate"]))
+        val = event_accumulator.EventAccumulator(str(logs / "validation"), size_guidance={event_accumulator.TENSORS: 0})
+        val.Reload()
+        (loss,) = val.Tensors("epoch_loss")  # --epochs 1
+        assert float(tf.make_ndarray(loss.tensor_proto)) == pytest.approx(float(row["val_loss"]), abs=1e-5)
+        (after_steps,) = val.Tensors("evaluation_loss_vs_iterations")
+        assert after_steps.step == math.ceil(pairs / int(row["batch_size"]))  # at the trial's optimizer steps
+

@@ -133,6 +133,19 @@ class CaptionVocabulary:
             words.append(self.tokens[i] if i < len(self.tokens) else UNK)
         return " ".join(words)
 
+    def step_words(self, ids: Iterable[int]) -> list[str]:
+        """The generated words of one caption in step order, up to (not including) <end>.
+
+        Unlike `decode`, word t stays aligned with decoding step t (and its attention map).
+        """
+        words = []
+        for i in ids:
+            i = int(i)
+            if i in (self.end_id, self.pad_id):
+                break
+            words.append(self.tokens[i] if i < len(self.tokens) else UNK)
+        return words
+
     def fingerprint(self) -> str:
         return hashlib.sha256("\n".join(self.tokens).encode()).hexdigest()[:16]
 

@@ -23,30 +23,16 @@ Example:
 from __future__ import annotations
 
 import collections
-import math
 from typing import Optional, Sequence
 
 import numpy as np
 
 from caption_tf.data.records import SceneObject
 from caption_tf.data.shapes import COLOURS, SHAPES, SIZES
+from caption_tf.figures import grid_side, upsample  # noqa: F401 - upsample: re-exported, overlays are drawn in figures
 
 WORD_TYPES = {"colour": tuple(COLOURS), "shape": SHAPES, "size": tuple(SIZES)}
 _TYPE_OF_WORD = {word: kind for kind, words in WORD_TYPES.items() for word in words}
-
-
-def grid_side(cells: int) -> tuple[int, int]:
-    """(h, w) of a square feature grid of `cells` cells.
-
-    Example:
-
-    >>> grid_side(49)
-    (7, 7)
-    """
-    side = math.isqrt(int(cells))
-    if side * side != cells:
-        raise ValueError(f"attention over {cells} cells: expected a square feature grid (h*w with h == w)")
-    return side, side
 
 
 def cell_coverage(h: int, w: int, box: Sequence[float]) -> np.ndarray:
@@ -192,19 +178,3 @@ def localisation(
 def _summary(pairs: list[tuple[float, float]]) -> dict:
     mass, base = (float(np.mean(v)) for v in zip(*pairs))
     return {"count": len(pairs), "mass_in_box": mass, "uniform_baseline": base, "ratio": mass / base if base > 0 else None}
-
-
-def upsample(weights: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """One step's attention [cells] as a smooth [height, width] map (bilinear), for overlays.
-
-    Example:
-
-    >>> upsample(np.full(4, 0.25), (8, 8)).shape
-    (8, 8)
-    """
-    from PIL import Image
-
-    h, w = grid_side(np.asarray(weights).size)
-    grid = np.asarray(weights, dtype=np.float32).reshape(h, w)
-    height, width = size
-    return np.asarray(Image.fromarray(grid, mode="F").resize((width, height), Image.BILINEAR))

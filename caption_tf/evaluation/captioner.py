@@ -13,12 +13,12 @@ loses the others' captions.
 
 Example:
 
-```python
-captioner = Captioner.from_run("runs/minimal-shapes-inception_v3-lstm-bahdanau")
-result = captioner.caption(["a.jpg", "b.png"])[0]
-result.greedy, result.beam
-result.greedy_attention.shape   # one row per greedy word, one column per grid cell
-```
+>>> captioner = Captioner.from_run("runs/minimal-shapes-inception_v3-lstm-bahdanau")
+>>> result = captioner.caption(["a.jpg", "b.png"])[0]
+>>> result.greedy, result.beam
+('a red circle above a blue square', 'a small red circle above a large blue square')
+>>> result.greedy_attention.shape   # one row per greedy word, one column per grid cell
+(7, 25)
 """
 
 from __future__ import annotations
@@ -36,26 +36,6 @@ from caption_tf.features.encoder import EncoderSpec, FeatureNormalizer, ImageEnc
 from caption_tf.run_folder import FEATURE_NORMALIZER_FILE, Run, RunFolderError, load_run
 
 DECODE_BATCH_SIZE = 32
-
-
-def step_words(vocab, tokens: np.ndarray) -> list[str]:
-    """The generated words of one caption in step order, up to (not including) <end>.
-
-    Unlike `vocab.decode`, keeps word t aligned with decoding step t.
-
-    Example:
-
-    ```python
-    step_words(vocab, np.array([5, 9, 3, 0]))
-    ```
-    """
-    words = []
-    for token in tokens:
-        token = int(token)
-        if token in (vocab.end_id, vocab.pad_id):
-            break
-        words.append(vocab.tokens[token] if token < len(vocab.tokens) else "[UNK]")
-    return words
 
 
 def run_encoder(run: Run) -> ImageEncoder:
@@ -126,21 +106,17 @@ class Captioner:
         encoder: the run's image encoder (default: `run_encoder(run)`).
         beam_size, length_penalty: beam search settings (default: the run's
             `eval.beam_size` / `eval.length_penalty`).
-        no_repeat_ngram: greedy and beam search never repeat a word n-gram of this
-            length; 0: off (default: the run's `eval.no_repeat_ngram`).
         batch_size: images per backbone and decoder call.
 
     Example:
 
-    ```python
-    captioner = Captioner.from_run("runs/x", beam_size=5)
-    [c.beam for c in captioner.caption(["dog.jpg", "cat.png"])]
-    ```
+    >>> captioner = Captioner.from_run("runs/x", beam_size=5)
+    >>> [c.beam for c in captioner.caption(["dog.jpg", "cat.png"])]
+    ['a dog runs on the grass', 'a cat sits on a sofa']
     """
 
     def __init__(self, run: Run, encoder: Optional[ImageEncoder] = None, beam_size: Optional[int] = None,
-                 length_penalty: Optional[float] = None, batch_size: int = DECODE_BATCH_SIZE,
-                 no_repeat_ngram: Optional[int] = None):
+                 length_penalty: Optional[float] = None, batch_size: int = DECODE_BATCH_SIZE):
         if run.model is None:
             raise ValueError("Captioner needs a run loaded with its model: load_run(run_dir, with_model=True)")
         self.run, self._encoder = run, encoder
@@ -149,8 +125,7 @@ class Captioner:
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
         self.batch_size = batch_size
-        self.generator = run.generator(no_repeat_ngram=no_repeat_ngram)
-        self.no_repeat_ngram = self.generator.no_repeat_ngram
+        self.generator = run.generator()
 
     @property
     def encoder(self) -> ImageEncoder:
@@ -199,7 +174,7 @@ class Captioner:
             beam_tokens, beam_scores, beam_att = self.generator.beam(grid, self.beam_size, self.length_penalty)
             rows = zip(greedy_tokens.numpy(), greedy_att.numpy(), beam_tokens.numpy(), beam_scores.numpy(), beam_att.numpy())
             for g_tok, g_att, b_tok, b_score, b_att in list(rows)[:count]:
-                g_words, b_words = step_words(self.run.vocab, g_tok), step_words(self.run.vocab, b_tok)
+                g_words, b_words = self.run.vocab.step_words(g_tok), self.run.vocab.step_words(b_tok)
                 out.append({
                     "greedy": " ".join(g_words), "beam": " ".join(b_words),
                     "greedy_words": g_words, "beam_words": b_words,

@@ -1,5 +1,7 @@
 """Report figures (matplotlib with the Agg backend, seaborn styling), each written as a PNG.
 
+The attention grid lives in `caption_tf.figures` (training draws it too).
+
 Every function takes plain arrays/dicts, draws one figure, saves it to `path`
 and closes it, so a report can draw hundreds without leaking memory.
 
@@ -23,22 +25,13 @@ import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from caption_tf.evaluation.attention import upsample  # noqa: E402
+# The attention grid is shared with training's TensorBoard images; re-exported for the report.
+from caption_tf.figures import attention_grid, save_figure, wrap_title  # noqa: E402, F401
 
-DPI = 90
-ATTENTION_COLUMNS = 5
-ATTENTION_ALPHA = 0.55
 TEXT_WRAP = 60
 TSNE_MAX_PERPLEXITY = 30.0
 TSNE_ITERATIONS = 500
 EMBEDDING_SEED = 0
-
-
-def _save(fig, path: str | Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return str(path)
 
 
 def score_histogram(values: Sequence[float], metric: str, path: str | Path, title: str = "") -> str:
@@ -54,19 +47,7 @@ def score_histogram(values: Sequence[float], metric: str, path: str | Path, titl
     ax.set_xlabel(f"per-image {metric}")
     ax.set_ylabel("images")
     ax.set_title(wrap_title(title, 48), fontsize=10)
-    return _save(fig, path)
-
-
-def wrap_title(title: str, width: int) -> str:
-    """A title on as many lines as it needs (never cut): run names are long and say what was run.
-
-    Example:
-
-    >>> print(wrap_title("minimal-shapes-inception_v3-lstm-bahdanau: greedy", 30))
-    minimal-shapes-inception_v3-ls
-    tm-bahdanau: greedy
-    """
-    return "\n".join(textwrap.wrap(title, width, break_on_hyphens=False)) if title else ""
+    return save_figure(fig, path)
 
 
 def confusion_heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], path: str | Path, title: str = "") -> str:
@@ -82,34 +63,7 @@ def confusion_heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[st
     ax.set_xlabel("generated")
     ax.set_ylabel("ground truth")
     ax.set_title(wrap_title(title, int(12 * (1.0 + 0.7 * len(cols)))), fontsize=10)
-    return _save(fig, path)
-
-
-def attention_grid(image: np.ndarray, words: Sequence[str], attention: np.ndarray, path: str | Path, title: str = "") -> str:
-    """The image, then one subplot per generated word with that step's attention overlaid.
-
-    Example:
-
-    >>> attention_grid(np.zeros((32, 32, 3), np.uint8), ["red"], np.full((1, 4), 0.25), "a.png")
-    'a.png'
-    """
-    panels = len(words) + 1
-    columns = min(ATTENTION_COLUMNS, panels)
-    rows = int(np.ceil(panels / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.3 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    axes.flat[0].imshow(image)
-    axes.flat[0].set_title("image", fontsize=9)
-    height, width = image.shape[:2]
-    for t, word in enumerate(words):
-        ax = axes.flat[t + 1]
-        ax.imshow(image)
-        ax.imshow(upsample(attention[t], (height, width)), cmap="jet", alpha=ATTENTION_ALPHA)
-        ax.set_title(word, fontsize=10)
-    if title:
-        fig.suptitle(wrap_title(title, 22 * columns), fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def examples_figure(examples: Sequence[dict], path: str | Path) -> str:
@@ -128,7 +82,7 @@ def examples_figure(examples: Sequence[dict], path: str | Path) -> str:
         lines += ["references:"] + [f"  - {r}" for r in example["references"]]
         wrapped = "\n".join(textwrap.shorten(line, TEXT_WRAP * 2) for line in lines)
         ax_text.text(0.0, 1.0, wrapped, va="top", ha="left", fontsize=9, family="monospace", transform=ax_text.transAxes)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def project_2d(pooled: np.ndarray, method: str) -> np.ndarray:
@@ -181,7 +135,7 @@ def embedding_plots(groups: Sequence[dict], path: str | Path) -> str:
             ax.set_yticks([])
             ax.legend(fontsize=7, title=group["label_name"], title_fontsize=7, loc="best")
     bar.close()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def resources_plot(usages: dict[str, dict], path: str | Path) -> str:
@@ -210,7 +164,7 @@ def resources_plot(usages: dict[str, dict], path: str | Path) -> str:
     axes[3].set_ylabel("peak memory (MB)")
     for ax in axes[2:]:
         ax.tick_params(axis="x", labelrotation=20, labelsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def metric_bars(table: dict[str, dict[str, float]], path: str | Path, title: str = "") -> str:
@@ -231,4 +185,4 @@ def metric_bars(table: dict[str, dict[str, float]], path: str | Path, title: str
     ax.set_xticklabels(metrics)
     ax.set_title(title)
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)

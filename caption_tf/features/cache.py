@@ -105,16 +105,18 @@ class FeatureCache:
     def skipped(self) -> list[dict]:
         return list(self.manifest.get("skipped", []))
 
-    def load_split(self, split: str, fields: Sequence[str] = ("grid", "pooled")) -> dict[str, np.ndarray]:
+    def load_split(self, split: str, fields: Sequence[str] = ("grid", "pooled"), limit: Optional[int] = None) -> dict[str, np.ndarray]:
         """Features of a split in memory: {"grid": [N, H*W, C], "pooled": [N, C], "n": N} (float16).
 
         Only `fields` are decoded: the pooled vectors of a large split are a
-        small fraction of its grids.
+        small fraction of its grids. `limit`: only the first `limit` images
+        (in `image_ids` order); "n" stays the split's size.
         """
         (cells, dim), fields = self.grid_shape, tuple(fields)
         empty = {"grid": np.zeros((0, cells, dim), np.float16), "pooled": np.zeros((0, dim), np.float16)}
         values: dict[str, list] = {f: [] for f in fields}
-        for raw in tf.data.TFRecordDataset(self.shards(split)):
+        records = tf.data.TFRecordDataset(self.shards(split))
+        for raw in records if limit is None else records.take(limit):
             ex = parse_feature_example(raw, self.grid_shape, fields=fields)
             for f in fields:
                 values[f].append(ex[f].numpy())

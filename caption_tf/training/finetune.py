@@ -13,7 +13,11 @@ Phase 2 writes into the run folder:
     backbone.weights.h5          the fine-tuned backbone (include_top=False)
     decoder_phase1.weights.h5    the decoder after phase 1 (phase 2 restarts from it)
     model.weights.h5             the decoder after phase 2
-    history_fine_tune.csv        per-epoch phase-2 metrics; TensorBoard in logs/fine_tune
+    history_fine_tune.csv        per-epoch phase-2 metrics
+
+TensorBoard: phase 2 continues the phase-1 curves in `logs/` (its epochs and
+steps come after phase 1's, `summaries.SummaryAxis`), captions and attention
+of the same validation images included.
 
 and re-extracts the feature cache with the fine-tuned backbone (standardised
 with the phase-1 statistics the decoder was trained with), then points the
@@ -63,11 +67,12 @@ from caption_tf.run_folder import (
     BACKBONE_WEIGHTS_FILE,
     FINE_TUNE_CHECKPOINT_DIR,
     FINE_TUNE_HISTORY_FILE,
-    FINE_TUNE_LOG_DIR,
     PHASE1_WEIGHTS_FILE,
     config_hash,
 )
-from caption_tf.training import recovery
+from caption_tf.config import profile_batch_range
+from caption_tf.data.text import clean_caption
+from caption_tf.training import recovery, summaries
 from caption_tf.training.pipeline import captions_table
 from caption_tf.training.runtime import cluster_workers, is_chief, process_is_chief, setup_runtime
 from caption_tf.training.schedules import BleuFunction, LearningRateLogger
@@ -272,18 +277,28 @@ def _fine_tune_locked(cfg, run_dir, run, saved, features_cfg, dataset, cache, ru
         return ds.apply(tf.data.experimental.assert_cardinality(steps))
 
     val_ds = split_batches(dataset, cache, run.vocab, "val", size, batch, False, 0)
+    # TensorBoard: the phase-1 curves go on (phase 1's epochs and steps come first).
+    log_dir = run_dir / run_folder.LOG_DIR
+    axis = summaries.SummaryAxis(epoch_offset=int(run.info.get("epochs_run", 0)), step_offset=int(run.info.get("steps_run", 0)))
     callbacks = [
         LearningRateLogger(),
         keras.callbacks.CSVLogger(str(run_dir / FINE_TUNE_HISTORY_FILE), append=True),
-        keras.callbacks.TensorBoard(str(run_dir / run_folder.LOG_DIR / FINE_TUNE_LOG_DIR), update_freq="epoch"),
+        summaries.TensorBoard(log_dir, axis, profile_batch=profile_batch_range(saved.train.profile_batches)),
     ]
+    val_ids = cache.image_ids("val")
+    if val_ids and is_chief(runtime.strategy):
+        ids = val_ids[: summaries.SAMPLE_IMAGES]
+        samples = summaries.sample_set(ids, [[clean_caption(c) for c in records[i].captions] for i in ids], None, lambda i: load_rgb(records[i].path),
+                                       saved.train.tensorboard_images)
+        inputs = np.stack([load_rgb(records[i].path, size=(size, size)) for i in ids])  # as the training images are read
+        callbacks.append(summaries.SampleCaptions(log_dir / summaries.VALIDATION_DIR, samples, run.vocab, axis,
+                                                  encode=lambda m: m.grid(inputs), decoder=lambda m: m.decoder))
     # What phase-2 checkpoints must match: the phase-1 decoder they start from and the phase-2 settings.
     phase2 = {k: getattr(saved.train, k) for k in ("fine_tune_learning_rate", "fine_tune_batch_size", "seed")}
     phase2.update(fine_tune_layers=saved.features.fine_tune_layers, decoder=file_sha256(run_dir / PHASE1_WEIGHTS_FILE))
     identity = run_folder.RunIdentity(stable_hash(phase2), run.vocab.fingerprint(), cache.fingerprint, {"fine_tune": phase2})
     session = recovery.ResumableTraining(
-        model, run_dir, run_dir / FINE_TUNE_CHECKPOINT_DIR, saved, identity, steps, callbacks, runtime.strategy,
-        run_dir / run_folder.LOG_DIR / FINE_TUNE_LOG_DIR,
+        model, run_dir, run_dir / FINE_TUNE_CHECKPOINT_DIR, saved, identity, steps, callbacks, runtime.strategy, log_dir, axis=axis,
     )
     start = session.restore()
     run_folder.trim_history(run_dir / FINE_TUNE_HISTORY_FILE, start[0])

@@ -3,7 +3,8 @@
 `HealthMonitor` samples RAM, process RSS, free disk and (when an NVIDIA
 driver is present) GPU utilisation/memory/temperature every N batches or
 seconds, writes them to TensorBoard under `health/...`, prints one compact
-line per epoch, and appends threshold crossings to `<run_dir>/alerts.jsonl`.
+line per epoch, and appends threshold crossings to `<run_dir>/alerts.jsonl`
+(and to TensorBoard's text dashboard, `health/alerts`).
 When free disk falls below what the next checkpoint needs, it asks for a
 final save (if that still fits) and stops training cleanly.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -49,6 +51,7 @@ DEFAULT_GPU_MEMORY_PERCENT_MAX = 95.0
 DEFAULT_GPU_TEMP_C_MAX = 85.0
 DEFAULT_MIN_FREE_DISK_GB = 2.0
 DEFAULT_DISK_SAFETY_FACTOR = 2.0
+ALERTS_TAG = "health/alerts"
 
 
 def system_health(path: str | Path) -> dict[str, float]:
@@ -69,11 +72,16 @@ def system_health(path: str | Path) -> dict[str, float]:
 
 
 class GpuProbe:
-    """Reads NVIDIA GPU utilisation, memory and temperature via NVML.
+    """Reads NVIDIA GPU utilisation, memory and temperature per device via NVML (`nvidia-ml-py`).
 
-    Without a driver (or without `nvidia-ml-py`) `available` is False, `reason`
-    and one info line say why, and `read()` returns an empty list. Each reading
-    is {"index", "util_percent", "memory_percent", "memory_used_gb", "temp_c"}.
+    Without a driver or without `nvidia-ml-py`, `available` is False, one info line says
+    why, and `read()` returns an empty list. A driver that is there but fails (at start or
+    on a later reading) is a broken probe, not "no GPU": it is logged as a warning, once per
+    device, metric and error, and the other readings go on. Devices hidden by
+    `CUDA_VISIBLE_DEVICES` (a list of indices) are not read; tags keep the NVML index.
+
+    Args:
+        nvml: the NVML module (default: `pynvml`); tests pass one fed fixed values.
 
     Example (on a machine without an NVIDIA driver):
 
@@ -84,36 +92,86 @@ class GpuProbe:
     ```
     """
 
-    def __init__(self):
-        self.available, self.reason = False, ""
-        self._handles: list = []
-        try:
-            import pynvml
+    # NVML's "there is no NVIDIA driver here" errors: the normal state of a CPU machine.
+    NO_DRIVER_ERRORS = ("NVML_ERROR_LIBRARY_NOT_FOUND", "NVML_ERROR_DRIVER_NOT_LOADED")
 
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-            self.available = bool(self._handles)
-            self.reason = "" if self._handles else "NVML sees no GPU"
-        except Exception as err:  # noqa: BLE001 - any NVML failure means "no GPU metrics"
+    def __init__(self, nvml=None):
+        self.available, self.reason = False, ""  # reason: why there are no readings
+        self.errors: dict[tuple, str] = {}  # (device, metric, error type) -> message, each logged once
+        self._devices: list[tuple[int, object]] = []
+        try:
+            if nvml is None:
+                import pynvml as nvml
+            nvml.nvmlInit()
+            self._nvml = nvml
+            count = nvml.nvmlDeviceGetCount()
+            self._devices = [(i, nvml.nvmlDeviceGetHandleByIndex(i)) for i in visible_gpu_indices(count)]
+            self.available = bool(self._devices)
+            self.reason = "" if self._devices else ("CUDA_VISIBLE_DEVICES hides every GPU" if count else "NVML sees no GPU")
+            if count and not self._devices:
+                logger.info("GPU health metrics skipped: CUDA_VISIBLE_DEVICES hides all %d GPUs.", count)
+        except ImportError as err:
             self.reason = f"{type(err).__name__}: {err}"
-            logger.info("GPU health metrics skipped: no usable NVIDIA driver (%s).", self.reason)
+            logger.info("GPU health metrics skipped: nvidia-ml-py is not installed (%s).", err)
+        except Exception as err:  # noqa: BLE001 - NVML raises its own error classes
+            self.reason = f"{type(err).__name__}: {err}"
+            if getattr(err, "value", None) in [getattr(nvml, name, None) for name in self.NO_DRIVER_ERRORS]:
+                logger.info("GPU health metrics skipped: no NVIDIA driver (%s).", err)
+            else:
+                self._error(None, "init", err)
 
     def read(self) -> list[dict[str, float]]:
+        """One dict per visible device: index, util_percent, memory_percent, memory_used_gb, temp_c (what could be read)."""
         readings = []
-        for index, handle in enumerate(self._handles):
-            nvml = self._nvml
-            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-            readings.append(
-                {
-                    "index": index,
-                    "util_percent": float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu),
-                    "memory_percent": 100.0 * memory.used / memory.total,
-                    "memory_used_gb": memory.used / GIB,
-                    "temp_c": float(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)),
-                }
-            )
+        for index, handle in self._devices:
+            reading: dict[str, float] = {"index": index}
+            for metric, read in (("util_percent", self._utilisation), ("memory", self._memory), ("temp_c", self._temperature)):
+                try:
+                    reading.update(read(handle))
+                except Exception as err:  # noqa: BLE001 - one failing metric must not stop training or the others
+                    self._error(index, metric, err)
+            readings.append(reading)
         return readings
+
+    def _utilisation(self, handle) -> dict:
+        return {"util_percent": float(self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu)}
+
+    def _memory(self, handle) -> dict:
+        memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+        return {"memory_percent": 100.0 * memory.used / memory.total, "memory_used_gb": memory.used / GIB}
+
+    def _temperature(self, handle) -> dict:
+        return {"temp_c": float(self._nvml.nvmlDeviceGetTemperature(handle, self._nvml.NVML_TEMPERATURE_GPU))}
+
+    def _error(self, device: Optional[int], metric: str, err: BaseException) -> None:
+        key = (device, metric, type(err).__name__)
+        if key in self.errors:
+            return
+        self.errors[key] = f"{type(err).__name__}: {err}"
+        where = "NVML failed to start" if device is None else f"reading GPU{device} {metric} failed"
+        logger.warning("GPU health probe: %s (%s: %s); logged once, the other readings go on.", where, type(err).__name__, err)
+
+
+def visible_gpu_indices(count: int, visible: Optional[str] = None) -> list[int]:
+    """NVML indices of the GPUs this process may use: `CUDA_VISIBLE_DEVICES` when it lists indices, else all.
+
+    Example:
+
+    >>> visible_gpu_indices(4, "2,0"), visible_gpu_indices(2, "GPU-5e1b..."), visible_gpu_indices(2, "")
+    ([2, 0], [0, 1], [])
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    if visible is None:
+        return list(range(count))
+    entries = [v.strip() for v in visible.split(",") if v.strip()]
+    if not all(v.isdigit() for v in entries):  # GPU UUIDs or MIG names: NVML order is unknown, read all
+        return list(range(count))
+    indices = []
+    for v in entries:
+        if int(v) >= count or int(v) < 0:
+            break  # CUDA ignores the entries from the first invalid one
+        indices.append(int(v))
+    return indices
 
 
 class HealthMonitor(keras.callbacks.Callback):
@@ -130,6 +188,8 @@ class HealthMonitor(keras.callbacks.Callback):
         final_save: called once before stopping for low disk, if one more
             checkpoint still fits.
         gpu_probe: a `GpuProbe` (default: a new one).
+        step: returns the global step to log at (default: batches seen by this callback);
+            the trainer passes the checkpointed position, so a resumed run continues the curves.
 
     Example:
 
@@ -154,6 +214,7 @@ class HealthMonitor(keras.callbacks.Callback):
         disk_safety_factor: float = DEFAULT_DISK_SAFETY_FACTOR,
         final_save: Optional[Callable[[], Any]] = None,
         gpu_probe: Optional[GpuProbe] = None,
+        step: Optional[Callable[[], int]] = None,
     ):
         super().__init__()
         self.run_dir = Path(run_dir)
@@ -169,6 +230,7 @@ class HealthMonitor(keras.callbacks.Callback):
         self.disk_safety_factor = disk_safety_factor
         self.final_save = final_save
         self.gpu_probe = gpu_probe
+        self.step = step or (lambda: self._step)
         self.alerts_path = self.run_dir / ALERTS_FILE
         self.last_sample: dict[str, float] = {}
         self.stopped_for_disk = False
@@ -178,6 +240,7 @@ class HealthMonitor(keras.callbacks.Callback):
         self._epoch = 0
         self._last_sample_step = 0
         self._last_sample_time = 0.0
+        self._last_logged_step: Optional[int] = None
 
     # -- keras hooks
 
@@ -186,6 +249,9 @@ class HealthMonitor(keras.callbacks.Callback):
             self.gpu_probe = GpuProbe()
         if self.log_dir is not None and self._writer is None:
             self._writer = tf.summary.create_file_writer(str(self.log_dir))
+        # Past step 0 (a resumed process, phase 2, the next fit), the point at this step is the one logged before.
+        step = int(self.step())
+        self._last_logged_step = step if step > 0 else self._last_logged_step
         self.sample()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -202,6 +268,8 @@ class HealthMonitor(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         sample = self.sample()
         print(f"health epoch {epoch + 1}: {format_sample(sample)}", flush=True)
+        if self._writer is not None:
+            self._writer.flush()  # the epoch's health is on the dashboard now, not minutes later
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
@@ -221,8 +289,11 @@ class HealthMonitor(keras.callbacks.Callback):
         self.last_sample = sample
         self._last_sample_step = self._step
         self._last_sample_time = time.monotonic()
-        if self._writer is not None:
-            with self._writer.as_default(step=self._step):
+        step = int(self.step())
+        # One sample per step on the curves (an epoch end and the next fit's start share a step).
+        if self._writer is not None and step != self._last_logged_step:
+            self._last_logged_step = step
+            with self._writer.as_default(step=step):
                 for key, value in sample.items():
                     tf.summary.scalar(f"health/{key}", value)
         self._check_thresholds(sample)
@@ -275,15 +346,19 @@ class HealthMonitor(keras.callbacks.Callback):
         self.model.stop_training = True
 
     def alert(self, kind: str, value: float, threshold: float, message: str) -> None:
-        """Log a warning and append a JSON line to `alerts.jsonl`."""
+        """Log a warning, append a JSON line to `alerts.jsonl`, and show it in TensorBoard (text `health/alerts`)."""
         logger.warning("HEALTH ALERT: %s", message)
+        if self._writer is not None:
+            with self._writer.as_default(step=int(self.step())):
+                tf.summary.text(ALERTS_TAG, f"**{kind}** (epoch {self._epoch + 1}): {message}")
+            self._writer.flush()
         record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "kind": kind,
             "value": value,
             "threshold": threshold,
             "epoch": self._epoch,
-            "step": self._step,
+            "step": int(self.step()),
             "message": message,
         }
         with open(self.alerts_path, "a", encoding="utf-8") as fh:
@@ -313,14 +388,10 @@ def format_sample(sample: dict[str, float]) -> str:
         f"RAM {sample.get('ram_percent', float('nan')):.0f}% (process {sample.get('process_rss_gb', float('nan')):.2f} GB)",
         f"disk {readable(sample.get('disk_free_gb', float('nan')))} GB free",
     ]
-    index = 0
-    while f"gpu{index}_util_percent" in sample:
-        g = f"gpu{index}_"
-        parts.append(
-            f"GPU{index} {sample[g + 'util_percent']:.0f}% util, mem {sample[g + 'memory_percent']:.0f}%, "
-            f"{sample[g + 'temp_c']:.0f}C"
-        )
-        index += 1
+    gpus = sorted({int(key[3:].split("_")[0]) for key in sample if key.startswith("gpu")})
+    for index in gpus:
+        value = lambda name: sample.get(f"gpu{index}_{name}", float("nan"))  # noqa: E731 - a metric NVML could not read: nan
+        parts.append(f"GPU{index} {value('util_percent'):.0f}% util, mem {value('memory_percent'):.0f}%, {value('temp_c'):.0f}C")
     return " | ".join(parts)
 
 

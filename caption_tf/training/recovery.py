@@ -34,6 +34,7 @@ import tensorflow as tf
 from caption_tf import run_folder
 from caption_tf.config import Config
 from caption_tf.training.checkpoints import CheckpointInfo, CheckpointWriteError, SaveRefusedError, VerifiedCheckpointManager, latest_valid
+from caption_tf.training import summaries
 from caption_tf.training.health import HealthMonitor, NonFiniteLossGuard
 from caption_tf.training.runtime import broadcast_from_chief, is_chief, is_multi_worker, worker_loss_reported, worker_write_dir
 from caption_tf.training.supervisor import EXIT_CHECKPOINT_FAILED, EXIT_NON_FINITE, TrainingStopped, is_disk_full
@@ -339,16 +340,22 @@ class ResumableTraining:
     `runtime.worker_write_dir` and restores the checkpoint the chief chose, from the
     chief's `checkpoint_dir`; another worker's death stops `fit` like a full disk does
     (`finish_status` returns it: exit code 5).
+
+    `axis` (a `summaries.SummaryAxis`, shared with the caller's TensorBoard callbacks) is
+    bound to the checkpointed position: TensorBoard's step axis is the position, so a
+    resumed process continues the curves; `restore` drops what was logged past it.
     """
 
     def __init__(self, model: keras.Model, run_dir: Path, checkpoint_dir: Path, cfg: Config, identity: run_folder.RunIdentity, steps_per_epoch: int,
-                 callbacks: Sequence[keras.callbacks.Callback], strategy: tf.distribute.Strategy, log_dir: Optional[Path] = None):
+                 callbacks: Sequence[keras.callbacks.Callback], strategy: tf.distribute.Strategy, log_dir: Optional[Path] = None,
+                 axis: Optional[summaries.SummaryAxis] = None):
         self.model, self.identity, self.others, chief = model, identity, list(callbacks), is_chief(strategy)
         self.strategy = strategy
         # Multi-worker: only the chief writes the run folder; another worker writes the same files
         # (checkpoints, alerts) under its own `worker_write_dir`, and restores the chief's checkpoint.
         self.write_dir = worker_write_dir(run_dir, strategy)
         own_checkpoint_dir = checkpoint_dir if chief else self.write_dir / Path(checkpoint_dir).relative_to(run_dir)
+        self.log_dir, self.chief, self.axis = (Path(log_dir) if log_dir else None), chief, axis or summaries.SummaryAxis()
         # TensorFlow's async checkpoint copies plain variables only: mirrored ones are saved synchronously.
         async_save = cfg.checkpoint.async_checkpoint and strategy.num_replicas_in_sync == 1
         with strategy.scope():  # every variable of the stack: position, callback state, optimizer slots
@@ -357,19 +364,24 @@ class ResumableTraining:
                 async_save, chief, lambda: {**identity.metadata(), "steps_per_epoch": steps_per_epoch},
                 check=lambda info: identity.check(info.metadata, f"Checkpoint {info.path}"), write_dir=own_checkpoint_dir,
             )
-        store = self.backup.store
+        store, position = self.backup.store, self.backup.position
+        self.axis.step = lambda: position["step"]
         self.guard = NonFiniteLossGuard(store)
-        self.monitor = HealthMonitor(self.write_dir, log_dir=log_dir if chief else None, final_save=self.backup.save_now,
+        self.monitor = HealthMonitor(self.write_dir, log_dir=log_dir if chief else None, final_save=self.backup.save_now, step=self.axis.global_step,
                                      checkpoint_bytes=lambda: store.last_published.total_bytes if store.last_published else None)
         self.faults = FaultInjection.from_environment(self.backup.position)
         self.disk_error: Optional[BaseException] = None
         self.worker_lost: Optional[TrainingStopped] = None
 
     def restore(self) -> tuple[int, int]:
+        """Restore the newest valid checkpoint; drop what TensorBoard got past it; (epoch, batch) where training continues."""
         start = self.backup.restore()
         if self.backup.restored is not None:
             position = self.backup.position.as_dict()
             print(f"Resuming from {self.backup.restored.path}: epoch {position['epoch'] + 1}, {position['batch']} batch(es) done", flush=True)
+        if self.chief and self.log_dir is not None:  # those batches are trained (and logged) again; at step 0, all of them
+            step = self.axis.global_step()
+            summaries.trim_events(self.log_dir, self.axis.epoch_offset + self.epochs_done, step if step > 0 else -1)
         return start
 
     def overrides(self) -> dict:

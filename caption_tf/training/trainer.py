@@ -23,14 +23,15 @@ import numpy as np
 import tensorflow as tf
 
 from caption_tf import run_folder
-from caption_tf.config import Config
+from caption_tf.config import Config, profile_batch_range
 from caption_tf.data.datasets import load_dataset
+from caption_tf.data.images import load_rgb
 from caption_tf.data.records import CaptionDataset
 from caption_tf.data.text import CaptionVocabulary, clean_caption, truncation_warning
 from caption_tf.features.cache import NORMALIZER_FILE, FeatureCache, build_feature_cache
 from caption_tf.files import atomic_path
 from caption_tf.models.decoder import build_decoder
-from caption_tf.training import recovery
+from caption_tf.training import recovery, summaries
 from caption_tf.training.autoconfig import resolve_auto_settings
 from caption_tf.training.pipeline import caption_batches, captions_table
 from caption_tf.training.runtime import (
@@ -139,12 +140,24 @@ def build_model(cfg: Config, data: PreparedData, runtime: Runtime, steps_per_epo
     return model
 
 
-def make_callbacks(cfg: Config, run_dir: Path) -> list[keras.callbacks.Callback]:
+def make_callbacks(cfg: Config, run_dir: Path, axis: summaries.SummaryAxis) -> list[keras.callbacks.Callback]:
     callbacks = [
-        keras.callbacks.TensorBoard(str(run_dir / run_folder.LOG_DIR), update_freq="epoch"),
+        summaries.TensorBoard(run_dir / run_folder.LOG_DIR, axis, profile_batch=profile_batch_range(cfg.train.profile_batches)),
         keras.callbacks.CSVLogger(str(run_dir / run_folder.HISTORY_FILE), append=True),
     ]
     return callbacks + early_stopping(cfg.train)
+
+
+def sample_captions(data: PreparedData, run_dir: Path, axis: summaries.SummaryAxis):
+    """TensorBoard's per-epoch captions and attention grids of the first validation images, or None without a validation split."""
+    ids = data.cache.image_ids("val")
+    if not ids:
+        return None
+    records = data.dataset.by_id()
+    grids = data.cache.load_split("val", fields=("grid",), limit=summaries.SAMPLE_IMAGES)["grid"]
+    samples = summaries.sample_set(ids, [[clean_caption(c) for c in records[i].captions] for i in ids[: summaries.SAMPLE_IMAGES]], grids,
+                                   lambda image_id: load_rgb(records[image_id].path), data.config.train.tensorboard_images)
+    return summaries.SampleCaptions(run_dir / run_folder.LOG_DIR / summaries.VALIDATION_DIR, samples, data.vocab, axis)
 
 
 def validation_bleu(data: PreparedData, cfg: Config, bleu: BleuFunction | None):
@@ -239,11 +252,17 @@ def _fit_and_publish(cfg: Config, data: PreparedData, runtime: Runtime, run_dir:
     print(f"Decoder: {cfg.model.decoder} + {cfg.model.attention}, {model.count_params():,} parameters, vocabulary {data.vocab.size}")
 
     # Verified checkpoints every --checkpoint-every batches and each epoch, exact resume, NaN guard, health monitor.
-    callbacks = schedule_callbacks(cfg.train, validation_bleu(data, cfg, bleu), val_ds is not None) + make_callbacks(cfg, write_dir)
+    axis = summaries.SummaryAxis()  # phase 1 starts TensorBoard's curves
+    callbacks = schedule_callbacks(cfg.train, validation_bleu(data, cfg, bleu), val_ds is not None) + make_callbacks(cfg, write_dir, axis)
+    samples = sample_captions(data, run_dir, axis) if chief else None
     session = recovery.ResumableTraining(
-        model, run_dir, run_dir / run_folder.CHECKPOINT_DIR, cfg, identity, train_steps, callbacks, runtime.strategy, write_dir / run_folder.LOG_DIR
+        model, run_dir, run_dir / run_folder.CHECKPOINT_DIR, cfg, identity, train_steps, callbacks + ([samples] if samples else []),
+        runtime.strategy, write_dir / run_folder.LOG_DIR, axis=axis,
     )
     start = session.restore()
+    if chief and axis.global_step() == 0:  # a fresh run: its HParams record (kept by a resume)
+        hparams = summaries.run_hparams(cfg, data.vocab.size, runtime.replicas, runtime.precision)
+        summaries.write_hparams(run_dir / run_folder.LOG_DIR, hparams, trial_id=run_dir.name)
     apply_resume_overrides(model, cfg, session.overrides(), train_steps, runtime, run_dir, step=session.backup.position["step"], chief=chief)
     run_folder.trim_history(write_dir / run_folder.HISTORY_FILE, start[0])  # epochs trained again
     started = time.time()
@@ -268,7 +287,7 @@ def _fit_and_publish(cfg: Config, data: PreparedData, runtime: Runtime, run_dir:
             model.save_weights(tmp)
         # checkpoint_seconds: how long every save of this process, and the waits for their background writes, held training up.
         run_folder.record_weights(run_dir, status="complete", train_seconds=round(time.time() - started, 1), epochs_run=session.epochs_done,
-                                  checkpoint_seconds=round(session.backup.blocking_seconds, 2))
+                                  steps_run=session.backup.position["step"], checkpoint_seconds=round(session.backup.blocking_seconds, 2))
     return run_dir
 
 

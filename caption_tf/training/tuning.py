@@ -8,6 +8,8 @@ on the validation split) and writes, under `<runs-dir>/tuning/<run name>/`:
     results.csv      one row per trial: its settings and objective, best first
     results.md       the same as a Markdown table
     search/          keras-tuner's own state (reused: rerunning continues the search)
+    logs/trial_<id>/ TensorBoard: each trial's curves and its HParams record, so the HParams
+                     dashboard (`tensorboard --logdir runs`) compares the trials with the runs
 
 The objective is `--early-stopping-monitor`: `val_loss` (minimised, the
 default) or `val_bleu4` (maximised; greedy decoding of the validation split
@@ -39,12 +41,14 @@ from caption_tf.config import Config
 from caption_tf.data.text import CaptionVocabulary
 from caption_tf.files import atomic_path, write_text
 from caption_tf.run_folder import default_run_name
+from caption_tf.training import summaries
 from caption_tf.training.runtime import setup_runtime
 from caption_tf.training.schedules import BLEU_MONITOR, BleuFunction, monitor_mode, schedule_callbacks
 from caption_tf.training.trainer import build_model, make_split_dataset, prepare_data, validation_bleu
 
 TUNING_DIR = "tuning"
 SEARCH_PROJECT = "search"
+TRIAL_LOGS = "logs"
 BEST_PRESET, RESULTS_CSV, RESULTS_MD = "best.yaml", "results.csv", "results.md"
 
 # The search space (name -> choices or range); max_length choices come from the configured length.
@@ -96,10 +100,10 @@ def trial_config(cfg: Config, hp: kt.HyperParameters) -> Config:
 class CaptionTuner(kt.BayesianOptimization):
     """BayesianOptimization whose trial trains a `CaptionDecoder` on prepared (cached) data."""
 
-    def __init__(self, cfg: Config, data, runtime, bleu: Optional[BleuFunction], **kwargs):
+    def __init__(self, cfg: Config, data, runtime, bleu: Optional[BleuFunction], log_dir: Optional[Path] = None, **kwargs):
         monitor = cfg.train.early_stopping_monitor
         super().__init__(objective=kt.Objective(monitor, monitor_mode(monitor)), **kwargs)
-        self.cfg, self.data, self.runtime, self.bleu = cfg, data, runtime, bleu
+        self.cfg, self.data, self.runtime, self.bleu, self.log_dir = cfg, data, runtime, bleu, log_dir
 
     def run_trial(self, trial, *args, **kwargs):
         cfg = trial_config(self.cfg, trial.hyperparameters)
@@ -110,6 +114,12 @@ class CaptionTuner(kt.BayesianOptimization):
         model = build_model(cfg, data, self.runtime, steps_per_epoch=int(train_ds.cardinality()))
         bleu = validation_bleu(data, cfg, self.bleu) if cfg.train.early_stopping_monitor == BLEU_MONITOR else None
         callbacks = schedule_callbacks(cfg.train, bleu, has_validation=True)
+        if self.log_dir is not None:  # a rerun trial starts its curves again
+            trial_dir = self.log_dir / f"trial_{trial.trial_id}"
+            summaries.trim_events(trial_dir, 0, -1)
+            hparams = summaries.run_hparams(cfg, data.vocab.size, self.runtime.replicas, self.runtime.precision)
+            summaries.write_hparams(trial_dir, hparams, trial_id=f"{self.log_dir.parent.name}/trial_{trial.trial_id}")
+            callbacks.append(summaries.TensorBoard(trial_dir, summaries.SummaryAxis(step=lambda: int(model.optimizer.iterations))))
         history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=callbacks, shuffle=False, verbose=2)
         values = history.history[self.oracle.objective.name]
         best = max(values) if self.oracle.objective.direction == "max" else min(values)
@@ -164,7 +174,7 @@ def tune(cfg: Config, bleu: Optional[BleuFunction] = None) -> TuningResult:
     directory = Path(cfg.train.runs_dir) / TUNING_DIR / (cfg.train.run_name or default_run_name(cfg))
     directory.mkdir(parents=True, exist_ok=True)
     tuner = CaptionTuner(
-        cfg, data, runtime, bleu, max_trials=cfg.train.trials, seed=cfg.train.seed, directory=str(directory), project_name=SEARCH_PROJECT
+        cfg, data, runtime, bleu, directory / TRIAL_LOGS, max_trials=cfg.train.trials, seed=cfg.train.seed, directory=str(directory), project_name=SEARCH_PROJECT
     )
     tuner.search()
     best_hp = tuner.get_best_hyperparameters(1)[0]
