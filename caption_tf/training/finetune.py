@@ -280,13 +280,11 @@ def _fine_tune_locked(cfg, run_dir, run, saved, features_cfg, dataset, cache, ru
     # TensorBoard: the phase-1 curves go on (phase 1's epochs and steps come first).
     log_dir = run_dir / run_folder.LOG_DIR
     axis = summaries.SummaryAxis(epoch_offset=int(run.info.get("epochs_run", 0)), step_offset=int(run.info.get("steps_run", 0)))
-    callbacks = [
-        LearningRateLogger(),
-        keras.callbacks.CSVLogger(str(run_dir / FINE_TUNE_HISTORY_FILE), append=True),
-        summaries.TensorBoard(log_dir, axis, profile_batch=profile_batch_range(saved.train.profile_batches)),
-    ]
-    val_ids = cache.image_ids("val")
-    if val_ids and is_chief(runtime.strategy):
+    callbacks = [LearningRateLogger(), keras.callbacks.CSVLogger(str(run_dir / FINE_TUNE_HISTORY_FILE), append=True)]
+    chief, val_ids = is_chief(runtime.strategy), cache.image_ids("val")
+    if chief:  # one writer per curve
+        callbacks.append(summaries.TensorBoard(log_dir, axis, profile_batch=profile_batch_range(saved.train.profile_batches)))
+    if val_ids and chief:
         ids = val_ids[: summaries.SAMPLE_IMAGES]
         samples = summaries.sample_set(ids, [[clean_caption(c) for c in records[i].captions] for i in ids], None, lambda i: load_rgb(records[i].path),
                                        saved.train.tensorboard_images)

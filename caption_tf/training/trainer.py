@@ -140,11 +140,10 @@ def build_model(cfg: Config, data: PreparedData, runtime: Runtime, steps_per_epo
     return model
 
 
-def make_callbacks(cfg: Config, run_dir: Path, axis: summaries.SummaryAxis) -> list[keras.callbacks.Callback]:
-    callbacks = [
-        summaries.TensorBoard(run_dir / run_folder.LOG_DIR, axis, profile_batch=profile_batch_range(cfg.train.profile_batches)),
-        keras.callbacks.CSVLogger(str(run_dir / run_folder.HISTORY_FILE), append=True),
-    ]
+def make_callbacks(cfg: Config, run_dir: Path, axis: summaries.SummaryAxis, chief: bool = True) -> list[keras.callbacks.Callback]:
+    """The loggers (TensorBoard on the chief only: one writer per curve) and early stopping."""
+    tensorboard = summaries.TensorBoard(run_dir / run_folder.LOG_DIR, axis, profile_batch=profile_batch_range(cfg.train.profile_batches))
+    callbacks = ([tensorboard] if chief else []) + [keras.callbacks.CSVLogger(str(run_dir / run_folder.HISTORY_FILE), append=True)]
     return callbacks + early_stopping(cfg.train)
 
 
@@ -253,7 +252,7 @@ def _fit_and_publish(cfg: Config, data: PreparedData, runtime: Runtime, run_dir:
 
     # Verified checkpoints every --checkpoint-every batches and each epoch, exact resume, NaN guard, health monitor.
     axis = summaries.SummaryAxis()  # phase 1 starts TensorBoard's curves
-    callbacks = schedule_callbacks(cfg.train, validation_bleu(data, cfg, bleu), val_ds is not None) + make_callbacks(cfg, write_dir, axis)
+    callbacks = schedule_callbacks(cfg.train, validation_bleu(data, cfg, bleu), val_ds is not None) + make_callbacks(cfg, write_dir, axis, chief)
     samples = sample_captions(data, run_dir, axis) if chief else None
     session = recovery.ResumableTraining(
         model, run_dir, run_dir / run_folder.CHECKPOINT_DIR, cfg, identity, train_steps, callbacks + ([samples] if samples else []),
