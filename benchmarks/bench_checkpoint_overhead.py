@@ -17,6 +17,12 @@ Three figures per setting, medians over `--repeats` interleaved rounds:
   this is far steadier than wall time, which other processes' load moves by tens of percent.
 
     python benchmarks/bench_checkpoint_overhead.py [--preset minimal] [--epochs 2] [--every 50] [--repeats 3]
+
+`--per-save` instead times every single save, in one process: the preset's decoder (vocabulary 35,
+InceptionV3 5x5x2048 grid, as on the shapes data) fitted for 3 epochs of 20 batches on random
+features, with saves at epoch ends only or every 10 batches, async and sync.
+
+    python benchmarks/bench_checkpoint_overhead.py --per-save
 """
 
 from __future__ import annotations
@@ -51,6 +57,41 @@ def child(preset: str, overrides: dict, variant: str) -> None:
     print("RUN_JSON " + json.dumps(info), flush=True)
 
 
+def per_save(preset: str) -> list[dict]:
+    """Seconds each save blocked `fit`, in order, for epoch-end and every-10-batch saves, async and sync."""
+    import keras
+    import tensorflow as tf
+
+    from caption_tf.config import load_config
+    from caption_tf.models.decoder import build_decoder
+    from caption_tf.training.recovery import ExactBackupAndRestore
+
+    cfg, rows = load_config(preset), []
+    rng = np.random.default_rng(0)
+    grids = rng.normal(size=(640, 25, 2048)).astype("float32")
+    tokens = rng.integers(1, 35, size=(640, 15)).astype("int32")
+    data = tf.data.Dataset.from_tensor_slices(((grids, tokens[:, :-1]), tokens[:, 1:])).batch(32)  # 20 batches
+    for save_freq, async_save in (("epoch", True), (10, True), ("epoch", False), (10, False)):
+        keras.utils.set_random_seed(0)
+        model = build_decoder(cfg.model, 35, (25, 2048), 15)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        with tempfile.TemporaryDirectory() as folder:
+            backup = ExactBackupAndRestore(folder, model, steps_per_epoch=20, save_freq=save_freq, async_save=async_save)
+            blocked, save = [], backup.store.save
+
+            def timed(step, metadata=None, save=save, blocked=blocked):
+                started = time.perf_counter()
+                save(step, metadata)
+                blocked.append(f"{step}: {time.perf_counter() - started:.3f}")
+
+            backup.store.save = timed
+            model.fit(data, epochs=3, callbacks=[backup], verbose=0)
+            rows.append({"saves": f"every {save_freq}" if save_freq != "epoch" else "epoch ends", "mode": "async" if async_save else "sync",
+                         "seconds blocked per save (step: s)": ", ".join(blocked), "total incl. final wait": backup.blocking_seconds,
+                         "checkpoint_mb": backup.store.last_published.total_bytes / 2**20})
+    return rows
+
+
 def variants(every: int) -> dict[str, dict]:
     return {
         "none": {"checkpoint_every": every},
@@ -79,11 +120,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-images", type=int, default=None, help="dataset size (default: the preset's)")
     parser.add_argument("--dir", default=None, help="data, feature cache and runs go here and are kept (default: a temp folder)")
+    parser.add_argument("--per-save", action="store_true", help="time each save of a short in-process fit instead")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.preset, json.loads(args.overrides), args.child)
+        return
+    if args.per_save:
+        report("checkpoint_per_save", per_save(args.preset), notes={"preset": args.preset, "load_average_1min": f"{os.getloadavg()[0]:.1f}"})
         return
 
     with contextlib.nullcontext(args.dir) if args.dir else tempfile.TemporaryDirectory() as folder:
