@@ -80,10 +80,12 @@ def build_lock(target: str | Path) -> Iterator[None]:
 
     Example:
 
-    >>> if not done(target):
-    ...     with build_lock(target):
-    ...         if not done(target):   # another process may have built it meanwhile
-    ...             build(target)
+    ```python
+    if not done(target):
+        with build_lock(target):
+            if not done(target):   # another process may have built it meanwhile
+                build(target)
+    ```
     """
     target = Path(target)
     lock_path = target.with_name(target.name + LOCK_SUFFIX)

@@ -148,7 +148,7 @@ class TiedOutput(keras.layers.Layer):
     Example:
 
     >>> head = TiedOutput(embedding_dim=8, vocab_size=20)
-    >>> head(keras.random.normal((2, 16)), keras.random.normal((20, 8))).shape
+    >>> tuple(head(keras.random.normal((2, 16)), keras.random.normal((20, 8))).shape)
     (2, 20)
     """
 

@@ -10,7 +10,7 @@ so it cannot say "to the left of".
 Example:
 
 >>> encoder = GridEncoder(32, positions="learned")
->>> encoder(keras.random.normal((2, 25, 64))).shape
+>>> tuple(encoder(keras.random.normal((2, 25, 64))).shape)
 (2, 25, 32)
 """
 

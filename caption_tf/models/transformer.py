@@ -24,7 +24,7 @@ Example:
 
 >>> model = TransformerCaptionDecoder(vocab_size=100, max_length=10, embedding_dim=32, units=64)
 >>> grid = keras.random.normal((2, 49, 64)); tokens = keras.ops.ones((2, 9), "int32")
->>> model((grid, tokens)).shape
+>>> tuple(model((grid, tokens)).shape)
 (2, 9, 100)
 """
 

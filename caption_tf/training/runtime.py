@@ -464,8 +464,10 @@ def describe_lost_worker(text: str, strategy: tf.distribute.Strategy) -> str:
 
     Example:
 
-    >>> describe_lost_worker("... unhealthy (stopped sending heartbeats): /job:worker/replica:0/task:1 ...", strategy)
-    'worker /job:worker/task:1 stopped sending heartbeats (it crashed or was killed)'
+    ```python
+    describe_lost_worker("... unhealthy (stopped sending heartbeats): /job:worker/replica:0/task:1 ...", strategy)
+    # 'worker /job:worker/task:1 stopped sending heartbeats (it crashed or was killed)'
+    ```
     """
     resolver = strategy.cluster_resolver
     me = (resolver.task_type, str(resolver.task_id))
@@ -499,8 +501,10 @@ def worker_loss_reported(strategy: tf.distribute.Strategy):
 
     Example:
 
-    >>> with worker_loss_reported(strategy):
-    ...     model.fit(ds)
+    ```python
+    with worker_loss_reported(strategy):
+        model.fit(ds)
+    ```
     """
     if not is_multi_worker(strategy):
         yield

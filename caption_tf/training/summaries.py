@@ -19,8 +19,10 @@ resumes at, so no step is logged twice.
 
 Example:
 
->>> axis = SummaryAxis()
->>> callbacks = [TensorBoard("runs/x/logs", axis), SampleCaptions("runs/x/logs/validation", samples, vocab, axis)]
+```python
+axis = SummaryAxis()
+callbacks = [TensorBoard("runs/x/logs", axis), SampleCaptions("runs/x/logs/validation", samples, vocab, axis)]
+```
 """
 
 from __future__ import annotations
@@ -162,7 +164,9 @@ class SampleCaptions(keras.callbacks.Callback):
 
     Example:
 
-    >>> model.fit(ds, callbacks=[SampleCaptions("runs/x/logs/validation", sample_set(data), vocab, SummaryAxis())])
+    ```python
+    model.fit(ds, callbacks=[SampleCaptions("runs/x/logs/validation", sample_set(data), vocab, SummaryAxis())])
+    ```
     """
 
     def __init__(self, log_dir, samples: SampleSet, vocab, axis: Optional[SummaryAxis] = None,
@@ -218,8 +222,10 @@ def run_hparams(cfg: Config, vocab_size: int, replicas: int, precision: str) -> 
 
     Example:
 
-    >>> run_hparams(load_config("minimal"), 27, 1, "float32")["decoder"]
-    'lstm'
+    ```python
+    run_hparams(load_config("minimal"), 27, 1, "float32")["decoder"]
+    # 'lstm'
+    ```
     """
     values = {
         "preset": cfg.preset or "custom",
