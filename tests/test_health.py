@@ -115,10 +115,14 @@ def test_gpu_readings_go_to_tensorboard_and_alert_once_per_crossing(tmp_path):
     memory = [50.0, 96.0, 99.0, 60.0, 97.0]  # crosses 95% at samples 2 and 5 (back below at 4)
     temps = [70.0, 70.0, 86.0, 86.0, 84.0]  # crosses 85 C at sample 3, once
     samples = [[gpu(0, m, t), gpu(1, 10.0, 40.0)] for m, t in zip(memory, temps)]
+    steps = iter(range(100))  # one health point per global step: each sample at the next step
     monitor = HealthMonitor(tmp_path, log_dir=tmp_path / "logs", gpu_probe=FixedGpuProbe(samples), every_n_batches=0, every_seconds=0,
-                            ram_percent_max=100.0, min_free_disk_gb=0.0, gpu_memory_percent_max=95.0, gpu_temp_c_max=85.0)
+                            ram_percent_max=100.0, min_free_disk_gb=0.0, gpu_memory_percent_max=95.0, gpu_temp_c_max=85.0,
+                            step=lambda: current[0])
+    current = [next(steps)]
     monitor.on_train_begin()  # sample 1
     for _ in range(len(samples) - 1):
+        current[0] = next(steps)
         monitor.sample()
     monitor.on_train_end()
 
