@@ -48,7 +48,7 @@ def test_bad_values_are_rejected_with_the_field_name():
     with pytest.raises(ValueError, match="epochs"):
         apply_overrides(Config(), {"epochs": "many"})
     with pytest.raises(ValueError, match="decoder"):
-        apply_overrides(Config(), {"decoder": "transformer"})
+        apply_overrides(Config(), {"decoder": "mamba"})
     with pytest.raises(ValueError, match="Unknown config field"):
         apply_overrides(Config(), {"no_such_field": 1})
     with pytest.raises(FileNotFoundError, match="Known presets"):
