@@ -203,7 +203,7 @@ def _train_locked(requested: Config, bleu: BleuFunction | None, runtime: Runtime
     # for a fresh feature cache): the same command always starts from the same decoder.
     keras.utils.set_random_seed(cfg.train.seed)
     model = build_model(cfg, data, runtime, steps_per_epoch=train_steps)
-    print(f"Decoder: {cfg.model.decoder} + {cfg.model.attention}, {model.count_params():,} parameters, vocabulary {data.vocab.size}")
+    print(f"Decoder: {cfg.model.label}, {model.count_params():,} parameters, vocabulary {data.vocab.size}")
 
     # Verified checkpoints every --checkpoint-every batches and each epoch, exact resume, NaN guard, health monitor.
     callbacks = schedule_callbacks(cfg.train, validation_bleu(data, cfg, bleu), val_ds is not None) + make_callbacks(cfg, run_dir)
