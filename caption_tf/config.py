@@ -91,6 +91,17 @@ class ModelConfig:
     attention_penalty: float = 0.0  # weight of the doubly stochastic attention penalty (0: off)
     label_smoothing: float = 0.0  # of the cross-entropy targets (0: off)
 
+    @property
+    def label(self) -> str:
+        """What the decoder is, for logs and reports; `attention` does not apply to the transformer.
+
+        Example:
+
+        >>> ModelConfig().label, ModelConfig(decoder="transformer").label
+        ('lstm + bahdanau', 'transformer')
+        """
+        return self.decoder if self.decoder == "transformer" else f"{self.decoder} + {self.attention}"
+
 
 @dataclass
 class TrainConfig:

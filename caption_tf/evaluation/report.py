@@ -125,7 +125,7 @@ def run_label(run) -> str:
     ```
     """
     m, f = run.config.model, run.config.features
-    return f"{m.decoder.upper()} + {m.attention}, {f.backbone} ({f.input_size or 'native'} px)"
+    return f"{m.label.replace(m.decoder, m.decoder.upper(), 1)}, {f.backbone} ({f.input_size or 'native'} px)"
 
 
 def unique_names(run_dirs: Sequence[str | Path]) -> list[str]:

@@ -248,7 +248,7 @@ def _fit_and_publish(cfg: Config, data: PreparedData, runtime: Runtime, run_dir:
     train_steps = steps_per_epoch(data, "train", cfg, runtime)
     val_ds = make_split_dataset(data, "val", cfg, runtime, training=False) if data.cache.image_ids("val") else None
     model = build_model(cfg, data, runtime, steps_per_epoch=train_steps)
-    print(f"Decoder: {cfg.model.decoder} + {cfg.model.attention}, {model.count_params():,} parameters, vocabulary {data.vocab.size}")
+    print(f"Decoder: {cfg.model.label}, {model.count_params():,} parameters, vocabulary {data.vocab.size}")
 
     # Verified checkpoints every --checkpoint-every batches and each epoch, exact resume, NaN guard, health monitor.
     axis = summaries.SummaryAxis()  # phase 1 starts TensorBoard's curves
