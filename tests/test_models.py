@@ -127,7 +127,7 @@ def test_decoder_learns_a_feature_dependent_task(decoder, attention):
     tokens = np.array([[2, 4, 5, 3], [2, 4, 6, 3]], "int32")  # <start> a red|blue <end>
     x = np.repeat(grids, 32, 0)
     y = np.repeat(tokens, 32, 0)
-    model = tiny_model(decoder, attention, vocab=8, length=4)
+    model = tiny_model(decoder, attention, vocab=8, length=6)  # room to decode past the captions (the transformer's positions)
     model.compile(optimizer=keras.optimizers.Adam(0.01))
     history = model.fit((x, y[:, :-1]), y[:, 1:], batch_size=16, epochs=15, verbose=0)
     assert history.history["loss"][-1] < 0.1 * history.history["loss"][0]
