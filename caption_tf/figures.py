@@ -3,8 +3,9 @@
 The attention grid of one caption (the image, then the image under each
 generated word's attention map) is drawn here once: the evaluation report
 saves it as a PNG file, training logs the same figure to TensorBoard's image
-dashboard each epoch. It sits below both in the package layers, so training
-can use it without importing evaluation.
+dashboard each epoch. It sits above the models (it reads a grid's shape through
+`models.grid.grid_side`) and below training and evaluation, so training can use it
+without importing evaluation.
 
 Example:
 
@@ -27,6 +28,8 @@ matplotlib.use("Agg")  # headless: no display on servers and in tests
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from caption_tf.models.grid import grid_side  # noqa: E402 - the grid owns its shape
+
 DPI = 90
 ATTENTION_COLUMNS = 5
 ATTENTION_ALPHA = 0.55
@@ -42,20 +45,6 @@ def wrap_title(title: str, width: int) -> str:
     'minimal-shapes-inception_v3-ls\\ntm-bahdanau: greedy'
     """
     return "\n".join(textwrap.wrap(title, width, break_on_hyphens=False)) if title else ""
-
-
-def grid_side(cells: int) -> tuple[int, int]:
-    """(h, w) of a square feature grid of `cells` cells.
-
-    Example:
-
-    >>> grid_side(49)
-    (7, 7)
-    """
-    side = math.isqrt(int(cells))
-    if side * side != cells:
-        raise ValueError(f"attention over {cells} cells: expected a square feature grid (h*w with h == w)")
-    return side, side
 
 
 def upsample(weights: np.ndarray, size: tuple[int, int]) -> np.ndarray:

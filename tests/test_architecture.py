@@ -3,10 +3,11 @@
 Layers, lowest first; a module may import its own layer and the layers below:
 
     caption_tf, config, files,    the package, configuration, atomic writes and hashes,
-    figures, console              figures training and evaluation both draw, the quiet console
+    console                       the quiet console
     data                          datasets, images, text
     features                      backbones, feature cache and its record format
     models                        attention, decoder (loss, train step), decoding
+    figures                       figures training and evaluation both draw
     run_folder                    the run folder: layout, run.json, loading a trained run
     training                      training pipeline, schedules, crash recovery
     evaluation                    metrics, analyses, the report
@@ -32,10 +33,11 @@ from conftest import REPO_ROOT
 PACKAGE = "caption_tf"
 PACKAGE_DIR = REPO_ROOT / PACKAGE
 LAYERS = (
-    ("caption_tf", "caption_tf.config", "caption_tf.files", "caption_tf.figures", "caption_tf.console"),
+    ("caption_tf", "caption_tf.config", "caption_tf.files", "caption_tf.console"),
     ("caption_tf.data",),
     ("caption_tf.features",),
     ("caption_tf.models",),
+    ("caption_tf.figures",),
     ("caption_tf.run_folder",),
     ("caption_tf.training",),
     ("caption_tf.evaluation",),

@@ -29,7 +29,8 @@ import numpy as np
 
 from caption_tf.data.records import SceneObject
 from caption_tf.data.shapes import COLOURS, SHAPES, SIZES
-from caption_tf.figures import grid_side, upsample  # noqa: F401 - upsample: re-exported, overlays are drawn in figures
+from caption_tf.figures import upsample  # noqa: F401 - re-exported, overlays are drawn in figures
+from caption_tf.models.grid import grid_side
 
 WORD_TYPES = {"colour": tuple(COLOURS), "shape": SHAPES, "size": tuple(SIZES)}
 _TYPE_OF_WORD = {word: kind for kind, words in WORD_TYPES.items() for word in words}

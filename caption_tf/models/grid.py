@@ -36,7 +36,7 @@ def grid_side(cells: int) -> tuple[int, int]:
     """
     side = math.isqrt(int(cells))
     if side * side != cells:
-        raise ValueError(f"2-D grid positions need a square feature grid (h*w with h == w), got {cells} cells")
+        raise ValueError(f"expected a square feature grid (h*w with h == w), got {cells} cells")
     return side, side
 
 
