@@ -14,7 +14,7 @@ import pytest
 from caption_tf.cli import train_main
 from caption_tf.config import load_config
 from caption_tf.files import file_sha256
-from caption_tf.training import recovery, supervisor
+from caption_tf.training import faults, supervisor
 from caption_tf.training.checkpoints import latest_valid
 from caption_tf.run_folder import CheckpointMismatchError
 from caption_tf.training.trainer import train
@@ -128,7 +128,7 @@ def test_nan_loss_stops_cleanly_then_a_lower_learning_rate_resumes(shared, tmp_p
     shared_tmp, _ = shared
     overrides = tiny_overrides(shared_tmp, checkpoint_every=3, epochs=2)
     overrides["runs_dir"] = str(tmp_path / "runs")
-    monkeypatch.setenv(recovery.NAN_AT_STEP_ENV, "7")  # weights become NaN after step 7: step 8's loss is NaN
+    monkeypatch.setenv(faults.NAN_AT_STEP_ENV, "7")  # weights become NaN after step 7: step 8's loss is NaN
 
     code = train_main(cli_flags(overrides))
     assert code == supervisor.EXIT_NON_FINITE
@@ -142,7 +142,7 @@ def test_nan_loss_stops_cleanly_then_a_lower_learning_rate_resumes(shared, tmp_p
     assert json.loads((run_dir / "run.json").read_text())["status"] == "stopped: non-finite loss"
 
     # The advice is true: the same command with a lower learning rate resumes from ckpt-6 and finishes.
-    monkeypatch.delenv(recovery.NAN_AT_STEP_ENV)
+    monkeypatch.delenv(faults.NAN_AT_STEP_ENV)
     assert train_main(cli_flags({**overrides, "learning_rate": 0.0005})) == 0
     out = capsys.readouterr().out
     assert "ckpt-6: epoch 1, 6 batch(es) done" in out and "Resuming with changed settings: --learning-rate 0.002 -> 0.0005" in out
@@ -164,7 +164,7 @@ def test_supervisor_restarts_a_crashing_training_child_until_it_finishes(shared,
     )
     # A child SIGKILLs itself after 14 of its own batches (step 14, ckpt-12 saved): the restarted
     # child resumes from step 12 and finishes the 20 batches in 8.
-    monkeypatch.setenv(recovery.CRASH_AFTER_BATCHES_ENV, "14")
+    monkeypatch.setenv(faults.CRASH_AFTER_BATCHES_ENV, "14")
     command = lambda argv: [sys.executable, "-c", child, str(REPO_ROOT), json.dumps(overrides)]  # noqa: E731
     assert supervisor.supervise([], max_restarts=2, command=command) == 0
     out = capsys.readouterr().out

@@ -12,7 +12,7 @@ import numpy as np
 from caption_tf.config import load_config
 from caption_tf.evaluation.errors import repeated_phrases
 from caption_tf.training.trainer import prepare_data
-from caption_tf.training.recovery import CRASH_AFTER_BATCHES_ENV
+from caption_tf.training.faults import CRASH_AFTER_BATCHES_ENV
 from conftest import REPO_ROOT, tiny_overrides
 
 # 32 training images x 5 captions / batch 16 = 10 batches per epoch; checkpoints every 3.

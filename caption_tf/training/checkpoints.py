@@ -153,9 +153,8 @@ def _quarantine(directory: Path, step: int, pieces: list[Path], reason: str) -> 
 def latest_valid(directory: str | Path, quarantine: bool = True) -> tuple[Optional[CheckpointInfo], list[tuple[Path, str]]]:
     """The newest checkpoint of `directory` that verifies, and [(quarantine folder, reason)] of newer ones that did not.
 
-    Every checkpoint on disk is a candidate, so a damaged or lost manager state loses nothing;
-    older ones the manager no longer lists (an interrupted sweep) are removed, and the state is
-    rewritten to list what is left. `quarantine=False` (not the chief) moves and rewrites nothing.
+    Every checkpoint on disk is a candidate (a damaged or lost manager state loses nothing); older ones the
+    manager no longer lists are removed and the state lists what is left. `quarantine=False` changes nothing.
     """
     directory = Path(directory)
     try:  # None when missing or unreadable (TensorFlow logs why)
@@ -192,8 +191,7 @@ def latest_valid(directory: str | Path, quarantine: bool = True) -> tuple[Option
 
 
 @contextlib.contextmanager
-def _quiet_async_errors():
-    # TensorFlow logs a failed async write when it hands the error over; the caller reports it once.
+def _quiet_async_errors():  # TensorFlow logs a failed async write as it hands it over; the caller reports it once
     absl_logger, level = logging.getLogger("absl"), logging.getLogger("absl").level
     absl_logger.setLevel(logging.CRITICAL)
     try:
@@ -210,25 +208,20 @@ class VerifiedCheckpointManager:
         directory: the checkpoint folder (created when needed).
         max_to_keep: how many of the newest checkpoints the manager keeps.
         async_save: write in the background (`CheckpointOptions(enable_async=True)`).
-        chief: False on a worker that is not the chief of a multi-worker cluster: every
-            worker takes part in a save (reading a variable is a collective), the others
-            write to a folder of their own (removed at `close()`), as Keras' callbacks do;
-            they read `directory` but never quarantine or rewrite anything in it.
-        write_directory: that folder for a worker that is not the chief (default: a new
-            temporary folder); ignored on the chief, which writes `directory`.
+        chief: False on a multi-worker cluster's other workers. Every worker takes part in a
+            save (reading a variable is a collective); as in Keras' callbacks, the others write to
+            `write_directory` (default: a temporary folder, removed at `close()`) and only read
+            `directory`, never quarantining or rewriting anything in it.
     """
 
     def __init__(self, checkpoint: tf.train.Checkpoint, directory: str | Path, max_to_keep: int = 3, async_save: bool = True, chief: bool = True,
                  write_directory: Optional[str | Path] = None):
         self.directory, self.chief = Path(directory), chief
-        if chief:
-            self.write_directory = self.directory
-        else:
-            self.write_directory = Path(write_directory) if write_directory else Path(tempfile.mkdtemp(prefix="caption_tf_worker_ckpt_"))
+        self.write_directory = self.directory if chief else Path(write_directory or tempfile.mkdtemp(prefix="caption_tf_worker_ckpt_"))
         self.write_directory.mkdir(parents=True, exist_ok=True)
         self.checkpoint, self.max_to_keep, self.async_save = checkpoint, max_to_keep, async_save
         self.last_published: Optional[CheckpointInfo] = None
-        self.refusal: Optional[str] = None
+        self.refusal: Optional[str] = None  # why saves are refused (see `refuse_saves`)
         self._pending: Optional[int] = None  # the step being written in the background
         self.manager = tf.train.CheckpointManager(checkpoint, str(self.write_directory), max_to_keep, checkpoint_name=CHECKPOINT_NAME)
 
@@ -246,19 +239,15 @@ class VerifiedCheckpointManager:
             self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.directory), self.max_to_keep, checkpoint_name=CHECKPOINT_NAME)
         return info
 
-    def restore(self, info: Optional[CheckpointInfo] = None, check: Optional[Callable[[CheckpointInfo], None]] = None,
-                step: Optional[int] = None) -> Optional[CheckpointInfo]:
-        """Verify and restore `info`, or `directory`'s checkpoint of `step` (default: the newest valid one; None if none).
+    def restore(self, check: Optional[Callable[[CheckpointInfo], None]] = None, step: Optional[int] = None) -> Optional[CheckpointInfo]:
+        """Verify and restore `directory`'s checkpoint of `step` (default: the newest valid one; None if none).
 
         `check(info)` may refuse it first.
 
         Raises:
-            CorruptCheckpointError: `info` or the checkpoint of `step` fails verification.
+            CorruptCheckpointError: the checkpoint of `step` fails verification.
         """
-        if step is not None:
-            info = verify(self.directory / f"{CHECKPOINT_NAME}-{step}")
-        else:
-            info = self.latest_valid() if info is None else verify(info.path)
+        info = self.latest_valid() if step is None else verify(self.directory / f"{CHECKPOINT_NAME}-{step}")
         if info is not None:
             if check is not None:
                 check(info)
@@ -276,12 +265,11 @@ class VerifiedCheckpointManager:
         """
         if self.refusal:
             raise SaveRefusedError(f"Not saving step {step}: {self.refusal}")
-        meta = dict(metadata or {})
 
         def publish(save_path: str) -> None:  # a write callback: the files are complete
             if self.chief:
                 try:
-                    self.last_published = write_manifest(Path(save_path), int(step), meta)
+                    self.last_published = write_manifest(Path(save_path), int(step), dict(metadata or {}))
                 except BaseException:
                     _remove(_files_of(Path(save_path)))  # never an unverifiable checkpoint
                     raise
@@ -303,10 +291,9 @@ class VerifiedCheckpointManager:
         self._drop_orphan_manifests()
         pending, self._pending, error = self._pending, None, None
         # TensorFlow keeps an async error until the next save, or raises it at exit: the last save has no next one.
-        helper = getattr(self.checkpoint, "_async_checkpointer_impl", None)
         try:
             with _quiet_async_errors():
-                if helper is not None:
+                if (helper := getattr(self.checkpoint, "_async_checkpointer_impl", None)) is not None:
                     helper._check_async_thread_error()
         except Exception as err:  # noqa: BLE001 - raised below as CheckpointWriteError
             error = err

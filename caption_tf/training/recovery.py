@@ -1,28 +1,16 @@
 """Crash-safe training: what to do with a run folder, and the exact resume of `fit`.
 
-One resume path serves phase 1 (the decoder) and phase 2 (fine-tuning):
-`ResumableTraining` puts `ExactBackupAndRestore`, a subclass of
-`keras.callbacks.BackupAndRestore`, into the callback stack. Its state is a
-`tf.train.Checkpoint` kept by a `VerifiedCheckpointManager` (a
-`tf.train.CheckpointManager` with SHA-256 manifests): model and optimizer
-variables (Adam moments, iterations, learning rate, loss scale), dropout RNG
-state, the position (step, epoch, batch) and the state of the stateful callbacks
-(EarlyStopping with its best weights, ReduceLROnPlateau).
-
-Keras restores only the epoch, and no callback can skip batches: Keras owns the
-data iterator. So the data order is a function of the position instead: epoch `e`
-is shuffled with seed `seed + e`, and `fit_from_position` feeds `fit` from the
-restored (epoch, batch), one short `fit` for the rest of an interrupted epoch and
-one for the other epochs. docs/recovery.md describes the whole design, and
-docs/distributed.md what each worker of a multi-worker job reads and writes.
+One resume path serves phase 1 (the decoder) and phase 2 (fine-tuning): `ExactBackupAndRestore`,
+a `keras.callbacks.BackupAndRestore` subclass, checkpoints model, optimizer, RNG, position and
+the stateful callbacks through a `VerifiedCheckpointManager`. Keras owns the data iterator, so
+the data order is a function of the position: epoch `e` is shuffled with seed `seed + e` and
+`fit_from_position` feeds `fit` from the restored (epoch, batch). See docs/recovery.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -33,15 +21,14 @@ import tensorflow as tf
 
 from caption_tf import run_folder
 from caption_tf.config import Config
-from caption_tf.training.checkpoints import CheckpointInfo, CheckpointWriteError, SaveRefusedError, VerifiedCheckpointManager, latest_valid
+from caption_tf.training.checkpoints import CheckpointInfo, CheckpointWriteError, VerifiedCheckpointManager, latest_valid
 from caption_tf.training import summaries
+from caption_tf.training.faults import FaultInjection
 from caption_tf.training.health import HealthMonitor, NonFiniteLossGuard
 from caption_tf.training.runtime import broadcast_from_chief, is_chief, is_multi_worker, worker_loss_reported, worker_write_dir
 from caption_tf.training.supervisor import EXIT_CHECKPOINT_FAILED, EXIT_NON_FINITE, TrainingStopped, is_disk_full
 
 EPOCH_SECONDS_KEY, CHECKPOINT_SECONDS_KEY = "epoch_seconds", "checkpoint_seconds"
-CRASH_AFTER_BATCHES_ENV = "CAPTION_TF_CRASH_AFTER_BATCHES"  # test hook: SIGKILL itself after N batches of this process
-NAN_AT_STEP_ENV = "CAPTION_TF_NAN_AT_STEP"  # test hook: a weight becomes NaN after global step N
 
 
 # ------------------------------------------------------------------ what to do with a run folder
@@ -72,11 +59,9 @@ def check_checkpoints(directory: Path, identity: run_folder.RunIdentity) -> Opti
 def plan_run(cfg: Config, run_dir: Path, identity: run_folder.RunIdentity, info: dict) -> RunPlan:
     """Decide what training does with `run_dir`, before any of its files is rewritten.
 
-    `--resume never` moves a non-empty run aside; a complete run (same settings,
-    `--epochs` not larger, weights intact) is not trained again; anything else
-    trains, resuming from the newest valid checkpoint. Multi-worker: only the chief
-    calls it (it moves and quarantines); the others follow its decision
-    (`runtime.broadcast_from_chief`).
+    `--resume never` moves a non-empty run aside; a complete run (same settings, `--epochs` not larger,
+    weights intact) is not trained again; anything else resumes from the newest valid checkpoint.
+    Multi-worker: only the chief calls it; the others follow (`runtime.broadcast_from_chief`).
     """
     run_folder.check_run_folder(run_dir)
     plan = RunPlan(run_dir)
@@ -170,30 +155,25 @@ class CallbackState:
 class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
     """`keras.callbacks.BackupAndRestore` that resumes exactly, mid-epoch included.
 
-    Keras' callback saves weights and epoch, and restarts an interrupted epoch from its
-    first batch. This subclass keeps its contract (restore in `on_train_begin`, set the
-    model's initial epoch, save every `save_freq` batches) but saves a verified checkpoint
-    of all the state listed above, numbered by global step. An epoch's end is saved after
-    its validation and callbacks: an epoch counts as done only with its metrics.
+    Keras' callback saves weights and epoch and restarts an interrupted epoch from its first
+    batch. This subclass keeps its contract (restore in `on_train_begin`, save every `save_freq`
+    batches) but saves a verified checkpoint of all the state, numbered by global step. An
+    epoch's end is saved after its validation and callbacks: an epoch is done only with its metrics.
 
     Args:
         backup_dir, save_freq: as Keras' (`save_freq`: "epoch" or batches between saves).
         model: the compiled, built model; steps_per_epoch: batches per epoch.
         callbacks: the other callbacks of `fit`; the stateful ones are carried.
-        max_to_keep, async_save, chief: see `VerifiedCheckpointManager`.
+        max_to_keep, async_save, chief, write_dir: see `VerifiedCheckpointManager` (`write_directory`).
         metadata_fn: extra manifest metadata; check: raises to refuse another run's checkpoint.
-        write_dir: where a worker that is not the chief saves (`VerifiedCheckpointManager`'s
-            `write_directory`); it restores the checkpoint the chief chose from `backup_dir`.
 
     Create it inside `strategy.scope()`: it creates variables.
     """
 
-    def __init__(self, backup_dir, model: keras.Model, steps_per_epoch: int, save_freq="epoch", callbacks=(), max_to_keep: int = 3,
-                 async_save: bool = True, chief: bool = True, metadata_fn: Callable[[], dict] = dict,
-                 check: Optional[Callable[[CheckpointInfo], None]] = None, write_dir=None):
+    def __init__(self, backup_dir, model: keras.Model, steps_per_epoch: int, save_freq="epoch", callbacks=(), max_to_keep: int = 3, async_save: bool = True,
+                 chief: bool = True, metadata_fn: Callable[[], dict] = dict, check: Optional[Callable[[CheckpointInfo], None]] = None, write_dir=None):
         super().__init__(str(backup_dir), save_freq=save_freq, delete_checkpoint=False)
-        if not model.optimizer.built:  # slots must exist before a restore
-            # Once: LossScaleOptimizer.build adds another loss scale and step counter on every call.
+        if not model.optimizer.built:  # slots must exist before a restore; once: LossScaleOptimizer.build adds variables on each call
             model.optimizer.build(model.trainable_variables)
         self.steps_per_epoch, self.metadata_fn, self.check, self._model_ref = steps_per_epoch, metadata_fn, check, model
         self.position, self.states = TrainingPosition(), CallbackState(callbacks, model)
@@ -204,35 +184,26 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
                                          callbacks=[*self.states.values, self.states.flags, *self.states.best_weights])
         self.store = VerifiedCheckpointManager(checkpoint, backup_dir, max_to_keep, async_save, chief, write_directory=write_dir)
         self.restored: Optional[CheckpointInfo] = None
-        self.failure: Optional[BaseException] = None
+        self.failure: Optional[BaseException] = None  # a failed save: training stops, the last checkpoint stays
         self.blocking_seconds = 0.0  # how long saves and waits for background writes held training up
         self.final_segment = True  # False while fit_from_position runs the rest of an interrupted epoch
-        self._restore_done, self._offset, self._epoch, self._last_loss = False, 0, 0, None
-        self._saved_step: Optional[int] = None  # a step is saved once, whoever asks again
+        self._restore_done, self._offset, self._epoch, self._last_loss, self._saved_step = False, 0, 0, None, None  # a step is saved once
 
     def restore(self) -> tuple[int, int]:
-        """Restore the newest valid checkpoint (once per process); (epoch, batch) where training continues."""
+        """Restore the newest valid checkpoint (once per process); (epoch, batch) where training continues.
+
+        Multi-worker: the chief picks the checkpoint (quarantining damaged ones); the others
+        restore that step from the chief's folder, read-only, so all start from the same state.
+        """
         if not self._restore_done:
-            self.restored, self._restore_done = self._restore_agreed(), True
-            self._saved_step = self.restored.step if self.restored else None
+            strategy, step = self._model_ref.distribute_strategy, None
+            if is_multi_worker(strategy):
+                chosen = self.store.latest_valid() if self.store.chief else None
+                step = broadcast_from_chief(strategy, chosen.step if chosen else -1)
+            self.restored = None if step == -1 else self.store.restore(check=self.check, step=step)
+            self._restore_done, self._saved_step = True, self.restored.step if self.restored else None
         epoch, batch = self.position["epoch"], self.position["batch"]
         return (epoch + 1, 0) if batch >= self.steps_per_epoch else (epoch, batch)
-
-    def _restore_agreed(self) -> Optional[CheckpointInfo]:
-        strategy = self._model_ref.distribute_strategy
-        if not is_multi_worker(strategy):
-            return self.store.restore(check=self.check)
-        # Multi-worker: every worker must start from the same state. The chief picks the checkpoint
-        # (quarantining damaged ones); the others restore that step from the chief's folder, read-only.
-        chosen = self.store.latest_valid() if self.store.chief else None
-        step = broadcast_from_chief(strategy, chosen.step if chosen else -1)
-        return None if step < 0 else self.store.restore(chosen, check=self.check, step=None if chosen else step)
-
-    def restore_best_weights(self) -> None:
-        """What EarlyStopping does at the end of `fit`, for a resumed run with nothing left to train."""
-        self.states.apply()
-        if self.states.early_stopping is not None and self.states.early_stopping.best_weights is not None:
-            self._model_ref.set_weights(self.states.early_stopping.best_weights)
 
     def save_now(self) -> None:
         """A save outside the schedule: the health monitor's last one before a low-disk stop."""
@@ -253,8 +224,8 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
         super().on_train_batch_end(batch, logs)  # -> _should_save_on_batch -> _save_model
 
     def _should_save_on_batch(self, batch):
-        every = self.save_freq if isinstance(self.save_freq, int) else 0
-        return bool(every) and self.position["step"] % every == 0 and self.position["batch"] < self.steps_per_epoch
+        every = self.save_freq if isinstance(self.save_freq, int) else 0  # "epoch": epoch ends only
+        return every > 0 and self.position["step"] % every == 0 and self.position["batch"] < self.steps_per_epoch
 
     def on_epoch_end(self, epoch, logs=None):
         self._offset = 0
@@ -264,9 +235,13 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
             self.states.early_stopping.best_weights = None  # saved; else its on_train_end would restore them already
 
     def on_train_end(self, logs=None):
+        self.wait_for_writes()
+
+    def wait_for_writes(self, close: bool = False) -> None:
+        """Wait for the background write (the wait is part of the checkpoint cost); a failure goes to `failure`."""
         started = time.perf_counter()
         try:
-            self.store.flush()  # the wait for the last background write is part of the cost
+            self.store.close() if close else self.store.flush()
         except CheckpointWriteError as err:
             self._fail(err)
         finally:
@@ -287,31 +262,25 @@ class ExactBackupAndRestore(keras.callbacks.BackupAndRestore):
         try:
             self.store.save(step, {**self.position.as_dict(), **metrics, **self.metadata_fn()})
             self._saved_step = step
-        except (CheckpointWriteError, SaveRefusedError) as err:
+        except CheckpointWriteError as err:
             self._fail(err)
         finally:
             self.blocking_seconds += time.perf_counter() - started
 
     def _fail(self, err: BaseException) -> None:
         self.failure = self.failure or err
-        self.model.stop_training = True
+        self._model_ref.stop_training = True
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Adds `epoch_seconds` and `checkpoint_seconds` to the epoch logs (so to `history.csv`).
-
-    `epoch_seconds`: the time since the previous epoch's row (since training began for
-    the first); `checkpoint_seconds`: how long saves, and waits for background writes,
-    held training up in that time. The windows follow each other without a gap, so the
-    rows add up to the whole run: an epoch's end checkpoint is saved after its row is
-    written (an epoch counts as done only once it is logged), so it is counted in the
-    next row; the last one, with the final wait, is in run.json's `checkpoint_seconds`.
-    """
+    """Adds `epoch_seconds` (since the previous row) and `checkpoint_seconds` (how long saves held
+    training up in that time) to the epoch logs. The windows have no gaps, so the rows add up to
+    the run: an epoch's end checkpoint, saved after its row, counts in the next row; the last one
+    is in run.json's `checkpoint_seconds`."""
 
     def __init__(self, backup: ExactBackupAndRestore):
         super().__init__()
-        self.backup = backup
-        self._started: Optional[float] = None
+        self.backup, self._started = backup, None
 
     def _start_window(self) -> None:
         self._started, self._blocked = time.perf_counter(), self.backup.blocking_seconds
@@ -335,24 +304,16 @@ class ResumableTraining:
     Callback order: NaN guard, epoch timer, the caller's callbacks, `ExactBackupAndRestore`
     (it sets their state after their reset, saves the epoch after their updates), the
     health monitor (its final save sees the updated position), test hooks.
-
-    Multi-worker (docs/distributed.md): a worker other than the chief saves under its
-    `runtime.worker_write_dir` and restores the checkpoint the chief chose, from the
-    chief's `checkpoint_dir`; another worker's death stops `fit` like a full disk does
-    (`finish_status` returns it: exit code 5).
-
-    `axis` (a `summaries.SummaryAxis`, shared with the caller's TensorBoard callbacks) is
-    bound to the checkpointed position: TensorBoard's step axis is the position, so a
-    resumed process continues the curves; `restore` drops what was logged past it.
+    Multi-worker (docs/distributed.md): a worker other than the chief writes under its
+    `runtime.worker_write_dir`; another worker's death stops `fit` (exit code 5).
+    `axis` (shared with the caller's TensorBoard callbacks) is the checkpointed position, so
+    a resumed process continues the curves; `restore` drops what was logged past it.
     """
 
     def __init__(self, model: keras.Model, run_dir: Path, checkpoint_dir: Path, cfg: Config, identity: run_folder.RunIdentity, steps_per_epoch: int,
                  callbacks: Sequence[keras.callbacks.Callback], strategy: tf.distribute.Strategy, log_dir: Optional[Path] = None,
                  axis: Optional[summaries.SummaryAxis] = None):
-        self.model, self.identity, self.others, chief = model, identity, list(callbacks), is_chief(strategy)
-        self.strategy = strategy
-        # Multi-worker: only the chief writes the run folder; another worker writes the same files
-        # (checkpoints, alerts) under its own `worker_write_dir`, and restores the chief's checkpoint.
+        self.model, self.identity, self.others, self.strategy, chief = model, identity, list(callbacks), strategy, is_chief(strategy)
         self.write_dir = worker_write_dir(run_dir, strategy)
         own_checkpoint_dir = checkpoint_dir if chief else self.write_dir / Path(checkpoint_dir).relative_to(run_dir)
         self.log_dir, self.chief, self.axis = (Path(log_dir) if log_dir else None), chief, axis or summaries.SummaryAxis()
@@ -370,8 +331,7 @@ class ResumableTraining:
         self.monitor = HealthMonitor(self.write_dir, log_dir=log_dir if chief else None, final_save=self.backup.save_now, step=self.axis.global_step,
                                      checkpoint_bytes=lambda: store.last_published.total_bytes if store.last_published else None)
         self.faults = FaultInjection.from_environment(self.backup.position)
-        self.disk_error: Optional[BaseException] = None
-        self.worker_lost: Optional[TrainingStopped] = None
+        self.disk_error, self.worker_lost = None, None  # how `fit` ended: a full disk, or a lost worker (TrainingStopped)
 
     def restore(self) -> tuple[int, int]:
         """Restore the newest valid checkpoint; drop what TensorBoard got past it; (epoch, batch) where training continues."""
@@ -409,31 +369,23 @@ class ResumableTraining:
 
     def finish_status(self) -> Optional[TrainingStopped]:
         """Wait for the last save; a `TrainingStopped` (not raised) when training did not end normally."""
-        started = time.perf_counter()
-        try:
-            self.backup.store.close()
-        except CheckpointWriteError as err:
-            self.backup.failure = self.backup.failure or err
-        finally:
-            self.backup.blocking_seconds += time.perf_counter() - started
-        last = self.backup.store.last_published
+        self.backup.wait_for_writes(close=True)
+        last, failure = self.backup.store.last_published, self.disk_error or self.backup.failure
         last_text = f"{last.path} (step {last.step})" if last else "none"
         if self.worker_lost is not None:
             return self.worker_lost
-        failure = self.disk_error or self.backup.failure
-        reason = f" ({str(failure).splitlines()[0]})" if failure is not None else ""
         if self.guard.tripped_at is not None:
             return TrainingStopped(
                 f"{self.guard.message} Last good checkpoint: {last_text}. Lower the learning rate (--learning-rate) or clip"
                 " gradients harder (--clipnorm) and rerun the command: it resumes from that checkpoint with the new values.",
                 EXIT_NON_FINITE, "stopped: non-finite loss")
-        if self.monitor.stopped_for_disk or is_disk_full(failure):
-            return TrainingStopped(f"Training stopped: the disk is full or almost full{reason}. Last good checkpoint: {last_text}. "
-                                   "Free disk space and rerun the same command to resume.", EXIT_CHECKPOINT_FAILED, "stopped: disk full")
-        if failure is not None:
-            return TrainingStopped(f"Training stopped: saving a checkpoint failed{reason}. Last good checkpoint: {last_text}. "
-                                   "Fix the cause and rerun the same command to resume.", EXIT_CHECKPOINT_FAILED, "stopped: checkpoint save failed")
-        return None
+        if failure is None and not self.monitor.stopped_for_disk:
+            return None
+        disk = self.monitor.stopped_for_disk or is_disk_full(failure)
+        what, fix = ("the disk is full or almost full", "Free disk space") if disk else ("saving a checkpoint failed", "Fix the cause")
+        reason = f" ({str(failure).splitlines()[0]})" if failure is not None else ""
+        return TrainingStopped(f"Training stopped: {what}{reason}. Last good checkpoint: {last_text}. {fix} and rerun the same command to resume.",
+                               EXIT_CHECKPOINT_FAILED, "stopped: disk full" if disk else "stopped: checkpoint save failed")
 
 
 # ------------------------------------------------------------------ exact data position
@@ -442,8 +394,7 @@ class ResumableTraining:
 def epoch_feed(make_epoch: Callable[[tf.Tensor], tf.data.Dataset], start_epoch: int, start_batch: int, end_epoch: int) -> tf.data.Dataset:
     """The batches of epochs [start_epoch, end_epoch), skipping `start_batch` batches of the first.
 
-    `make_epoch(e)` builds epoch `e` (an int64 tensor) with a seed derived from it, so
-    every epoch has a fixed order that a resumed run reproduces.
+    `make_epoch(e)` builds epoch `e` (an int64 tensor) shuffled with a seed derived from `e`: a resume reproduces it.
     """
     first, skip = tf.constant(start_epoch, tf.int64), tf.constant(start_batch, tf.int64)
 
@@ -458,12 +409,13 @@ def fit_from_position(model: keras.Model, make_epoch, backup: ExactBackupAndRest
                       callbacks: Sequence[keras.callbacks.Callback], dataset_options: Optional[tf.data.Options] = None, **fit_kwargs) -> dict:
     """`fit` from the restored (epoch, batch) to `epochs`: the rest of an interrupted epoch, then the others.
 
-    Keras reads the chained epochs of `epoch_feed` through one iterator when
-    `steps_per_epoch` is given. Returns the merged `history.history`.
+    Keras reads `epoch_feed`'s chained epochs through one iterator (`steps_per_epoch` given); returns the merged history.
     """
     epoch, batch = backup.restore()
-    if backup.states.stopped_early or epoch >= epochs:  # nothing left to train
-        backup.restore_best_weights()
+    if backup.states.stopped_early or epoch >= epochs:  # nothing left: what EarlyStopping does at the end of `fit`
+        backup.states.apply()
+        if getattr(backup.states.early_stopping, "best_weights", None) is not None:
+            model.set_weights(backup.states.early_stopping.best_weights)
         return {}
     segments = [(epoch, batch, epoch + 1)] if batch else []  # the rest of an interrupted epoch: a fit of its own
     if epoch + bool(batch) < epochs:
@@ -480,24 +432,3 @@ def fit_from_position(model: keras.Model, make_epoch, backup: ExactBackupAndRest
         for key, values in result.history.items():
             history.setdefault(key, []).extend(values)
     return history
-
-
-class FaultInjection(keras.callbacks.Callback):
-    """Test hooks from the environment: SIGKILL this process after N of its batches; a NaN weight after step N."""
-
-    def __init__(self, position: TrainingPosition, crash_after: Optional[int], nan_at: Optional[int]):
-        super().__init__()
-        self.position, self.crash_after, self.nan_at, self._batches = position, crash_after, nan_at, 0
-
-    @classmethod
-    def from_environment(cls, position: TrainingPosition) -> Optional["FaultInjection"]:
-        crash, nan = os.environ.get(CRASH_AFTER_BATCHES_ENV), os.environ.get(NAN_AT_STEP_ENV)
-        return cls(position, int(crash) if crash else None, int(nan) if nan else None) if crash or nan else None
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._batches += 1
-        if self.nan_at is not None and self.position["step"] == self.nan_at:
-            self.model.trainable_variables[0].assign(tf.fill(self.model.trainable_variables[0].shape, float("nan")))
-        if self.crash_after is not None and self._batches >= self.crash_after:
-            print(f"{CRASH_AFTER_BATCHES_ENV}: killing this process after {self._batches} batches", flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
