@@ -33,6 +33,8 @@ def tiny_overrides(tmp: Path, **extra) -> dict:
         "epochs": 1,
         "batch_size": 16,
         "checkpoint_every": 0,
+        # No attention images in TensorBoard (a third of a tiny run's time): test_tensorboard.py asks for them.
+        "tensorboard_images": 0,
         **extra,
     }
 

@@ -143,7 +143,7 @@ def test_a_killed_and_resumed_run_continues_every_curve_without_repeating_a_step
     # SIGKILL after 14 batches, with epoch 1 logged and flushed; the two newest checkpoints (steps 12 and 10)
     # damaged as by a kill during their write: training resumes from step 9, inside epoch 1, whose end the
     # killed process had already logged.
-    settings = dict(checkpoint_every=3)
+    settings = dict(checkpoint_every=3, tensorboard_images=1)  # its image steps must not repeat either
     killed = train_py(shared_tmp, "resumed", "--no-async-checkpoint", env={"CAPTION_TF_CRASH_AFTER_BATCHES": "14"}, **settings)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     run_dir = shared_tmp / "runs" / "resumed"
