@@ -14,7 +14,7 @@ from caption_tf.config import (
 
 @pytest.mark.parametrize(
     "preset, emb, units, vocab, length, epochs",
-    [("minimal", 64, 128, 3000, 15, 10), ("fast", 128, 256, 5000, 20, 10), ("optimized", 256, 384, 8000, 25, 30)],
+    [("minimal", 64, 128, 3000, 15, 10), ("fast", 128, 256, 5000, 20, 30), ("optimized", 256, 384, 8000, 25, 30)],
 )
 def test_presets_carry_the_guide_numbers(preset, emb, units, vocab, length, epochs):
     cfg = load_config(preset)
