@@ -69,16 +69,3 @@ def read_scalars(log_dir) -> dict[str, list[float]]:
                     continue
                 scalars.setdefault(value.tag, []).append(float(tensor))
     return scalars
-
-
-# The slowest files first (measured: `python -m pytest tests --durations=30`): with a file per
-# process (pytest.ini), the long ones then run side by side and short ones fill the end, instead of
-# one process finishing a long file alone.
-SLOWEST_FIRST = ("test_distribute_precision.py", "test_kill_resume.py", "test_transformer_cli.py", "test_distribute.py",
-                 "test_report.py", "test_tensorboard.py", "test_failures.py", "test_resume_distributed.py", "test_captioner.py",
-                 "test_resume.py", "test_cli.py", "test_decoding.py", "test_models.py", "test_run_folder.py", "test_finetune.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
