@@ -18,14 +18,17 @@ NAN_AT_STEP_ENV = "CAPTION_TF_NAN_AT_STEP"  # a weight becomes NaN after global 
 
 
 class FaultInjection(keras.callbacks.Callback):
-    """Test hooks from the environment: SIGKILL this process after N of its batches; a NaN weight after step N."""
+    """Test hooks from the environment: SIGKILL this process after N of its batches; a NaN weight after step N.
 
-    def __init__(self, position: TrainingPosition, crash_after: Optional[int], nan_at: Optional[int]):
+    `position` is the `recovery.TrainingPosition` the checkpoints carry.
+    """
+
+    def __init__(self, position: tf.Module, crash_after: Optional[int], nan_at: Optional[int]):
         super().__init__()
         self.position, self.crash_after, self.nan_at, self._batches = position, crash_after, nan_at, 0
 
     @classmethod
-    def from_environment(cls, position: TrainingPosition) -> Optional["FaultInjection"]:
+    def from_environment(cls, position: tf.Module) -> Optional["FaultInjection"]:
         crash, nan = os.environ.get(CRASH_AFTER_BATCHES_ENV), os.environ.get(NAN_AT_STEP_ENV)
         return cls(position, int(crash) if crash else None, int(nan) if nan else None) if crash or nan else None
 
