@@ -17,7 +17,6 @@ b'\\x89PNG'
 from __future__ import annotations
 
 import io
-import math
 import textwrap
 from pathlib import Path
 from typing import Sequence
