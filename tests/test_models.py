@@ -173,6 +173,52 @@ def test_grid_positions_let_the_decoder_state_relations(decoder, attention):
     assert results["none"] <= 0.7, results  # chance is 0.5: half the captions name the other order
 
 
+@pytest.mark.parametrize("decoder,attention", [("lstm", "bahdanau"), ("gru", "luong"), ("transformer", "bahdanau")])
+def test_only_real_tokens_reach_the_output_layer_and_the_loss_is_unchanged(decoder, attention):
+    """`output_loss` skips padding; loss, accuracy and gradients equal the padded pass's (same dropout masks), XLA included."""
+    model = tiny_model(decoder, attention, dropout=0.3, label_smoothing=0.1, tie_embeddings=decoder == "gru")
+    rng = np.random.default_rng(3)
+    grid = tf.constant(rng.normal(size=(4, 9, 8)).astype("float32"))
+    tokens = rng.integers(4, 20, (4, 7)).astype("int32")
+    tokens[0, 3:], tokens[2, 5:] = 0, 0  # 6 of the 24 targets are padding
+    inputs, targets = tf.constant(tokens[:, :-1]), tf.constant(tokens[:, 1:])
+    seed_state = model.dropout.seed_generator.state
+    start = seed_state.numpy()
+    output_rows = []
+    original_logits = model.logits
+    model.logits = lambda features: output_rows.append(tuple(features.shape[:-1])) or original_logits(features)
+
+    def padded():
+        logits = model((grid, inputs), training=True)
+        real = tf.cast(targets != 0, "float32")
+        hits = tf.cast(tf.argmax(logits, -1, output_type=tf.int32) == targets, "float32")
+        return masked_loss(targets, logits, 0.1), tf.reduce_sum(hits * real) / tf.reduce_sum(real)
+
+    def with_gradients(forward):
+        with tf.GradientTape() as tape:
+            loss, accuracy = forward()
+        return loss, accuracy, tape.gradient(loss, model.trainable_variables)
+
+    packed = lambda: model.output_loss(model.teacher_forcing_features(grid, inputs, True)[0], targets, True)  # noqa: E731
+    xla = tf.function(lambda: with_gradients(lambda: model.objective(grid, inputs, targets, training=True)[1::2]), jit_compile=True)
+
+    def assert_same(runs):
+        results = []
+        for run in runs:
+            seed_state.assign(start)
+            loss, accuracy, grads = run()
+            results.append((float(loss), float(accuracy), grads))
+        (loss, accuracy, grads), (other_loss, other_accuracy, other_grads) = results
+        assert loss == pytest.approx(other_loss, rel=1e-5) and accuracy == pytest.approx(other_accuracy)
+        for g, h in zip(grads, other_grads):
+            np.testing.assert_allclose(tf.convert_to_tensor(g), tf.convert_to_tensor(h), atol=1e-5)
+
+    assert_same([lambda: with_gradients(packed), lambda: with_gradients(padded)])
+    assert output_rows == [(18,), (4, 6)]  # packed: only the 18 real tokens went through the output layer
+    model.dropout.rate = 0.0  # XLA draws other random numbers than TensorFlow's kernels for the same seed
+    assert_same([lambda: with_gradients(packed), xla])
+
+
 def test_attention_penalty_is_added_to_the_loss_as_defined():
     model = tiny_model("gru", "bahdanau", attention_penalty=0.7)
     rng = np.random.default_rng(2)

@@ -2,8 +2,9 @@
 
 A family (`CaptionDecoder`: LSTM/GRU with attention; `TransformerCaptionDecoder`) provides
 
-- `teacher_forcing(grid, tokens, training)` -> (logits [B, T, V] float32, attention [B, T, cells]):
-  the training pass over whole captions, as parallel as the maths allows;
+- `teacher_forcing_features(grid, tokens, training)` -> (features [B, T, F], attention
+  [B, T, cells], ...): the training pass over whole captions up to the output layer, as
+  parallel as the maths allows, and `logits(features)` -> float32 [..., V], the output layer;
 - `encode(grid)` -> (values, keys, state) and `step(tokens, state, values, keys)` ->
   (logits [B, V], state, attention [B, cells]): one word at a time, for decoding
   (`models/decoding.py`); run step by step with teacher forcing they give the same logits;
@@ -21,7 +22,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from caption_tf.models.losses import doubly_stochastic_penalty, masked_accuracy, masked_loss, padding_mask, replica_token_share, token_cross_entropy
+from caption_tf.models.losses import PAD_ID, doubly_stochastic_penalty, masked_accuracy, masked_loss, padding_mask, replica_token_share, token_cross_entropy
 from caption_tf.models.recompute import recompute_grad
 
 # Steps per recomputed block in the checkpointed training loss. Measured (bench_memory.py,
@@ -65,7 +66,10 @@ class CaptionModel(keras.Model):
         self.penalty_tracker = keras.metrics.Mean(name="attention_penalty")
 
     # -- what a family implements ------------------------------------------------------------
-    def teacher_forcing(self, grid, tokens, training=False):
+    def teacher_forcing_features(self, grid, tokens, training=False):
+        raise NotImplementedError
+
+    def logits(self, features):
         raise NotImplementedError
 
     def encode(self, grid, training=False):
@@ -79,6 +83,12 @@ class CaptionModel(keras.Model):
         raise NotImplementedError
 
     # -- shared ------------------------------------------------------------------------------
+    def teacher_forcing(self, grid, tokens, training=False):
+        """(logits [B, T, V] float32, attention [B, T, cells]) of whole captions."""
+        features, weights = self.teacher_forcing_features(grid, tokens, training)[:2]
+        # The output layer runs once over [batch x time], not per step.
+        return self.logits(self.dropout(features, training=training)), weights
+
     def call(self, inputs, training=False, return_attention=False):
         grid, tokens = inputs
         logits, weights = self.teacher_forcing(grid, tokens, training)
@@ -89,12 +99,33 @@ class CaptionModel(keras.Model):
         if self.recompute_grad and training:
             ce, penalty, accuracy = self.checkpointed_objective(grid, inputs, targets)
         else:
-            logits, weights = self.teacher_forcing(grid, inputs, training)
-            ce = masked_loss(targets, logits, self.label_smoothing)
+            features, weights = self.teacher_forcing_features(grid, inputs, training)[:2]
+            ce, accuracy = self.output_loss(features, targets, training)
             penalty = doubly_stochastic_penalty(weights, targets)
-            accuracy = masked_accuracy(targets, logits)
         total = ce + self.attention_penalty * penalty if self.attention_penalty else ce
         return total, ce, penalty, accuracy
+
+    def output_loss(self, features, targets, training=False):
+        """(masked cross-entropy, masked accuracy) of the output layer over `features` [B, T, F].
+
+        Only the real tokens go through the output layer: the [tokens x vocab] matmuls and
+        softmax dominate a step at large vocabularies, and padding is about half of the
+        steps of shapes captions at max length 20 (`benchmarks/bench_vs_classic.py`).
+        Dropout runs before the real tokens are gathered, so the masks, the loss and the
+        gradients are those of `call` (to float rounding). Under XLA, which needs static
+        shapes, every position goes through and padding is masked out of the mean instead.
+        """
+        features = self.dropout(features, training=training)
+        if _in_xla_context():
+            logits = self.logits(features)
+            return masked_loss(targets, logits, self.label_smoothing), masked_accuracy(targets, logits)
+        real = ops.not_equal(targets, PAD_ID)
+        targets = tf.boolean_mask(targets, real)
+        logits = self.logits(tf.boolean_mask(features, real))  # [real tokens, V]
+        ce = token_cross_entropy(targets, logits, self.label_smoothing)
+        hits = ops.equal(tf.argmax(logits, -1, output_type=tf.int32), ops.cast(targets, "int32"))
+        count = ops.maximum(ops.cast(ops.size(targets), "float32"), 1.0)
+        return ops.sum(ce) / count, ops.sum(ops.cast(hits, "float32")) / count
 
     @property
     def metrics(self):
@@ -136,6 +167,13 @@ class CaptionModel(keras.Model):
             "label_smoothing": self.label_smoothing,
             "recompute_grad": self.recompute_grad,
         }
+
+
+def _in_xla_context() -> bool:
+    """True while tracing for XLA (`jit_compile=True`), which cannot compile data-dependent shapes."""
+    from tensorflow.python.ops import control_flow_util  # no public API says "inside jit_compile"
+
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 @keras.saving.register_keras_serializable("caption_tf")

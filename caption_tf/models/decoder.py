@@ -192,11 +192,6 @@ class CaptionDecoder(CaptionModel):
             weights.append(step_weights)
         return ops.stack(features, 1), ops.stack(weights, 1), state
 
-    def teacher_forcing(self, grid, tokens, training=False):
-        features, weights, _ = self.teacher_forcing_features(grid, tokens, training)
-        # The output layer runs once over [batch x time], not per step.
-        return self.logits(self.dropout(features, training=training)), weights
-
     # -- gradient checkpointing --------------------------------------------------------------
     def _recomputed_blocks(self, embedded, state, values, keys, training):
         """Bahdanau steps in blocks of ~sqrt(T), each replayed in the backward pass: (features, weights) lists, state.

@@ -9,8 +9,8 @@ normalisation; words get a learned position embedding. Each layer:
     x = x + dropout(cross_attention(norm(x), grid))   the attention maps come from here
     x = x + dropout(feed_forward(norm(x)))
 
-Teacher forcing runs every position at once (`keras.layers.MultiHeadAttention` with a
-causal mask). Decoding runs one position per `step` with a key/value cache: the decoder
+Teacher forcing runs every position at once (the weights of `keras.layers.MultiHeadAttention`,
+computed by `attend` with a causal mask, the same function decoding uses). Decoding runs one position per `step` with a key/value cache: the decoder
 state is each layer's self-attention keys and values of the words so far
 ([B, t, heads, head_dim], growing by one row per step), and `encode` computes the
 cross-attention keys and values of the grid once. Causal masking makes the two identical.
@@ -40,19 +40,37 @@ from caption_tf.models.losses import doubly_stochastic_penalty
 from caption_tf.models.recompute import recompute_grad
 
 
-def cached_attention(attention: keras.layers.MultiHeadAttention, query, keys, values):
+def project(dense: keras.layers.EinsumDense, x):
+    """`dense(x)` for one of `MultiHeadAttention`'s `EinsumDense` projections, through `tf.einsum`.
+
+    Keras runs the projection of [B, T, D] as a matmul broadcast over the batch, whose
+    kernel gradient is one product per caption, summed afterwards; `tf.einsum` contracts
+    batch and time in one product: 2.3x faster forward + backward on a CPU
+    ([64, 19, 128] x [128, 4, 32]: 5.3 vs 2.3 ms). Same weights, same result.
+    """
+    out = tf.einsum(dense.equation, x, ops.cast(dense.kernel, x.dtype))
+    return out if dense.bias is None else out + ops.cast(dense.bias, out.dtype)
+
+
+def attend(attention: keras.layers.MultiHeadAttention, query, keys, values, causal: bool = False):
     """`attention`'s output and weights for `query` [B, Tq, D] over projected `keys`/`values` [B, Tk, H, d].
 
-    The same computation as `MultiHeadAttention.call` without dropout and masks, from keys
-    and values already projected by its `key_dense`/`value_dense`: what a key/value cache needs.
+    The computation of `MultiHeadAttention.call` (without its dropout, which is 0 here), from
+    keys and values already projected by its `key_dense`/`value_dense` (`project`): teacher
+    forcing projects all positions, decoding grows a cache one position per step. `causal`:
+    query position q sees keys 0..q only (self-attention over a whole caption, Tq == Tk).
     Returns (output [B, Tq, D], weights [B, H, Tq, Tk]).
     """
-    q = attention.query_dense(query) * ops.cast(1.0 / ops.sqrt(float(attention.key_dim)), query.dtype)
-    scores = ops.einsum("bkhd,bqhd->bhqk", keys, q)
+    q = project(attention.query_dense, query) * ops.cast(1.0 / ops.sqrt(float(attention.key_dim)), query.dtype)
+    scores = ops.cast(ops.einsum("bkhd,bqhd->bhqk", keys, q), "float32")
+    if causal:
+        steps = ops.shape(query)[1]
+        seen = tf.linalg.band_part(tf.ones((steps, steps)), -1, 0) > 0  # lower triangle: k <= q
+        scores = tf.where(seen, scores, -1e9)  # MultiHeadAttention's masked softmax adds -1e9 as well
     # tf.nn.softmax: keras.ops.softmax warns about the size-1 axis of the first decoding step.
-    weights = tf.nn.softmax(ops.cast(scores, "float32"), axis=-1)
+    weights = tf.nn.softmax(scores, axis=-1)
     mixed = ops.einsum("bhqk,bkhd->bqhd", ops.cast(weights, values.dtype), values)
-    return attention.output_dense(mixed), weights
+    return project(attention.output_dense, mixed), weights
 
 
 @keras.saving.register_keras_serializable("caption_tf")
@@ -98,22 +116,24 @@ class TransformerDecoderLayer(keras.layers.Layer):
         """
         masks = masks or (1.0, 1.0, 1.0)
         normed = self.self_norm(x)
-        x = x + masks[0] * self.self_attention(normed, normed, use_causal_mask=True)
-        context, weights = self.cross_attention(self.cross_norm(x), memory, return_attention_scores=True)
+        keys, values = project(self.self_attention.key_dense, normed), project(self.self_attention.value_dense, normed)
+        x = x + masks[0] * attend(self.self_attention, normed, keys, values, causal=True)[0]
+        memory_keys, memory_values = self.memory_keys(memory)
+        context, weights = attend(self.cross_attention, self.cross_norm(x), memory_keys, memory_values)
         x = x + masks[1] * context
         return x + masks[2] * self.feed_forward(x), weights
 
     def memory_keys(self, memory):
-        """Cross-attention keys and values of the grid, computed once per image: [B, cells, 2, H, d]."""
-        return ops.stack([self.cross_attention.key_dense(memory), self.cross_attention.value_dense(memory)], axis=2)
+        """Cross-attention keys and values of the grid [B, cells, H, d], computed once per image."""
+        return project(self.cross_attention.key_dense, memory), project(self.cross_attention.value_dense, memory)
 
-    def step(self, x, cache_keys, cache_values, memory_keys):
+    def step(self, x, cache_keys, cache_values, memory_keys, memory_values):
         """One position x [B, 1, D] given the cache: (x, new cache keys, new cache values, weights [B, H, 1, cells])."""
         normed = self.self_norm(x)
-        cache_keys = ops.concatenate([cache_keys, self.self_attention.key_dense(normed)], axis=1)
-        cache_values = ops.concatenate([cache_values, self.self_attention.value_dense(normed)], axis=1)
-        x = x + cached_attention(self.self_attention, normed, cache_keys, cache_values)[0]
-        context, weights = cached_attention(self.cross_attention, self.cross_norm(x), memory_keys[:, :, 0], memory_keys[:, :, 1])
+        cache_keys = ops.concatenate([cache_keys, project(self.self_attention.key_dense, normed)], axis=1)
+        cache_values = ops.concatenate([cache_values, project(self.self_attention.value_dense, normed)], axis=1)
+        x = x + attend(self.self_attention, normed, cache_keys, cache_values)[0]
+        context, weights = attend(self.cross_attention, self.cross_norm(x), memory_keys, memory_values)
         x = x + context
         return x + self.feed_forward(x), cache_keys, cache_values, weights
 
@@ -239,10 +259,6 @@ class TransformerCaptionDecoder(CaptionModel):
         ones = ops.ones_like(x)
         return [self.dropout(ones, training=True) for _ in range(3)]
 
-    def teacher_forcing(self, grid, tokens, training=False):
-        features, weights = self.teacher_forcing_features(grid, tokens, training)
-        return self.logits(self.dropout(features, training=training)), weights
-
     def checkpointed_objective(self, grid, inputs, targets):
         """Each decoder layer is replayed in the backward pass; the output layer and loss run in recomputed blocks of time."""
         features, weights = self.teacher_forcing_features(grid, inputs, training=True)
@@ -253,7 +269,7 @@ class TransformerCaptionDecoder(CaptionModel):
     def encode(self, grid, training=False):
         """(memory [B, cells, D], cross-attention keys/values [B, cells, layers, 2, H, d], empty caches)."""
         memory = self.memory(grid)
-        keys = ops.stack([layer.memory_keys(memory) for layer in self.decoder_layers], axis=2)
+        keys = ops.stack([ops.stack(layer.memory_keys(memory), axis=2) for layer in self.decoder_layers], axis=2)
         batch, head_dim = ops.shape(grid)[0], self.embedding_dim // self.num_heads
         empty = ops.zeros((batch, 0, self.num_heads, head_dim), self.compute_dtype)
         return memory, keys, [empty] * (2 * self.num_layers)
@@ -264,7 +280,7 @@ class TransformerCaptionDecoder(CaptionModel):
         x = self.embed(tokens[:, None], start=cached if cached is not None else ops.shape(state[0])[1])
         new_state = []
         for i, layer in enumerate(self.decoder_layers):
-            x, cache_keys, cache_values, weights = layer.step(x, state[2 * i], state[2 * i + 1], keys[:, :, i])
+            x, cache_keys, cache_values, weights = layer.step(x, state[2 * i], state[2 * i + 1], keys[:, :, i, 0], keys[:, :, i, 1])
             new_state += [cache_keys, cache_values]
         logits = self.logits(self.final_norm(x))[:, 0]
         return logits, new_state, ops.mean(weights, axis=1)[:, 0]
