@@ -5,8 +5,11 @@ captioning tutorial's loop: GRU + Bahdanau attention over cached InceptionV3 gri
 `@tf.function` train step with `GradientTape` and a Python loop over the time steps,
 masked loss. Each project decoder runs its own compiled Keras train step
 (`model.train_function`, what `fit` runs). All sides get the same sizes (embedding,
-units, vocabulary, caption length, batch, grid) and the same random batch (no padding:
-every target token counts); each side is warmed up (tracing, XLA compilation), then the
+units, vocabulary, caption length, batch, grid) and the same batch: random words, with the
+caption lengths of the shapes dataset (`--captions shapes`, the default: 6-16 tokens with
+<start>/<end>, padded to the max length, so about half of the target positions are padding
+at max length 20) or no padding (`--captions full`); tokens/s counts real target tokens.
+Each side is warmed up (tracing, XLA compilation), then the
 sides are timed in interleaved rounds (each round: `--steps` steps of every side in turn),
 so a busy moment on the shared cores hits every side alike. Per side and round the median
 step gives tokens/s; ratios to the classic loop are taken within a round (same XLA setting
@@ -16,11 +19,13 @@ is each side's XLA speed-up (its step without XLA / with XLA, within a round).
     python benchmarks/bench_vs_classic.py --sizes minimal            # emb 64, units 128, vocab 3000, length 15, batch 32, grid 25x2048
     python benchmarks/bench_vs_classic.py --sizes fast               # emb 128, units 256, vocab 5000, length 20, batch 64
     python benchmarks/bench_vs_classic.py --sizes fast --grid 64 2048 --rounds 5 --sides classic lstm-luong transformer
+    python benchmarks/bench_vs_classic.py --sizes fast --captions full   # every target position a real word
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 from common import quiet_tensorflow, report, train_step
@@ -32,7 +37,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from classic_loop import ClassicCaptioner, classic_train_step  # noqa: E402
 
-from caption_tf.config import ModelConfig  # noqa: E402
+from caption_tf.config import DataConfig, ModelConfig  # noqa: E402
+from caption_tf.data.shapes import load_shapes  # noqa: E402
+from caption_tf.data.text import clean_caption  # noqa: E402
 from caption_tf.models.decoder import build_decoder  # noqa: E402
 
 SIZES = {  # (embedding, units, vocab, max length, batch): the issue's minimal and fast sizes
@@ -41,6 +48,13 @@ SIZES = {  # (embedding, units, vocab, max length, batch): the issue's minimal a
 }
 PROJECT_SIDES = ("lstm-bahdanau", "gru-bahdanau", "lstm-luong", "gru-luong", "transformer")
 START_ID = 2
+
+
+def shapes_caption_lengths(scenes: int = 200) -> np.ndarray:
+    """Token counts (words + <start> + <end>) of the captions of `scenes` generated shapes scenes."""
+    with tempfile.TemporaryDirectory() as folder:
+        dataset = load_shapes(DataConfig(dataset="shapes", num_images=scenes, data_dir=folder))
+    return np.array([len(clean_caption(c).split()) + 2 for r in dataset.records for c in r.captions])
 
 
 def classic_side(vocab, embedding, units, grid, tokens, jit):
@@ -71,6 +85,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side and round")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--captions", choices=("shapes", "full"), default="shapes",
+                        help="caption lengths: the shapes dataset's (padded to the max length) or all max length")
     parser.add_argument("--model", default="", help="ModelConfig overrides, e.g. 'grid_adapter=conv,dropout=0.1'")
     args = parser.parse_args()
 
@@ -82,8 +98,12 @@ def main() -> None:
         overrides[key] = value.lower() == "true" if field_type is bool else (field_type(value) if getattr(ModelConfig(), key) is not None else int(value))
     rng = np.random.default_rng(0)
     grid = tf.constant(rng.random((batch, *args.grid), dtype=np.float32))
-    tokens = tf.constant(rng.integers(4, vocab, (batch, max_length)).astype("int32"))
-    tokens_per_step = batch * (max_length - 1)
+    tokens = rng.integers(4, vocab, (batch, max_length)).astype("int32")
+    if args.captions == "shapes":
+        lengths = np.minimum(rng.choice(shapes_caption_lengths(), batch), max_length)
+        tokens[np.arange(max_length)[None, :] >= lengths[:, None]] = 0  # padding after each caption's end
+    tokens = tf.constant(tokens)
+    tokens_per_step = int(np.count_nonzero(tokens[:, 1:]))  # real target tokens
 
     sides, params = {}, {}
     for jit in args.xla:
@@ -122,9 +142,10 @@ def main() -> None:
             speedups = np.array(times[(name, "off")]) / per_round
             row.update({"XLA speed-up": float(np.median(speedups)), "XLA min": float(speedups.min()), "XLA max": float(speedups.max())})
         rows.append(row)
-    report(f"vs_classic_{args.sizes}_{args.grid[0]}", rows, {
+    name = f"vs_classic_{args.sizes}_{args.grid[0]}_{args.captions}" + "".join(f"_{k}-{v}" for k, v in overrides.items())
+    report(name, rows, {
         "sizes": f"embedding {embedding}, units {units}, vocab {vocab}, max length {max_length} ({max_length - 1} steps), "
-                 f"batch {batch}, grid {args.grid[0]}x{args.grid[1]}, Adam; model overrides: {overrides or 'none'}",
+                 f"captions {args.captions} ({tokens_per_step} real target tokens of {batch * (max_length - 1)}), batch {batch}, grid {args.grid[0]}x{args.grid[1]}, Adam; model overrides: {overrides or 'none'}",
         "method": f"{args.rounds} interleaved rounds of {args.steps} steps per side after {args.warmup} warm-up calls; "
                   f"tokens/s = {tokens_per_step} target tokens / median step; 'x classic' = classic step / side step "
                   "within each round, same XLA setting (median over rounds, min, max); 'XLA speed-up' = the side's step "
