@@ -56,9 +56,10 @@ def test_kill_seed_comes_from_the_environment_and_is_printed(monkeypatch, capsys
 def overrides_for(tmp, runs, **extra):
     # Dropout > 0: the resumed run must also replay the dropout masks (RNG state in the checkpoint).
     # Patience above the epoch count: early stopping never stops, but restores its best weights at the end.
-    # Learning rate 0.1: validation BLEU peaks at epoch 2 of 3 (at the default 0.002 it only rises).
+    # Learning rate 0.03: seed 42's validation BLEU peaks at epoch 1 of 3 (at 0.1, after the output
+    # layer began to skip padding, every seed of TRAINING_SEEDS rose each epoch; 0.3: ties).
     overrides = tiny_overrides(
-        tmp, epochs=EPOCHS, checkpoint_every=CHECKPOINT_EVERY, dropout=0.3, learning_rate=0.1,
+        tmp, epochs=EPOCHS, checkpoint_every=CHECKPOINT_EVERY, dropout=0.3, learning_rate=0.03,
         early_stopping_patience=EPOCHS + 2, early_stopping_monitor="val_bleu4", **extra,
     )
     overrides["runs_dir"] = str(tmp / runs)
