@@ -116,16 +116,11 @@ class CaptionModel(keras.Model):
         shapes, every position goes through and padding is masked out of the mean instead.
         """
         features = self.dropout(features, training=training)
-        if _in_xla_context():
-            logits = self.logits(features)
-            return masked_loss(targets, logits, self.label_smoothing), masked_accuracy(targets, logits)
-        real = ops.not_equal(targets, PAD_ID)
-        targets = tf.boolean_mask(targets, real)
-        logits = self.logits(tf.boolean_mask(features, real))  # [real tokens, V]
-        ce = token_cross_entropy(targets, logits, self.label_smoothing)
-        hits = ops.equal(tf.argmax(logits, -1, output_type=tf.int32), ops.cast(targets, "int32"))
-        count = ops.maximum(ops.cast(ops.size(targets), "float32"), 1.0)
-        return ops.sum(ce) / count, ops.sum(ops.cast(hits, "float32")) / count
+        if not _in_xla_context():
+            real = ops.not_equal(targets, PAD_ID)
+            features, targets = tf.boolean_mask(features, real), tf.boolean_mask(targets, real)  # [real tokens, ...]
+        logits = self.logits(features)
+        return masked_loss(targets, logits, self.label_smoothing), masked_accuracy(targets, logits)
 
     @property
     def metrics(self):
