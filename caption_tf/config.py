@@ -131,7 +131,7 @@ class TrainConfig:
     fine_tune_learning_rate: float = 1e-5
     fine_tune_batch_size: int = 16  # images per step (each with all its captions)
     profile_batches: Optional[str] = None  # "A,B": profile batches A..B of the process (TensorBoard's Profile tab)
-    tensorboard_images: int = 3  # validation images drawn under their attention maps in TensorBoard each epoch (~1 s CPU each)
+    tensorboard_images: int = 3  # validation images drawn under their attention maps in TensorBoard each epoch (~0.1 s CPU each)
     verbose: bool = False  # show TensorFlow's C++ start-up messages (CUDA probing, oneDNN, CPU features)
 
 

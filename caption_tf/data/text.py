@@ -119,6 +119,8 @@ class CaptionVocabulary:
     def encode(self, captions: Sequence[str]) -> np.ndarray:
         """int32 [N, max_length]: <start> words <end>, zero padded."""
         wrapped = [wrap_caption(c, self.max_length) for c in captions]
+        if not wrapped:
+            return np.zeros((0, self.max_length), np.int32)
         return np.asarray(self.layer(wrapped), dtype=np.int32)
 
     def decode(self, ids: Iterable[int]) -> str:

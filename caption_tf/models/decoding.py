@@ -76,6 +76,17 @@ def repeated_ngram_ban(history, n: int, vocab):
     return tf.where(banned > 0, NEG_INF, 0.0)
 
 
+def _any_batch(function, *tensors):
+    """`function(*tensors)` from one trace for every batch size (the first dimension left open).
+
+    Traced per call shape (`reduce_retracing` relaxes only from the second shape on), the unrolled
+    loops were traced again for the last, smaller batch of a split and for each other caller's
+    batch size: 1-2 s each, several times per training run (measured: 5 traces in 3 epochs).
+    """
+    specs = [tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in tensors]
+    return function.get_concrete_function(*specs)(*tensors)
+
+
 def _without_padding(scores):
     """`scores` [N, V] with padding made impossible: it ends a caption only after <end>."""
     pad = tf.one_hot(PAD_ID, tf.shape(scores)[-1], on_value=NEG_INF, off_value=0.0)
@@ -109,7 +120,7 @@ class CaptionGenerator:
 
     def greedy(self, grid):
         """(tokens int32 [B, steps], attention float32 [B, steps, cells]); 0 after <end>."""
-        return self._greedy(tf.convert_to_tensor(grid))
+        return _any_batch(self._greedy, tf.convert_to_tensor(grid))
 
     def beam(self, grid, beam_size: int = 3, length_penalty: float = 0.7):
         """Best beam per image: (tokens int32 [B, steps], score float32 [B], attention [B, steps, cells]).
@@ -125,7 +136,7 @@ class CaptionGenerator:
             self._beams[key] = tf.function(
                 lambda grid: self._beam_impl(grid, *key), jit_compile=self.jit_compile, reduce_retracing=True, autograph=False
             )
-        return self._beams[key](tf.convert_to_tensor(grid))
+        return _any_batch(self._beams[key], tf.convert_to_tensor(grid))
 
     def log_likelihood(self, grid, tokens):
         """Teacher-forced log p(caption | image): (sum over tokens [B], token count [B]).
@@ -134,7 +145,7 @@ class CaptionGenerator:
         every token after <start> up to the padding counts (<end> included).
         The mean log-probability per token is `total / count`.
         """
-        return self._log_likelihood(tf.convert_to_tensor(grid), tf.cast(tokens, tf.int32))
+        return _any_batch(self._log_likelihood, tf.convert_to_tensor(grid), tf.cast(tokens, tf.int32))
 
     # -- implementations (traced once per input signature) ----------------------------------
     def _greedy_impl(self, grid):

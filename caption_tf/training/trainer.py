@@ -64,7 +64,10 @@ class PreparedData:
     def captions(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Token table aligned with the cache's image order for `split`."""
         records = self.dataset.by_id()
-        rows = [self.vocab.encode(records[i].captions) for i in self.cache.image_ids(split)]
+        per_image = [records[i].captions for i in self.cache.image_ids(split)]
+        # One TextVectorization call for the split: one per image cost ~8 ms each (6 s for 720 images).
+        encoded = self.vocab.encode([c for captions in per_image for c in captions])
+        rows = np.split(encoded, np.cumsum([len(c) for c in per_image])[:-1]) if per_image else []
         return captions_table(rows, self.vocab.max_length)
 
     def pair_count(self, split: str) -> int:
