@@ -161,6 +161,8 @@ class SampleCaptions(keras.callbacks.Callback):
         samples: a `SampleSet`; vocab: the run's `CaptionVocabulary`; axis: a `SummaryAxis`.
         encode: model -> feature grids of the samples (default: `samples.grids`, the cached features).
         decoder: model -> the `CaptionDecoder` to decode with (default: the model itself).
+        make_generator: model -> the `CaptionGenerator` to decode with, e.g. one shared with other
+            callbacks (default: one built here for `decoder(model)`).
 
     Example:
 
@@ -170,11 +172,12 @@ class SampleCaptions(keras.callbacks.Callback):
     """
 
     def __init__(self, log_dir, samples: SampleSet, vocab, axis: Optional[SummaryAxis] = None,
-                 encode: Optional[Callable] = None, decoder: Optional[Callable] = None):
+                 encode: Optional[Callable] = None, decoder: Optional[Callable] = None, make_generator: Optional[Callable] = None):
         super().__init__()
         self.log_dir, self.samples, self.vocab, self.axis = str(log_dir), samples, vocab, axis or SummaryAxis()
         self.encode = encode or (lambda model: samples.grids)
         self.decoder = decoder or (lambda model: model)
+        self.make_generator = make_generator
         self.last_captions: list[str] = []
         self._generator = None
         self._writer = None
@@ -184,7 +187,10 @@ class SampleCaptions(keras.callbacks.Callback):
         from caption_tf.models.decoding import CaptionGenerator
 
         if self._generator is None:  # built once: its tf.function traces once
-            self._generator = CaptionGenerator(self.decoder(self.model), self.vocab.start_id, self.vocab.end_id, self.vocab.max_length)
+            if self.make_generator is not None:
+                self._generator = self.make_generator(self.model)
+            else:
+                self._generator = CaptionGenerator(self.decoder(self.model), self.vocab.start_id, self.vocab.end_id, self.vocab.max_length)
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.log_dir)
         tokens, attention = (t.numpy() for t in self._generator.greedy(np.asarray(self.encode(self.model))))

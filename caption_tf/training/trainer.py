@@ -11,12 +11,14 @@ sorted(p.name for p in run_dir.iterdir())
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import keras
 import numpy as np
@@ -150,7 +152,15 @@ def make_callbacks(cfg: Config, run_dir: Path, axis: summaries.SummaryAxis, chie
     return callbacks + early_stopping(cfg.train)
 
 
-def sample_captions(data: PreparedData, run_dir: Path, axis: summaries.SummaryAxis):
+def epoch_generator(vocab) -> Callable:
+    """model -> its `CaptionGenerator`, built once: the callbacks that decode every epoch (validation
+    BLEU, TensorBoard's sample captions) share its traces (a Transformer's greedy loop: ~8 s each)."""
+    from caption_tf.models.decoding import CaptionGenerator
+
+    return functools.lru_cache(maxsize=1)(lambda model: CaptionGenerator(model, vocab.start_id, vocab.end_id, vocab.max_length))
+
+
+def sample_captions(data: PreparedData, run_dir: Path, axis: summaries.SummaryAxis, make_generator: Optional[Callable] = None):
     """TensorBoard's per-epoch captions and attention grids of the first validation images, or None without a validation split."""
     ids = data.cache.image_ids("val")
     if not ids:
@@ -159,17 +169,18 @@ def sample_captions(data: PreparedData, run_dir: Path, axis: summaries.SummaryAx
     grids = data.cache.load_split("val", fields=("grid",), limit=summaries.SAMPLE_IMAGES)["grid"]
     samples = summaries.sample_set(ids, [[clean_caption(c) for c in records[i].captions] for i in ids[: summaries.SAMPLE_IMAGES]], grids,
                                    lambda image_id: load_rgb(records[image_id].path), data.config.train.tensorboard_images)
-    return summaries.SampleCaptions(run_dir / run_folder.LOG_DIR / summaries.VALIDATION_DIR, samples, data.vocab, axis)
+    return summaries.SampleCaptions(run_dir / run_folder.LOG_DIR / summaries.VALIDATION_DIR, samples, data.vocab, axis,
+                                    make_generator=make_generator)
 
 
-def validation_bleu(data: PreparedData, cfg: Config, bleu: BleuFunction | None):
+def validation_bleu(data: PreparedData, cfg: Config, bleu: BleuFunction | None, make_generator: Optional[Callable] = None):
     """The per-epoch val_bleu4 callback, or None without a scorer or validation split."""
     if bleu is None or not data.cache.image_ids("val"):
         return None
     records = data.dataset.by_id()
     references = [[clean_caption(c) for c in records[i].captions] for i in data.cache.image_ids("val")]
     grids = data.cache.load_split("val")["grid"]
-    return validation_bleu_callback(grids, references, data.vocab, bleu, cfg.eval.eval_batch_size)
+    return validation_bleu_callback(grids, references, data.vocab, bleu, cfg.eval.eval_batch_size, make_generator)
 
 
 def train(requested: Config, bleu: BleuFunction | None = None) -> Path:
@@ -255,8 +266,10 @@ def _fit_and_publish(cfg: Config, data: PreparedData, runtime: Runtime, run_dir:
 
     # Verified checkpoints every --checkpoint-every batches and each epoch, exact resume, NaN guard, health monitor.
     axis = summaries.SummaryAxis()  # phase 1 starts TensorBoard's curves
-    callbacks = schedule_callbacks(cfg.train, validation_bleu(data, cfg, bleu), val_ds is not None) + make_callbacks(cfg, write_dir, axis, chief)
-    samples = sample_captions(data, run_dir, axis) if chief else None
+    make_generator = epoch_generator(data.vocab)
+    callbacks = schedule_callbacks(cfg.train, validation_bleu(data, cfg, bleu, make_generator), val_ds is not None)
+    callbacks += make_callbacks(cfg, write_dir, axis, chief)
+    samples = sample_captions(data, run_dir, axis, make_generator) if chief else None
     session = recovery.ResumableTraining(
         model, run_dir, run_dir / run_folder.CHECKPOINT_DIR, cfg, identity, train_steps, callbacks + ([samples] if samples else []),
         runtime.strategy, write_dir / run_folder.LOG_DIR, axis=axis,
