@@ -63,6 +63,7 @@ from caption_tf.features.cache import FeatureCache, build_feature_cache, cache_r
 from caption_tf.features.encoder import EncoderSpec, ImageEncoder
 from caption_tf.files import atomic_path, file_sha256, stable_hash
 from caption_tf.models.decoder import build_decoder
+from caption_tf.models.decoding import CaptionGenerator
 from caption_tf.run_folder import (
     BACKBONE_WEIGHTS_FILE,
     FINE_TUNE_CHECKPOINT_DIR,
@@ -289,8 +290,11 @@ def _fine_tune_locked(cfg, run_dir, run, saved, features_cfg, dataset, cache, ru
         samples = summaries.sample_set(ids, [[clean_caption(c) for c in records[i].captions] for i in ids], None, lambda i: load_rgb(records[i].path),
                                        saved.train.tensorboard_images)
         inputs = np.stack([load_rgb(records[i].path, size=(size, size)) for i in ids])  # as the training images are read
-        callbacks.append(summaries.SampleCaptions(log_dir / summaries.VALIDATION_DIR, samples, run.vocab, axis,
-                                                  encode=lambda m: m.grid(inputs), decoder=lambda m: m.decoder))
+        vocab = run.vocab
+        callbacks.append(summaries.SampleCaptions(
+            log_dir / summaries.VALIDATION_DIR, samples, vocab, axis, encode=lambda m: m.grid(inputs),
+            make_generator=lambda m: CaptionGenerator(m.decoder, vocab.start_id, vocab.end_id, vocab.max_length),
+        ))
     # What phase-2 checkpoints must match: the phase-1 decoder they start from and the phase-2 settings.
     phase2 = {k: getattr(saved.train, k) for k in ("fine_tune_learning_rate", "fine_tune_batch_size", "seed")}
     phase2.update(fine_tune_layers=saved.features.fine_tune_layers, decoder=file_sha256(run_dir / PHASE1_WEIGHTS_FILE))

@@ -160,9 +160,8 @@ class SampleCaptions(keras.callbacks.Callback):
         log_dir: the run's `logs/validation`.
         samples: a `SampleSet`; vocab: the run's `CaptionVocabulary`; axis: a `SummaryAxis`.
         encode: model -> feature grids of the samples (default: `samples.grids`, the cached features).
-        decoder: model -> the `CaptionDecoder` to decode with (default: the model itself).
         make_generator: model -> the `CaptionGenerator` to decode with, e.g. one shared with other
-            callbacks (default: one built here for `decoder(model)`).
+            callbacks or one for a fine-tuned model's decoder (default: one built here for the model).
 
     Example:
 
@@ -172,11 +171,10 @@ class SampleCaptions(keras.callbacks.Callback):
     """
 
     def __init__(self, log_dir, samples: SampleSet, vocab, axis: Optional[SummaryAxis] = None,
-                 encode: Optional[Callable] = None, decoder: Optional[Callable] = None, make_generator: Optional[Callable] = None):
+                 encode: Optional[Callable] = None, make_generator: Optional[Callable] = None):
         super().__init__()
         self.log_dir, self.samples, self.vocab, self.axis = str(log_dir), samples, vocab, axis or SummaryAxis()
         self.encode = encode or (lambda model: samples.grids)
-        self.decoder = decoder or (lambda model: model)
         self.make_generator = make_generator
         self.last_captions: list[str] = []
         self._generator = None
@@ -190,7 +188,7 @@ class SampleCaptions(keras.callbacks.Callback):
             if self.make_generator is not None:
                 self._generator = self.make_generator(self.model)
             else:
-                self._generator = CaptionGenerator(self.decoder(self.model), self.vocab.start_id, self.vocab.end_id, self.vocab.max_length)
+                self._generator = CaptionGenerator(self.model, self.vocab.start_id, self.vocab.end_id, self.vocab.max_length)
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.log_dir)
         tokens, attention = (t.numpy() for t in self._generator.greedy(np.asarray(self.encode(self.model))))
