@@ -70,17 +70,3 @@ def read_scalars(log_dir) -> dict[str, list[float]]:
                 scalars.setdefault(value.tag, []).append(float(tensor))
     return scalars
 
-
-# The files that take longest (pytest --durations, 2 cores), handed to the two xdist workers first:
-# with `--dist loadfile` a file runs on one worker, so a long file started last kept one core
-# idle while the other finished it (longest-first scheduling). The rest follow in their usual order.
-LONGEST_FILES_FIRST = (
-    "test_decoding.py", "test_models.py", "test_distribute.py", "test_report.py", "test_captioner.py",
-    "test_distribute_precision.py", "test_kill_resume.py", "test_transformer_cli.py", "test_resume.py",
-    "test_tensorboard.py", "test_failures.py", "test_cli.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: k for k, name in enumerate(LONGEST_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept

@@ -17,7 +17,9 @@ FAMILY_IDS = ["lstm-bahdanau", "gru-luong", "transformer"]
 
 def tiny_generator(decoder="lstm", attention="bahdanau", jit_compile=False, seed=1, no_repeat_ngram=0, sharpen=6.0):
     keras.utils.set_random_seed(seed)
-    cfg = ModelConfig(decoder=decoder, attention=attention, embedding_dim=8, units=16, num_heads=2)
+    # One Transformer layer: what decoding does is the same for any depth, and each layer adds to
+    # the unrolled loops' tracing (and XLA's compile time), the bulk of this file's time.
+    cfg = ModelConfig(decoder=decoder, attention=attention, embedding_dim=8, units=16, num_heads=2, num_layers=1)
     model = build_decoder(cfg, vocab_size=VOCAB, grid_shape=(CELLS, DIM), max_length=MAX_LENGTH)
     kernel = model.to_logits.kernel
     kernel.assign(kernel * sharpen)  # peakier word distributions, so beams really diverge
