@@ -140,3 +140,17 @@ def test_repeated_ngram_ban_marks_exactly_the_repeating_words():
 def test_beam_size_must_be_positive(grid):
     with pytest.raises(ValueError, match="beam_size"):
         tiny_generator().beam(grid, beam_size=0)
+
+
+def test_one_trace_serves_every_batch_size(grid):
+    """Validation splits end in a smaller batch and callers decode different numbers of images:
+    each re-trace of the unrolled loop cost 1-8 s per training run before the batch was left open."""
+    generator = tiny_generator()
+    sizes = [BATCH, 4, 1]
+    greedy = [generator.greedy(grid[:n])[0].numpy() for n in sizes]
+    beams = [generator.beam(grid[:n], 2, 0.7)[0].numpy() for n in sizes]
+    assert generator._greedy.experimental_get_tracing_count() == 1
+    assert generator._beams[(2, 0.7)].experimental_get_tracing_count() == 1
+    for n, tokens, beam in zip(sizes, greedy, beams):  # a row's caption does not depend on the batch around it
+        np.testing.assert_array_equal(tokens, greedy[0][:n])
+        np.testing.assert_array_equal(beam, beams[0][:n])
