@@ -186,9 +186,7 @@ def attention_grid(image: np.ndarray, words: Sequence[str], attention: np.ndarra
     >>> attention_grid(np.zeros((32, 32, 3), np.uint8), ["red"], np.full((1, 4), 0.25), "a.png")
     'a.png'
     """
-    from PIL import Image
-
-    Image.fromarray(attention_grid_image(image, words, attention, title)).save(path, format="png", compress_level=PNG_COMPRESS_LEVEL)
+    Path(path).write_bytes(attention_grid_png(image, words, attention, title))
     return str(path)
 
 

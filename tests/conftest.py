@@ -69,4 +69,3 @@ def read_scalars(log_dir) -> dict[str, list[float]]:
                     continue
                 scalars.setdefault(value.tag, []).append(float(tensor))
     return scalars
-

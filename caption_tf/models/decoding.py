@@ -79,8 +79,8 @@ def repeated_ngram_ban(history, n: int, vocab):
 def _any_batch(function, *tensors):
     """`function(*tensors)` from one trace for every batch size (the first dimension left open).
 
-    Traced per call shape (`reduce_retracing` relaxes only from the second shape on), the unrolled
-    loops were traced again for the last, smaller batch of a split and for each other caller's
+    Traced per call shape (`tf.function`'s `reduce_retracing` relaxes only from the second shape on),
+    the unrolled loops were traced again for the last, smaller batch of a split and for each other caller's
     batch size: 1-2 s each, several times per training run (measured: 5 traces in 3 epochs).
     """
     specs = [tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in tensors]
@@ -113,7 +113,7 @@ class CaptionGenerator:
         self.no_repeat_ngram = no_repeat_ngram
         # The loops are unrolled in Python over a static length, so autograph has nothing to
         # convert; leaving it on made it re-convert Keras internals (a flaky "tf____init__" error).
-        compile_options = {"jit_compile": jit_compile, "reduce_retracing": True, "autograph": False}
+        compile_options = {"jit_compile": jit_compile, "autograph": False}  # called through `_any_batch`
         self._greedy = tf.function(self._greedy_impl, **compile_options)
         self._log_likelihood = tf.function(self._log_likelihood_impl, **compile_options)
         self._beams: dict[tuple[int, float], tf.types.experimental.GenericFunction] = {}
@@ -134,7 +134,7 @@ class CaptionGenerator:
         key = (int(beam_size), float(length_penalty))
         if key not in self._beams:  # one compiled loop per (beam size, penalty)
             self._beams[key] = tf.function(
-                lambda grid: self._beam_impl(grid, *key), jit_compile=self.jit_compile, reduce_retracing=True, autograph=False
+                lambda grid: self._beam_impl(grid, *key), jit_compile=self.jit_compile, autograph=False
             )
         return _any_batch(self._beams[key], tf.convert_to_tensor(grid))
 

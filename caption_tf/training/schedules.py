@@ -190,18 +190,13 @@ def validation_bleu_callback(
     vocab,
     bleu: Optional[BleuFunction],
     batch_size: int,
-    make_generator: Optional[Callable] = None,
+    make_generator: Callable,
 ) -> Optional[ValidationBleu]:
     """A `ValidationBleu` for a vocabulary, or None when there is no scorer or no validation image.
 
-    `make_generator` (model -> `CaptionGenerator`) lets other callbacks share the generator's traces.
+    `make_generator` (model -> `CaptionGenerator`) is shared with the other callbacks that decode
+    each epoch, so they share its traces.
     """
     if bleu is None or len(grids) == 0:
         return None
-    from caption_tf.models.decoding import CaptionGenerator
-
-    if make_generator is None:
-        def make_generator(model):
-            return CaptionGenerator(model, vocab.start_id, vocab.end_id, vocab.max_length)
-
     return ValidationBleu(grids, [list(r) for r in references], vocab.decode, make_generator, bleu, batch_size)

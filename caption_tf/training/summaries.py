@@ -28,6 +28,7 @@ callbacks = [TensorBoard("runs/x/logs", axis), SampleCaptions("runs/x/logs/valid
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -160,18 +161,19 @@ class SampleCaptions(keras.callbacks.Callback):
         log_dir: the run's `logs/validation`.
         samples: a `SampleSet`; vocab: the run's `CaptionVocabulary`; axis: a `SummaryAxis`.
         encode: model -> feature grids of the samples (default: `samples.grids`, the cached features).
-        make_generator: model -> the `CaptionGenerator` to decode with, e.g. one shared with other
-            callbacks or one for a fine-tuned model's decoder (default: one built here for the model).
+        make_generator: model -> the `CaptionGenerator` to decode with: training's, shared with the
+            validation BLEU callback (one trace), or one for a fine-tuned model's decoder.
 
     Example:
 
     ```python
-    model.fit(ds, callbacks=[SampleCaptions("runs/x/logs/validation", sample_set(data), vocab, SummaryAxis())])
+    samples = SampleCaptions("runs/x/logs/validation", sample_set(data), vocab, SummaryAxis(), make_generator=make_generator)
+    model.fit(ds, callbacks=[samples])
     ```
     """
 
     def __init__(self, log_dir, samples: SampleSet, vocab, axis: Optional[SummaryAxis] = None,
-                 encode: Optional[Callable] = None, make_generator: Optional[Callable] = None):
+                 encode: Optional[Callable] = None, *, make_generator: Callable):
         super().__init__()
         self.log_dir, self.samples, self.vocab, self.axis = str(log_dir), samples, vocab, axis or SummaryAxis()
         self.encode = encode or (lambda model: samples.grids)
@@ -181,14 +183,10 @@ class SampleCaptions(keras.callbacks.Callback):
         self._writer = None
 
     def on_epoch_end(self, epoch, logs=None):
-        from caption_tf.figures import attention_grid_png, attention_grid_size
-        from caption_tf.models.decoding import CaptionGenerator
+        from caption_tf.figures import attention_grid_png
 
-        if self._generator is None:  # built once: its tf.function traces once
-            if self.make_generator is not None:
-                self._generator = self.make_generator(self.model)
-            else:
-                self._generator = CaptionGenerator(self.model, self.vocab.start_id, self.vocab.end_id, self.vocab.max_length)
+        if self._generator is None:
+            self._generator = self.make_generator(self.model)
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.log_dir)
         tokens, attention = (t.numpy() for t in self._generator.greedy(np.asarray(self.encode(self.model))))
@@ -200,7 +198,7 @@ class SampleCaptions(keras.callbacks.Callback):
             for k, image in enumerate(self.samples.images):
                 # No title: the tag names the image, the slider the epoch, the panels the words.
                 png = attention_grid_png(image, words[k], attention[k][: len(words[k])])
-                png_summary(f"{ATTENTION_TAG}/{self.samples.image_ids[k]}", png, attention_grid_size(len(words[k])))
+                png_summary(f"{ATTENTION_TAG}/{self.samples.image_ids[k]}", png)
         self._writer.flush()
 
     def on_train_end(self, logs=None):
@@ -209,12 +207,13 @@ class SampleCaptions(keras.callbacks.Callback):
             self._writer = None
 
 
-def png_summary(tag: str, png: bytes, size: tuple[int, int]) -> None:
-    """An image summary of PNG bytes of `size` (height, width), as `tf.summary.image` writes one. That
-    function takes pixels and encodes them itself at zlib's default level: 5x slower than the PNG we have."""
+def png_summary(tag: str, png: bytes) -> None:
+    """An image summary of PNG bytes, as `tf.summary.image` writes one. That function takes pixels
+    and encodes them itself at zlib's default level: 5x slower than the PNG we have."""
+    from PIL import Image
     from tensorboard.plugins.image import metadata as image_metadata
 
-    height, width = size
+    width, height = Image.open(io.BytesIO(png)).size  # read from the PNG header
     tensor = tf.constant([str(width).encode(), str(height).encode(), png])  # the image plugin's format
     tf.summary.write(tag, tensor, metadata=image_metadata.create_summary_metadata(display_name=None, description=None))
 

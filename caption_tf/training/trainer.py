@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import keras
 import numpy as np
@@ -160,7 +160,7 @@ def epoch_generator(vocab) -> Callable:
     return functools.lru_cache(maxsize=1)(lambda model: CaptionGenerator(model, vocab.start_id, vocab.end_id, vocab.max_length))
 
 
-def sample_captions(data: PreparedData, run_dir: Path, axis: summaries.SummaryAxis, make_generator: Optional[Callable] = None):
+def sample_captions(data: PreparedData, run_dir: Path, axis: summaries.SummaryAxis, make_generator: Callable):
     """TensorBoard's per-epoch captions and attention grids of the first validation images, or None without a validation split."""
     ids = data.cache.image_ids("val")
     if not ids:
@@ -173,7 +173,7 @@ def sample_captions(data: PreparedData, run_dir: Path, axis: summaries.SummaryAx
                                     make_generator=make_generator)
 
 
-def validation_bleu(data: PreparedData, cfg: Config, bleu: BleuFunction | None, make_generator: Optional[Callable] = None):
+def validation_bleu(data: PreparedData, cfg: Config, bleu: BleuFunction | None, make_generator: Callable):
     """The per-epoch val_bleu4 callback, or None without a scorer or validation split."""
     if bleu is None or not data.cache.image_ids("val"):
         return None
