@@ -5,6 +5,11 @@ model rarely says <end>, so every method decodes the full length, except the Pyt
 loop, which may stop early: that only favours the baseline).
 
     python benchmarks/bench_decoding.py [--batch-sizes 1 8 32 64] [--loop-images 16]
+    python benchmarks/bench_decoding.py --first-calls     # tracing: first greedy/beam call per decoder family
+
+`--first-calls` builds the minimal preset's LSTM + Bahdanau and Transformer decoders (35-word
+vocabulary, like the shapes dataset) and times, for a batch of 32 with `no_repeat_ngram=3`, the
+first greedy and beam-3 calls (tracing included), then captions/s of the next calls.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from caption_tf.models.decoder import CaptionDecoder  # noqa: E402
+from caption_tf.config import ModelConfig, load_config  # noqa: E402
+from caption_tf.models.decoder import CaptionDecoder, build_decoder  # noqa: E402
 from caption_tf.models.decoding import CaptionGenerator  # noqa: E402
 
 START, END = 2, 3
@@ -42,6 +48,26 @@ def python_loop_greedy(model, grid, max_length):
     return captions
 
 
+def first_calls(args) -> None:
+    """Seconds of the first greedy and beam calls (tracing) per family, then captions/s."""
+    preset, rows = load_config("minimal").model, []
+    grid = tf.constant(np.random.default_rng(0).random((32, *args.grid), dtype=np.float32))
+    for decoder in ("lstm", "transformer"):
+        keras.utils.set_random_seed(0)
+        model = build_decoder(ModelConfig(**{**preset.__dict__, "decoder": decoder}), 35, tuple(args.grid), args.max_length)
+        generator = CaptionGenerator(model, START, END, args.max_length, no_repeat_ngram=3)
+        greedy = lambda: generator.greedy(grid)[0].numpy()  # noqa: E731
+        beam = lambda: generator.beam(grid, args.beam_size, 0.7)[0].numpy()  # noqa: E731
+        row = {"decoder": f"{decoder} ({model.count_params():,} parameters)"}
+        for name, fn in (("greedy", greedy), (f"beam {args.beam_size}", beam)):
+            started = time.perf_counter()
+            fn()
+            row[f"first {name} call s"] = time.perf_counter() - started
+            row[f"{name} captions/s"] = 32 / best_time(fn, repeats=args.repeats, warmup=0)
+        rows.append(row)
+    report("decoding_first_calls", rows, {"sizes": f"batch 32, grid {args.grid}, max length {args.max_length}, no_repeat_ngram 3"})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
@@ -52,7 +78,10 @@ def main() -> None:
     parser.add_argument("--grid", type=int, nargs=2, default=[25, 2048], help="cells, channels (InceptionV3 at 224 px)")
     parser.add_argument("--max-length", type=int, default=15)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--first-calls", action="store_true", help="time tracing (first calls) of greedy and beam per family")
     args = parser.parse_args()
+    if args.first_calls:
+        return first_calls(args)
 
     keras.utils.set_random_seed(0)
     model = CaptionDecoder(vocab_size=args.vocab, embedding_dim=64, units=args.units)

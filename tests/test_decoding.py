@@ -129,12 +129,15 @@ def test_no_repeat_ngram_blocks_repeated_phrases_in_greedy_and_beam(decoder, att
 
 
 def test_repeated_ngram_ban_marks_exactly_the_repeating_words():
-    history = [tf.constant([5, 5]), tf.constant([6, 7]), tf.constant([5, 5])]
-    ban = repeated_ngram_ban(history, 2, 9).numpy()
+    history = tf.constant([[5, 6, 5, 0], [5, 7, 5, 0]])  # 3 words so far, room for a 4th
+    ban = repeated_ngram_ban(history, 3, 2, 9).numpy()
     assert np.flatnonzero(ban[0]).tolist() == [6]  # "5 6 5": 6 would repeat "5 6"
     assert np.flatnonzero(ban[1]).tolist() == [7]  # "5 7 5": 7 would repeat "5 7"
-    assert repeated_ngram_ban(history, 4, 9) is None  # no complete 4-gram yet
-    assert np.flatnonzero(repeated_ngram_ban(history, 1, 9).numpy()[0]).tolist() == [5, 6]
+    assert not repeated_ngram_ban(history, 3, 4, 9).numpy().any()  # no complete 4-gram yet
+    assert np.flatnonzero(repeated_ngram_ban(history, 3, 1, 9).numpy()[0]).tolist() == [5, 6]
+    assert not repeated_ngram_ban(history, 2, 2, 9).numpy().any()  # "5 6": the first 2-gram, nothing repeats yet
+    # Only the first `length` columns are history: a stale word beyond them bans nothing.
+    assert np.flatnonzero(repeated_ngram_ban(tf.constant([[5, 6, 5, 8]]), 3, 2, 9).numpy()[0]).tolist() == [6]
 
 
 def test_beam_size_must_be_positive(grid):
@@ -154,3 +157,23 @@ def test_one_trace_serves_every_batch_size(grid):
     for n, tokens, beam in zip(sizes, greedy, beams):  # a row's caption does not depend on the batch around it
         np.testing.assert_array_equal(tokens, greedy[0][:n])
         np.testing.assert_array_equal(beam, beams[0][:n])
+
+
+@pytest.mark.parametrize("decoder,attention", FAMILIES, ids=FAMILY_IDS)
+def test_the_decoding_loops_trace_the_step_once_whatever_the_length(decoder, attention):
+    """The loops are `tf.while_loop`s: a longer caption adds no copy of the decoder step to the
+    graph (an unrolled loop added one per word: seconds of tracing per process for a Transformer)."""
+
+    def graph_ops(max_length):
+        generator = tiny_generator(decoder, attention, no_repeat_ngram=2)
+        generator.steps = max_length - 1
+        spec = tf.TensorSpec([None, CELLS, DIM], tf.float32)
+        greedy = tf.function(generator._greedy_impl, autograph=False).get_concrete_function(spec)
+        beam = tf.function(lambda grid: generator._beam_impl(grid, 3, 0.7), autograph=False).get_concrete_function(spec)
+        return len(greedy.graph.get_operations()), len(beam.graph.get_operations())
+
+    (greedy_short, beam_short), (greedy_long, beam_long) = graph_ops(4), graph_ops(MAX_LENGTH)
+    assert greedy_long == greedy_short
+    # Beam search walks the parents back after its loop: a few slices and gathers per step
+    # (24 ops), where a copy of the step is hundreds.
+    assert beam_long - beam_short <= 30 * (MAX_LENGTH - 4), (beam_short, beam_long)

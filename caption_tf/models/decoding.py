@@ -1,6 +1,8 @@
 """Caption generation: batched greedy and beam search, compiled as `tf.function`s.
 
-Both loops are unrolled over a fixed maximum length (what XLA needs); finished
+Both loops are `tf.while_loop`s over a fixed maximum length: the decoder step is traced
+once, whatever the length (an unrolled loop traced and compiled it once per step: seconds
+per call for a Transformer), and every step has the same shapes, as XLA needs. Finished
 captions keep emitting padding (id 0), so a whole batch decodes in one call.
 Beam search flattens batch x beam into one decoder batch, and each step keeps
 the `beam_size` best continuations of every image, gathering the decoder state
@@ -49,31 +51,35 @@ def _gather_beams(tensor, parents):
     return tf.reshape(tf.gather(shaped, parents, batch_dims=1), tf.shape(tensor))
 
 
-def repeated_ngram_ban(history, n: int, vocab):
-    """[N, V] additive scores: NEG_INF on words that would repeat an n-gram of `history`, else 0.
+def repeated_ngram_ban(history, length, n: int, vocab):
+    """[N, V] additive scores: NEG_INF on words that would repeat an n-gram of the history, else 0.
 
-    `history` is the list of words generated so far ([N] int32 each, step order). A word w
-    is banned when the last n-1 words followed by w form an n-gram already in the history.
-    Returns None when nothing can be banned yet (n <= 0 or fewer than n words).
+    `history` [N, S] int32 holds the words generated so far in its first `length` columns
+    (a scalar, possibly a tensor: the step of a compiled loop). A word w is banned when the
+    last n-1 words followed by w form an n-gram already in the history.
 
     Example:
 
-    >>> history = [tf.constant([5]), tf.constant([6]), tf.constant([5])]
-    >>> ban = repeated_ngram_ban(history, 2, 8)   # "5 6 5": after 5, 6 would repeat "5 6"
+    >>> history = tf.constant([[5, 6, 5, 0]])   # "5 6 5", room for one more word
+    >>> ban = repeated_ngram_ban(history, 3, 2, 8)   # after 5, 6 would repeat "5 6"
     >>> int(tf.argmin(ban[0]))
     6
     """
-    steps = len(history)
-    if n <= 0 or steps < n:
-        return None
-    prefix = history[steps - n + 1 :]
-    banned = 0.0
-    for start in range(steps - n + 1):
-        match = tf.ones_like(history[0], tf.bool)
-        for k, word in enumerate(prefix):
-            match &= tf.equal(history[start + k], word)
-        banned += tf.one_hot(history[start + n - 1], vocab) * tf.cast(match, tf.float32)[:, None]
+    slots = history.shape[1]
+    if n <= 0 or slots < n:
+        return tf.zeros([tf.shape(history)[0], vocab])
+    starts = slots - n + 1  # n-grams history[:, j : j + n], complete once j + n <= length
+    prefix = tf.gather(history, tf.maximum(length - n + 1 + tf.range(n - 1), 0), axis=1)  # the last n-1 words
+    windows = tf.stack([history[:, j : j + n - 1] for j in range(starts)], 1)  # [N, starts, n-1]
+    match = tf.reduce_all(tf.equal(windows, prefix[:, None, :]), -1) & (tf.range(starts) + n <= length)[None]
+    banned = tf.reduce_max(tf.one_hot(history[:, n - 1 :], vocab) * tf.cast(match, tf.float32)[..., None], axis=1)
     return tf.where(banned > 0, NEG_INF, 0.0)
+
+
+def _write(buffer, step, rows):
+    """`buffer` [N, S, ...] with `rows` [N, ...] written at column `step` (zero there before: exact)."""
+    column = tf.one_hot(step, buffer.shape[1], dtype=buffer.dtype)
+    return buffer + tf.reshape(column, [1, -1] + [1] * (buffer.shape.rank - 2)) * rows[:, None]
 
 
 def _any_batch(function, *tensors):
@@ -111,8 +117,8 @@ class CaptionGenerator:
         if no_repeat_ngram < 0:
             raise ValueError(f"no_repeat_ngram must be >= 0 (0: off), got {no_repeat_ngram}")
         self.no_repeat_ngram = no_repeat_ngram
-        # The loops are unrolled in Python over a static length, so autograph has nothing to
-        # convert; leaving it on made it re-convert Keras internals (a flaky "tf____init__" error).
+        # The loops are explicit `tf.while_loop`s, so autograph has nothing to convert; leaving
+        # it on made it re-convert Keras internals (a flaky "tf____init__" error).
         compile_options = {"jit_compile": jit_compile, "autograph": False}  # called through `_any_batch`
         self._greedy = tf.function(self._greedy_impl, **compile_options)
         self._log_likelihood = tf.function(self._log_likelihood_impl, **compile_options)
@@ -150,23 +156,25 @@ class CaptionGenerator:
     # -- implementations (traced once per input signature) ----------------------------------
     def _greedy_impl(self, grid):
         values, keys, state = self.model.encode(grid)
-        batch = tf.shape(grid)[0]
-        token = tf.fill([batch], self.start_id)
-        done = tf.zeros([batch], tf.bool)
-        tokens, weights = [], []
-        for _ in range(self.steps):
-            logits, state, step_weights = self.model.step(token, state, values, keys)
-            scores = self._allowed(_without_padding(logits), tokens)
+        batch, cells = tf.shape(grid)[0], values.shape[1]
+
+        def step(t, token, done, state, tokens, attention):
+            logits, state, weights = self.model.step(token, state, values, keys)
+            scores = self._allowed(_without_padding(logits), tokens, t)
             token = tf.where(done, PAD_ID, tf.argmax(scores, -1, output_type=tf.int32))
             done = done | tf.equal(token, self.end_id)
-            tokens.append(token)
-            weights.append(tf.cast(step_weights, tf.float32))
-        return tf.stack(tokens, 1), tf.stack(weights, 1)
+            return t + 1, token, done, state, _write(tokens, t, token), _write(attention, t, tf.cast(weights, tf.float32))
 
-    def _allowed(self, scores, history):
-        """`scores` [N, V] with n-gram repeats made impossible (when `no_repeat_ngram` > 0)."""
-        ban = repeated_ngram_ban(history, self.no_repeat_ngram, tf.shape(scores)[-1])
-        return scores if ban is None else scores + ban
+        start = (0, tf.fill([batch], self.start_id), tf.zeros([batch], tf.bool), state,
+                 tf.zeros([batch, self.steps], tf.int32), tf.zeros([batch, self.steps, cells]))
+        *_, tokens, attention = tf.while_loop(lambda t, *_: t < self.steps, step, start, maximum_iterations=self.steps)
+        return tokens, attention
+
+    def _allowed(self, scores, history, length):
+        """`scores` [N, V] with n-gram repeats of `history` [N, steps] made impossible (when `no_repeat_ngram` > 0)."""
+        if not self.no_repeat_ngram:
+            return scores
+        return scores + repeated_ngram_ban(history, length, self.no_repeat_ngram, tf.shape(scores)[-1])
 
     def _beam_impl(self, grid, beam_size: int, alpha: float):
         batch = tf.shape(grid)[0]
@@ -174,17 +182,12 @@ class CaptionGenerator:
         values, keys, state = self.model.encode(grid)
         values, keys = tf.repeat(values, beam_size, axis=0), tf.repeat(keys, beam_size, axis=0)
         state = [tf.repeat(s, beam_size, axis=0) for s in state]
-        token = tf.fill([batch * beam_size], self.start_id)
-        # Only beam 0 is alive at the start, so the first step does not pick K copies of one word.
-        scores = tf.tile(tf.concat([[0.0], tf.fill([beam_size - 1], NEG_INF)], 0)[None], [batch, 1])
-        lengths = tf.zeros([batch, beam_size])
-        finished = tf.zeros([batch, beam_size], tf.bool)
-        history = []  # per step: (chosen words [B, K], parent beams [B, K], attention [B, K, cells])
-        generated = []  # per step: the words of each live beam so far [B*K], for n-gram blocking
-        for _ in range(self.steps):
+        cells = values.shape[1]
+
+        def step(t, token, state, scores, lengths, finished, generated, words_at, parents_at, attention_at):
             logits, state, step_weights = self.model.step(token, state, values, keys)
             vocab = tf.shape(logits)[-1]
-            log_probs = self._allowed(_without_padding(tf.nn.log_softmax(tf.cast(logits, tf.float32))), generated)
+            log_probs = self._allowed(_without_padding(tf.nn.log_softmax(tf.cast(logits, tf.float32))), generated, t)
             log_probs = tf.reshape(log_probs, [batch, beam_size, -1])
             # A finished beam has one continuation, padding, at no cost: it keeps its score.
             pad_only = tf.one_hot(PAD_ID, vocab, on_value=0.0, off_value=NEG_INF)
@@ -199,18 +202,29 @@ class CaptionGenerator:
             finished = tf.gather(finished, parents, batch_dims=1) | tf.equal(words, self.end_id)
             state = [_gather_beams(s, parents) for s in state]
             token = tf.reshape(words, [-1])
-            if self.no_repeat_ngram:
-                generated = [_gather_beams(g, parents) for g in generated] + [token]
+            generated = _write(_gather_beams(generated, parents), t, token)  # each live beam's words so far
             weights = tf.reshape(tf.cast(step_weights, tf.float32), [batch, beam_size, -1])
-            history.append((words, parents, weights))
+            return (t + 1, token, state, scores, lengths, finished, generated,
+                    _write(words_at, t, words), _write(parents_at, t, parents), _write(attention_at, t, weights))
+
+        # Only beam 0 is alive at the start, so the first step does not pick K copies of one word.
+        scores = tf.tile(tf.concat([[0.0], tf.fill([beam_size - 1], NEG_INF)], 0)[None], [batch, 1])
+        start = (0, tf.fill([batch * beam_size], self.start_id), state, scores, tf.zeros([batch, beam_size]),
+                 tf.zeros([batch, beam_size], tf.bool), tf.zeros([batch * beam_size, self.steps], tf.int32),
+                 # per step: the chosen words [B, K], their parent beams [B, K] and attention [B, K, cells]
+                 tf.zeros([batch, self.steps, beam_size], tf.int32), tf.zeros([batch, self.steps, beam_size], tf.int32),
+                 tf.zeros([batch, self.steps, beam_size, cells]))
+        _, _, _, scores, lengths, _, _, words_at, parents_at, attention_at = tf.while_loop(
+            lambda t, *_: t < self.steps, step, start, maximum_iterations=self.steps
+        )
         # top_k sorts, so beam 0 holds the best normalised score; walk its parents back.
         best = tf.zeros([batch], tf.int32)
         score = scores[:, 0] / gnmt_length_penalty(lengths[:, 0], alpha)
         tokens, attention = [], []
-        for words, parents, weights in reversed(history):
-            tokens.append(tf.gather(words, best, batch_dims=1))
-            attention.append(tf.gather(weights, tf.gather(parents, best, batch_dims=1), batch_dims=1))
-            best = tf.gather(parents, best, batch_dims=1)
+        for t in reversed(range(self.steps)):
+            tokens.append(tf.gather(words_at[:, t], best, batch_dims=1))
+            attention.append(tf.gather(attention_at[:, t], tf.gather(parents_at[:, t], best, batch_dims=1), batch_dims=1))
+            best = tf.gather(parents_at[:, t], best, batch_dims=1)
         return tf.stack(tokens[::-1], 1), score, tf.stack(attention[::-1], 1)
 
     def _log_likelihood_impl(self, grid, tokens):

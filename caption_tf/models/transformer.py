@@ -10,10 +10,13 @@ normalisation; words get a learned position embedding. Each layer:
     x = x + dropout(feed_forward(norm(x)))
 
 Teacher forcing runs every position at once (the weights of `keras.layers.MultiHeadAttention`,
-computed by `attend` with a causal mask, the same function decoding uses). Decoding runs one position per `step` with a key/value cache: the decoder
-state is each layer's self-attention keys and values of the words so far
-([B, t, heads, head_dim], growing by one row per step), and `encode` computes the
-cross-attention keys and values of the grid once. Causal masking makes the two identical.
+computed by `attend` with a causal mask, the same function decoding uses). Decoding runs one
+position per `step` with a key/value cache: the decoder state is each caption's position and
+each layer's self-attention keys and values, in buffers of `max_length` positions
+([B, max_length, heads, head_dim]) that a step fills one row at a time and attends up to its
+position. Fixed shapes let the decoding loops be `tf.while_loop`s (one trace of the step, XLA
+included). `encode` computes the cross-attention keys and values of the grid once. Causal
+masking makes teacher forcing and decoding identical.
 
 Sizes: `embedding_dim` is the model width (embeddings, attention, residual stream),
 `units` the feed-forward width (the keras-io example's EMBED_DIM and FF_DIM).
@@ -52,21 +55,25 @@ def project(dense: keras.layers.EinsumDense, x):
     return out if dense.bias is None else out + ops.cast(dense.bias, out.dtype)
 
 
-def attend(attention: keras.layers.MultiHeadAttention, query, keys, values, causal: bool = False):
+def attend(attention: keras.layers.MultiHeadAttention, query, keys, values, causal: bool = False, key_mask=None):
     """`attention`'s output and weights for `query` [B, Tq, D] over projected `keys`/`values` [B, Tk, H, d].
 
     The computation of `MultiHeadAttention.call` (without its dropout, which is 0 here), from
     keys and values already projected by its `key_dense`/`value_dense` (`project`): teacher
-    forcing projects all positions, decoding grows a cache one position per step. `causal`:
+    forcing projects all positions, decoding fills a cache one position per step. `causal`:
     query position q sees keys 0..q only (self-attention over a whole caption, Tq == Tk).
+    `key_mask` [B, Tk] bool: the keys each caption may see (the filled part of a cache).
     Returns (output [B, Tq, D], weights [B, H, Tq, Tk]).
     """
     q = project(attention.query_dense, query) * ops.cast(1.0 / ops.sqrt(float(attention.key_dim)), query.dtype)
     scores = ops.cast(ops.einsum("bkhd,bqhd->bhqk", keys, q), "float32")
+    # -1e9 as in MultiHeadAttention's masked softmax: masked keys get a weight of exactly 0.
     if causal:
         steps = ops.shape(query)[1]
         seen = tf.linalg.band_part(tf.ones((steps, steps)), -1, 0) > 0  # lower triangle: k <= q
-        scores = tf.where(seen, scores, -1e9)  # MultiHeadAttention's masked softmax adds -1e9 as well
+        scores = tf.where(seen, scores, -1e9)
+    if key_mask is not None:
+        scores = tf.where(key_mask[:, None, None, :], scores, -1e9)
     # tf.nn.softmax: keras.ops.softmax warns about the size-1 axis of the first decoding step.
     weights = tf.nn.softmax(scores, axis=-1)
     mixed = ops.einsum("bhqk,bkhd->bqhd", ops.cast(weights, values.dtype), values)
@@ -127,12 +134,18 @@ class TransformerDecoderLayer(keras.layers.Layer):
         """Cross-attention keys and values of the grid [B, cells, H, d], computed once per image."""
         return project(self.cross_attention.key_dense, memory), project(self.cross_attention.value_dense, memory)
 
-    def step(self, x, cache_keys, cache_values, memory_keys, memory_values):
-        """One position x [B, 1, D] given the cache: (x, new cache keys, new cache values, weights [B, H, 1, cells])."""
+    def step(self, x, position, cache_keys, cache_values, memory_keys, memory_values):
+        """One position x [B, 1, D] at `position` [B] given the caches [B, S, H, d]: (x, caches, weights [B, H, 1, cells]).
+
+        The caches hold zeros from `position` on, so adding the new row there is exact.
+        """
         normed = self.self_norm(x)
-        cache_keys = ops.concatenate([cache_keys, project(self.self_attention.key_dense, normed)], axis=1)
-        cache_values = ops.concatenate([cache_values, project(self.self_attention.value_dense, normed)], axis=1)
-        x = x + attend(self.self_attention, normed, cache_keys, cache_values)[0]
+        size = cache_keys.shape[1] or tf.shape(cache_keys)[1]  # static, except in functions traced with open shapes
+        row = tf.one_hot(position, size, dtype=cache_keys.dtype)[:, :, None, None]
+        cache_keys = cache_keys + row * project(self.self_attention.key_dense, normed)
+        cache_values = cache_values + row * project(self.self_attention.value_dense, normed)
+        filled = tf.range(size)[None, :] <= position[:, None]
+        x = x + attend(self.self_attention, normed, cache_keys, cache_values, key_mask=filled)[0]
         context, weights = attend(self.cross_attention, self.cross_norm(x), memory_keys, memory_values)
         x = x + context
         return x + self.feed_forward(x), cache_keys, cache_values, weights
@@ -227,16 +240,13 @@ class TransformerCaptionDecoder(CaptionModel):
     def memory(self, grid):
         return self.memory_norm(self.grid_encoder(grid))
 
-    def embed(self, tokens, start=0):
-        """Word + position embeddings of tokens [B, T] at positions start, start+1, ...
-
-        `start` is an int, or a scalar tensor where the cache length is only known at run
-        time (retrieval's prefix-tree decoding traces one function for every length).
-        """
-        if isinstance(start, int) and tokens.shape[1] + start > self.max_length:
-            raise ValueError(f"captions of {tokens.shape[1] + start} positions exceed max_length {self.max_length}")
-        positions = ops.arange(start, start + tokens.shape[1])
-        return self.embedding(tokens) + ops.cast(self.token_positions(positions), self.compute_dtype)[None]
+    def embed(self, tokens, positions=None):
+        """Word + position embeddings of tokens [B, T]; `positions` [B, T] (default: 0, 1, ... for every caption)."""
+        if positions is None:
+            if tokens.shape[1] > self.max_length:
+                raise ValueError(f"captions of {tokens.shape[1]} positions exceed max_length {self.max_length}")
+            return self.embedding(tokens) + ops.cast(self.token_positions(ops.arange(tokens.shape[1])), self.compute_dtype)[None]
+        return self.embedding(tokens) + ops.cast(self.token_positions(positions), self.compute_dtype)
 
     # -- teacher forcing ---------------------------------------------------------------------------
     def teacher_forcing_features(self, grid, tokens, training=False):
@@ -267,23 +277,29 @@ class TransformerCaptionDecoder(CaptionModel):
 
     # -- decoding ---------------------------------------------------------------------------------
     def encode(self, grid, training=False):
-        """(memory [B, cells, D], cross-attention keys/values [B, cells, layers, 2, H, d], empty caches)."""
+        """(memory [B, cells, D], cross-attention keys/values [B, cells, layers, 2, H, d], initial state).
+
+        The state: each caption's next position [B] (0) and every layer's empty self-attention
+        key and value caches [B, max_length, H, d].
+        """
         memory = self.memory(grid)
         keys = ops.stack([ops.stack(layer.memory_keys(memory), axis=2) for layer in self.decoder_layers], axis=2)
         batch, head_dim = ops.shape(grid)[0], self.embedding_dim // self.num_heads
-        empty = ops.zeros((batch, 0, self.num_heads, head_dim), self.compute_dtype)
-        return memory, keys, [empty] * (2 * self.num_layers)
+        empty = ops.zeros((batch, self.max_length, self.num_heads, head_dim), self.compute_dtype)
+        return memory, keys, [ops.zeros((batch,), "int32")] + [empty] * (2 * self.num_layers)
 
     def step(self, tokens, state, values, keys, training=False):
-        """One word per caption: (logits [B, V], caches grown by one position, attention [B, cells])."""
-        cached = state[0].shape[1]  # positions so far: static in the unrolled decoding loops
-        x = self.embed(tokens[:, None], start=cached if cached is not None else ops.shape(state[0])[1])
-        new_state = []
+        """One word per caption: (logits [B, V], the state one position on, attention [B, cells])."""
+        position, caches = state[0], state[1:]
+        x = self.embed(tokens[:, None], position[:, None])
+        new_caches = []
         for i, layer in enumerate(self.decoder_layers):
-            x, cache_keys, cache_values, weights = layer.step(x, state[2 * i], state[2 * i + 1], keys[:, :, i, 0], keys[:, :, i, 1])
-            new_state += [cache_keys, cache_values]
+            x, cache_keys, cache_values, weights = layer.step(
+                x, position, caches[2 * i], caches[2 * i + 1], keys[:, :, i, 0], keys[:, :, i, 1]
+            )
+            new_caches += [cache_keys, cache_values]
         logits = self.logits(self.final_norm(x))[:, 0]
-        return logits, new_state, ops.mean(weights, axis=1)[:, 0]
+        return logits, [position + 1, *new_caches], ops.mean(weights, axis=1)[:, 0]
 
     def get_config(self):
         return {
