@@ -59,6 +59,21 @@ def test_beam_shapes_and_finished_captions_pad(grid):
             assert row.all()
 
 
+@pytest.mark.parametrize("decoder,attention", FAMILIES, ids=FAMILY_IDS)
+def test_a_grid_of_one_cell_decodes(decoder, attention):
+    """One cell (a pooled feature vector, or a fine-tuned backbone's 1x1 grid) is a grid too."""
+    keras.utils.set_random_seed(0)
+    cfg = ModelConfig(decoder=decoder, attention=attention, embedding_dim=8, units=16, num_heads=2, num_layers=1)
+    model = build_decoder(cfg, vocab_size=VOCAB, grid_shape=(1, DIM), max_length=MAX_LENGTH)
+    generator = CaptionGenerator(model, START, END, MAX_LENGTH, no_repeat_ngram=2)
+    one_cell = np.random.default_rng(0).random((BATCH, 1, DIM), dtype=np.float32)
+    greedy_tokens, greedy_attention = generator.greedy(one_cell)
+    beam_tokens, _, beam_attention = generator.beam(one_cell, beam_size=1)
+    np.testing.assert_array_equal(beam_tokens, greedy_tokens)
+    assert greedy_attention.shape == beam_attention.shape == (BATCH, MAX_LENGTH - 1, 1)
+    assert generator.beam(one_cell, beam_size=3)[0].shape == (BATCH, MAX_LENGTH - 1)
+
+
 @pytest.mark.parametrize("beam_size", [3, 5])
 @pytest.mark.parametrize("decoder,attention", FAMILIES, ids=FAMILY_IDS)
 def test_beam_scores_are_log_probs_and_beat_greedy(decoder, attention, beam_size, grid):

@@ -79,7 +79,9 @@ def repeated_ngram_ban(history, length, n: int, vocab):
 def _write(buffer, step, rows):
     """`buffer` [N, S, ...] with `rows` [N, ...] written at column `step` (zero there before: exact)."""
     column = tf.one_hot(step, buffer.shape[1], dtype=buffer.dtype)
-    return buffer + tf.reshape(column, [1, -1] + [1] * (buffer.shape.rank - 2)) * rows[:, None]
+    written = buffer + tf.reshape(column, [1, -1] + [1] * (buffer.shape.rank - 2)) * rows[:, None]
+    written.set_shape(buffer.shape)  # broadcasting a size-1 axis of `rows` whose size is unknown loses it
+    return written
 
 
 def _any_batch(function, *tensors):
@@ -203,7 +205,7 @@ class CaptionGenerator:
             state = [_gather_beams(s, parents) for s in state]
             token = tf.reshape(words, [-1])
             generated = _write(_gather_beams(generated, parents), t, token)  # each live beam's words so far
-            weights = tf.reshape(tf.cast(step_weights, tf.float32), [batch, beam_size, -1])
+            weights = tf.reshape(tf.cast(step_weights, tf.float32), [batch, beam_size, cells])
             return (t + 1, token, state, scores, lengths, finished, generated,
                     _write(words_at, t, words), _write(parents_at, t, parents), _write(attention_at, t, weights))
 
