@@ -123,8 +123,9 @@ def trained_report(tmp_path_factory):
     from caption_tf.training.trainer import train
 
     tmp = tmp_path_factory.mktemp("trained_report")
+    # Whole captions matter here (max length 12: 10 words), not only tracing time.
     cfg = load_config("minimal", tiny_overrides(tmp, num_images=200, scene_size=96, backbone="densenet121", input_size=128, units=64,
-                                                epochs=10, learning_rate=0.01, run_name="trained"))
+                                                epochs=10, learning_rate=0.01, max_length=12, run_name="trained"))
     run_dir = train(cfg)
     options = ReportOptions(out_dir=str(tmp / "report"), meteor=False, beam_size=2, resources=False, embeddings=False, retrieval=False)
     build_report([str(run_dir)], options)

@@ -105,7 +105,7 @@ def test_train_py_logs_captions_attention_hparams_test_bleu_and_a_profile(shared
     assert hparams == {
         "preset": "minimal", "dataset": "shapes", "backbone": "mobilenet_v3_small", "weights": "none", "decoder": "lstm",
         "attention": "bahdanau", "embedding_dim": 16, "units": 32, "dropout": 0.0, "vocab_size": len(vocab["tokens"]),
-        "max_length": 12, "batch_size": 16, "learning_rate": cfg.train.learning_rate, "lr_schedule": "constant",
+        "max_length": cfg.text.max_length, "batch_size": 16, "learning_rate": cfg.train.learning_rate, "lr_schedule": "constant",
         "precision": "float32", "replicas": 1, "fine_tune_layers": 0,
     }
     assert info.group_name == "shown"
