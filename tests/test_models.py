@@ -19,6 +19,8 @@ FAMILY_IDS = ["lstm-bahdanau", "gru-bahdanau", "lstm-luong", "gru-luong", "trans
 
 def tiny_model(decoder="lstm", attention="bahdanau", vocab=20, cells=9, dim=8, length=7, seed=0, **overrides):
     keras.utils.set_random_seed(seed)
+    # One Transformer layer unless a test asks for more: each layer adds to the tracing, most of these tests' time.
+    overrides = {"num_layers": 1, **overrides}
     cfg = ModelConfig(decoder=decoder, attention=attention, embedding_dim=8, units=16, num_heads=2, **overrides)
     return build_decoder(cfg, vocab_size=vocab, grid_shape=(cells, dim), max_length=length)
 
