@@ -66,3 +66,11 @@ def test_pyproject_lists_every_package_and_ships_the_presets():
     on_disk = {".".join(p.parent.relative_to(REPO_ROOT).parts) for p in (REPO_ROOT / "caption_tf").rglob("__init__.py")}
     assert set(setuptools["packages"]) == on_disk | {"caption_tf.configs"}
     assert setuptools["package-dir"]["caption_tf.configs"] == "configs" and any((REPO_ROOT / "configs").glob("*.yaml"))
+
+
+def test_the_suites_slowest_first_list_names_existing_files():
+    """conftest.SLOWEST_FIRST orders the suite; a renamed file would silently drop to the end."""
+    from conftest import SLOWEST_FIRST
+
+    assert [name for name in SLOWEST_FIRST if not (TESTS_DIR / name).is_file()] == []
+    assert len(set(SLOWEST_FIRST)) == len(SLOWEST_FIRST)
