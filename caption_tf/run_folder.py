@@ -356,9 +356,7 @@ class Run:
 
         if no_repeat_ngram is None:
             no_repeat_ngram = self.config.eval.no_repeat_ngram
-        return CaptionGenerator(
-            self.model, self.vocab.start_id, self.vocab.end_id, self.vocab.max_length, jit_compile, no_repeat_ngram
-        )
+        return CaptionGenerator.for_vocabulary(self.model, self.vocab, jit_compile=jit_compile, no_repeat_ngram=no_repeat_ngram)
 
 
 def weights_problem(run_dir: Path, info: dict) -> Optional[str]:

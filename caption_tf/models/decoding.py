@@ -126,6 +126,14 @@ class CaptionGenerator:
         self._log_likelihood = tf.function(self._log_likelihood_impl, **compile_options)
         self._beams: dict[tuple[int, float], tf.types.experimental.GenericFunction] = {}
 
+    @classmethod
+    def for_vocabulary(cls, model, vocab, **options):
+        """The generator of `model` trained on `vocab` (a `data.text.Vocabulary`: its <start>/<end> ids and max length).
+
+        `options`: `jit_compile`, `no_repeat_ngram`.
+        """
+        return cls(model, vocab.start_id, vocab.end_id, vocab.max_length, **options)
+
     def greedy(self, grid):
         """(tokens int32 [B, steps], attention float32 [B, steps, cells]); 0 after <end>."""
         return _any_batch(self._greedy, tf.convert_to_tensor(grid))

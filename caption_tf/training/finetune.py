@@ -293,7 +293,7 @@ def _fine_tune_locked(cfg, run_dir, run, saved, features_cfg, dataset, cache, ru
         vocab = run.vocab
         callbacks.append(summaries.SampleCaptions(
             log_dir / summaries.VALIDATION_DIR, samples, vocab, axis, encode=lambda m: m.grid(inputs),
-            make_generator=lambda m: CaptionGenerator(m.decoder, vocab.start_id, vocab.end_id, vocab.max_length),
+            make_generator=lambda m: CaptionGenerator.for_vocabulary(m.decoder, vocab),
         ))
     # What phase-2 checkpoints must match: the phase-1 decoder they start from and the phase-2 settings.
     phase2 = {k: getattr(saved.train, k) for k in ("fine_tune_learning_rate", "fine_tune_batch_size", "seed")}

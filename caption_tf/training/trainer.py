@@ -154,10 +154,10 @@ def make_callbacks(cfg: Config, run_dir: Path, axis: summaries.SummaryAxis, chie
 
 def epoch_generator(vocab) -> Callable:
     """model -> its `CaptionGenerator`, built once: the callbacks that decode every epoch (validation
-    BLEU, TensorBoard's sample captions) share its traces (a Transformer's greedy loop: ~8 s each)."""
+    BLEU, TensorBoard's sample captions) share its traces (0.4-1.6 s each: `benchmarks/RESULTS.md`)."""
     from caption_tf.models.decoding import CaptionGenerator
 
-    return functools.lru_cache(maxsize=1)(lambda model: CaptionGenerator(model, vocab.start_id, vocab.end_id, vocab.max_length))
+    return functools.lru_cache(maxsize=1)(lambda model: CaptionGenerator.for_vocabulary(model, vocab))
 
 
 def sample_captions(data: PreparedData, run_dir: Path, axis: summaries.SummaryAxis, make_generator: Callable):
