@@ -15,6 +15,7 @@ first greedy and beam-3 calls (tracing included), then captions/s of the next ca
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 from common import best_time, quiet_tensorflow, report
@@ -25,7 +26,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from caption_tf.config import ModelConfig, load_config  # noqa: E402
+from caption_tf.config import load_config  # noqa: E402
 from caption_tf.models.decoder import CaptionDecoder, build_decoder  # noqa: E402
 from caption_tf.models.decoding import CaptionGenerator  # noqa: E402
 
@@ -54,7 +55,7 @@ def first_calls(args) -> None:
     grid = tf.constant(np.random.default_rng(0).random((32, *args.grid), dtype=np.float32))
     for decoder in ("lstm", "transformer"):
         keras.utils.set_random_seed(0)
-        model = build_decoder(ModelConfig(**{**preset.__dict__, "decoder": decoder}), 35, tuple(args.grid), args.max_length)
+        model = build_decoder(dataclasses.replace(preset, decoder=decoder), 35, tuple(args.grid), args.max_length)
         generator = CaptionGenerator(model, START, END, args.max_length, no_repeat_ngram=3)
         greedy = lambda: generator.greedy(grid)[0].numpy()  # noqa: E731
         beam = lambda: generator.beam(grid, args.beam_size, 0.7)[0].numpy()  # noqa: E731

@@ -88,8 +88,8 @@ def _any_batch(function, *tensors):
     """`function(*tensors)` from one trace for every batch size (the first dimension left open).
 
     Traced per call shape (`tf.function`'s `reduce_retracing` relaxes only from the second shape on),
-    the unrolled loops were traced again for the last, smaller batch of a split and for each other caller's
-    batch size: 1-2 s each, several times per training run (measured: 5 traces in 3 epochs).
+    the decoding loops were traced again for the last, smaller batch of a split and for each other
+    caller's batch size (measured: 5 traces in 3 epochs of a training run).
     """
     specs = [tf.TensorSpec([None, *t.shape[1:]], t.dtype) for t in tensors]
     return function.get_concrete_function(*specs)(*tensors)

@@ -134,17 +134,16 @@ class TransformerDecoderLayer(keras.layers.Layer):
         """Cross-attention keys and values of the grid [B, cells, H, d], computed once per image."""
         return project(self.cross_attention.key_dense, memory), project(self.cross_attention.value_dense, memory)
 
-    def step(self, x, position, cache_keys, cache_values, memory_keys, memory_values):
-        """One position x [B, 1, D] at `position` [B] given the caches [B, S, H, d]: (x, caches, weights [B, H, 1, cells]).
+    def step(self, x, row, filled, cache_keys, cache_values, memory_keys, memory_values):
+        """One position x [B, 1, D] given the caches [B, S, H, d]: (x, caches, weights [B, H, 1, cells]).
 
-        The caches hold zeros from `position` on, so adding the new row there is exact.
+        `row` [B, S, 1, 1]: one-hot of each caption's position, where the new keys and values go
+        (the caches hold zeros from there on, so adding them is exact); `filled` [B, S] bool: the
+        positions up to it, the keys the step may see.
         """
         normed = self.self_norm(x)
-        size = cache_keys.shape[1] or tf.shape(cache_keys)[1]  # static, except in functions traced with open shapes
-        row = tf.one_hot(position, size, dtype=cache_keys.dtype)[:, :, None, None]
         cache_keys = cache_keys + row * project(self.self_attention.key_dense, normed)
         cache_values = cache_values + row * project(self.self_attention.value_dense, normed)
-        filled = tf.range(size)[None, :] <= position[:, None]
         x = x + attend(self.self_attention, normed, cache_keys, cache_values, key_mask=filled)[0]
         context, weights = attend(self.cross_attention, self.cross_norm(x), memory_keys, memory_values)
         x = x + context
@@ -292,10 +291,14 @@ class TransformerCaptionDecoder(CaptionModel):
         """One word per caption: (logits [B, V], the state one position on, attention [B, cells])."""
         position, caches = state[0], state[1:]
         x = self.embed(tokens[:, None], position[:, None])
+        # Where this step writes and what it sees: the same for every layer's cache.
+        size = caches[0].shape[1] or tf.shape(caches[0])[1]  # static, except in functions traced with open shapes
+        row = tf.one_hot(position, size, dtype=caches[0].dtype)[:, :, None, None]
+        filled = tf.range(size)[None, :] <= position[:, None]
         new_caches = []
         for i, layer in enumerate(self.decoder_layers):
             x, cache_keys, cache_values, weights = layer.step(
-                x, position, caches[2 * i], caches[2 * i + 1], keys[:, :, i, 0], keys[:, :, i, 1]
+                x, row, filled, caches[2 * i], caches[2 * i + 1], keys[:, :, i, 0], keys[:, :, i, 1]
             )
             new_caches += [cache_keys, cache_values]
         logits = self.logits(self.final_norm(x))[:, 0]
