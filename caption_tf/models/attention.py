@@ -25,7 +25,10 @@ from keras import ops
 def _attend(scores, values):
     """Softmax over the last axis (cells) in float32, then the weighted sum of values."""
     weights = ops.softmax(ops.cast(scores, "float32"), axis=-1)
-    return ops.einsum("bn,bnd->bd", ops.cast(weights, values.dtype), values), weights
+    # A broadcast multiply and a sum, not einsum("bn,bnd->bd"): TensorFlow runs that einsum
+    # as one [1, cells] x [cells, D] matmul per caption; forward + backward of one step took
+    # 1.08 ms against 0.38 ms here ([64, 25, 256], 2 CPU cores), and Bahdanau pays it per word.
+    return ops.sum(ops.cast(weights, values.dtype)[:, :, None] * values, axis=1), weights
 
 
 @keras.saving.register_keras_serializable("caption_tf")
