@@ -1,6 +1,7 @@
 """train() under MirroredStrategy with two replicas (two logical CPU devices) is SIGKILLed mid-epoch
 and resumed: the stack builds every variable inside the strategy scope, and the resumed run ends
-with exactly the state (weights, Adam slots, dropout RNG) of an uninterrupted two-replica run."""
+with exactly the state (weights, Adam slots, dropout RNG) of an uninterrupted two-replica run,
+the conv grid adapter (the `fast` preset's) included."""
 
 from __future__ import annotations
 
@@ -28,9 +29,11 @@ CHILD = textwrap.dedent(
         last[name] = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(run_dir / "checkpoints")))
     if len(last) == 2:  # the final checkpoints, tensor by tensor: weights, Adam slots, dropout RNG, position
         first, second = last.values()
-        keys = [k for k in first.get_variable_to_shape_map() if "OBJECT_GRAPH" not in k]
+        shapes = first.get_variable_to_shape_map()
+        keys = [k for k in shapes if "OBJECT_GRAPH" not in k]
         result["tensors"] = len(keys)
         result["max_abs_diff"] = max(float(abs(first.get_tensor(k).astype("float64") - second.get_tensor(k)).max()) for k in keys)
+        result["kernels_4d"] = [shapes[k] for k in keys if len(shapes[k]) == 4]
     json.dump(result, open(sys.argv[2], "w"))
     """
 )
@@ -49,7 +52,9 @@ def test_two_replicas_sigkilled_mid_epoch_resume_exactly(tmp_path):
     from caption_tf.training.trainer import prepare_data
 
     # max_length 6: the decoder's unrolled steps are traced per replica; shorter is cheaper.
-    overrides = tiny_overrides(tmp_path, epochs=2, checkpoint_every=2, dropout=0.3, max_length=6, distribute="mirrored", cpu_replicas=2)
+    # The conv grid adapter (the `fast` preset's): its kernel and Adam slots must resume too.
+    overrides = tiny_overrides(tmp_path, epochs=2, checkpoint_every=2, dropout=0.3, max_length=6, distribute="mirrored", cpu_replicas=2,
+                               grid_adapter="conv")
     # Built once beforehand: today the decoder's initial weights depend on whether the cache existed (issue 12, hole 3).
     prepare_data(load_config("minimal", overrides))
     killed = _run([["killed", overrides]], tmp_path, env={"CAPTION_TF_CRASH_AFTER_BATCHES": str(CRASH_AFTER)})
@@ -63,3 +68,4 @@ def test_two_replicas_sigkilled_mid_epoch_resume_exactly(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["resumed"]["replicas"] == 2 and result["resumed"]["status"] == "complete"
     assert result["tensors"] > 40 and result["max_abs_diff"] == 0.0, result["max_abs_diff"]
+    assert result["kernels_4d"] == [[3, 3, 32, 32]] * 3  # the adapter's 3x3 kernel and its two Adam slots were compared
