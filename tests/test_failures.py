@@ -78,7 +78,7 @@ def test_a_full_disk_is_a_clean_stop_and_the_rerun_resumes(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
     # No attention images in TensorBoard: they would spend the 3 MB disk the test fills and frees.
-    overrides = tiny_overrides(tmp_path, epochs=8, checkpoint_every=3, run_name="full", runs_dir=disk / "runs", tensorboard_images=0)
+    overrides = tiny_overrides(tmp_path, epochs=3, checkpoint_every=3, run_name="full", runs_dir=disk / "runs", tensorboard_images=0)
     command = [sys.executable, str(REPO_ROOT / "train.py"), "--preset", "minimal", *_flags(overrides), "--no-meteor"]
     done = _run_with_tmpfs([str(disk), str(tmp_path / "result.json"), json.dumps(command)])
     assert done.returncode == 0, done.stderr[-3000:]
