@@ -22,7 +22,7 @@ FLICKR8K_SAMPLE = SHARED_DIR / "data" / "flickr8k_sample"
 SLOWEST_FIRST = [
     "test_distribute.py", "test_models.py", "test_distribute_precision.py", "test_failures.py", "test_resume.py",
     "test_captioner.py", "test_report.py", "test_kill_resume.py", "test_tensorboard.py", "test_transformer_cli.py",
-    "test_run_folder.py", "test_decoding.py", "test_resume_distributed.py", "test_finetune.py", "test_feature_cache.py",
+    "test_run_folder.py", "test_decoding.py", "test_finetune.py", "test_feature_cache.py",
     "test_cli.py", "test_retrieval.py", "test_runtime.py", "test_schedules.py",
 ]
 

@@ -2,10 +2,11 @@
 CPU devices (`--cpu-replicas 2`) and MultiWorkerMirroredStrategy over two train.py processes
 on 127.0.0.1 sharing one checkout. Each run is a real subprocess; kills are real SIGKILLs.
 
-One uninterrupted 2-replica run (`two_replica_runs`) is the reference of every test
-here: a resumed 2-replica run, a resumed 2-worker run (two workers compute exactly what two
-devices of one process compute) and a 1-replica run at the same global batch are compared
-with it.
+One uninterrupted 2-replica run with dropout (`two_replica_runs`) is the reference of the
+resumed 2-replica run (every checkpoint tensor compared: weights, Adam slots, each replica's
+dropout RNG, data position) and of the resumed 2-worker run (two workers compute exactly what
+two devices of one process compute). A 1-replica run at the same global batch is compared with
+a 2-replica run without dropout (dropout masks depend on how the batch is split).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY = 2, 10, 3
 # 5e-4 per replica batch of 8 and the linear scaling rule doubles it.
 TWO_REPLICAS = {"cpu_replicas": 2, "batch_size": 8, "learning_rate": 5e-4}
 ONE_REPLICA = {"batch_size": 16, "learning_rate": 1e-3}
+# Dropout on in the kill/resume runs: the resumed run must replay each replica's dropout masks.
+DROPOUT = {"dropout": 0.3}
 PROCESS_TIMEOUT_S = 300
 WORKER_LOST_EXIT = 5  # runtime.EXIT_WORKER_LOST
 LOST_WORKER_BOUND_S = 90  # measured 7-12 s on 2 busy cores (docs/distributed.md)
@@ -100,6 +103,14 @@ def max_abs_diff(path_a, path_b) -> float:
     return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
 
 
+def checkpoint_tensors(run_dir) -> dict:
+    """Every tensor of the run's newest checkpoint (weights, optimizer slots, RNG states, data position) by key."""
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(run_dir / "checkpoints")))
+    return {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map() if "OBJECT_GRAPH" not in key}
+
+
 def history(run_dir) -> list[dict]:
     with open(run_dir / "history.csv", newline="") as fh:
         return list(csv.DictReader(fh))
@@ -125,8 +136,8 @@ def kill_after_checkpoint(proc, log_path, run_dir, rng) -> int:
 
 @pytest.fixture(scope="module")
 def two_replica_runs(tmp_path_factory):
-    """2-replica MirroredStrategy runs through train.py: an uninterrupted reference and, beside
-    it, the same command SIGKILLed mid-epoch a random moment after a checkpoint, then rerun.
+    """2-replica MirroredStrategy runs through train.py, dropout on: an uninterrupted reference and,
+    beside it, the same command SIGKILLed mid-epoch a random moment after a checkpoint, then rerun.
 
     Returns (tmp, reference run folder, reference log, resumed run folder, resumed log, newest
     checkpoint step at the kill). `--jit on` is asked for: XLA fails under MirroredStrategy on
@@ -135,8 +146,8 @@ def two_replica_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distribute")
     rng = random.Random(random.SystemRandom().randrange(10**6))
     # Both start from empty data/ and cache/: one builds them, the other waits for it.
-    reference = train_py({**overrides(tmp, "reference", **TWO_REPLICAS), "jit": "on"}, tmp / "reference.log")
-    values = overrides(tmp, "killed", **TWO_REPLICAS)
+    reference = train_py({**overrides(tmp, "reference", **TWO_REPLICAS, **DROPOUT), "jit": "on"}, tmp / "reference.log")
+    values = overrides(tmp, "killed", **TWO_REPLICAS, **DROPOUT)
     killed = train_py(values, tmp / "killed.log")
     killed_at = kill_after_checkpoint(killed, tmp / "killed.log", tmp / "runs" / "killed", rng)
     resumed = finish(train_py(values, tmp / "resumed.log"), tmp / "resumed.log")
@@ -158,16 +169,25 @@ def test_two_cpu_replicas_train_and_resume_exactly_after_sigkill(two_replica_run
     assert [r["val_loss"] for r in history(resumed)] == [r["val_loss"] for r in history(reference)]
     adapter = {k: v.shape for k, v in h5_arrays(resumed / "model.weights.h5").items() if "/adapter/" in k}
     assert sorted(adapter.values()) == [(3, 3, 32, 32), (32,)], adapter  # the adapter was among the weights compared
+    # The final checkpoints, tensor by tensor: the state a further resume would start from.
+    expected, actual = checkpoint_tensors(reference), checkpoint_tensors(resumed)
+    assert expected.keys() == actual.keys() and len(expected) > 40
+    for key in expected:
+        np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+    assert [v.shape for v in actual.values() if v.ndim == 4] == [(3, 3, 32, 32)] * 3  # the adapter's kernel and its 2 Adam slots
 
 
 def test_one_and_two_replicas_agree_at_the_same_global_batch(two_replica_runs):
-    """Adam, learning rate 1e-3, global batch 16: 1 device vs 2 (before weighting each replica by
-    its share of the batch's real tokens, captions of different lengths made them differ by 3e-3)."""
+    """Adam, learning rate 1e-3, global batch 16, no dropout: 1 device vs 2 (before weighting each
+    replica by its share of the batch's real tokens, captions of different lengths made them differ by 3e-3)."""
     from caption_tf.config import load_config
     from caption_tf.training.trainer import train
 
-    tmp, reference = two_replica_runs[:2]
+    tmp = two_replica_runs[0]  # its data and feature cache
+    two = train_py(overrides(tmp, "two-replicas", **TWO_REPLICAS), tmp / "two-replicas.log")
     one = train(load_config("minimal", overrides(tmp, "one-replica", **ONE_REPLICA)))
+    finish(two, tmp / "two-replicas.log")
+    reference = tmp / "runs" / "two-replicas"
     assert json.loads((one / "run.json").read_text())["replicas"] == 1
 
     difference = max_abs_diff(one / "model.weights.h5", reference / "model.weights.h5")
@@ -192,7 +212,7 @@ def test_two_workers_build_once_fail_fast_and_resume_exactly(two_replica_runs, t
        worker's temporary folder is gone, also a stale one a killed worker would leave.
     """
     reference = two_replica_runs[1]
-    values = overrides(tmp_path, "cluster", batch_size=8, learning_rate=5e-4)
+    values = overrides(tmp_path, "cluster", batch_size=8, learning_rate=5e-4, **DROPOUT)
     run_dir = tmp_path / "runs" / "cluster"
     ports = free_ports(2)
     rng = random.Random(random.SystemRandom().randrange(10**6))
