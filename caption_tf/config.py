@@ -83,9 +83,10 @@ class ModelConfig:
     attention_units: Optional[int] = None  # Bahdanau hidden width; None: same as units
     feature_units: Optional[int] = None  # LSTM/GRU: projected grid width; None: same as units
     num_layers: int = 2  # transformer decoder layers
-    num_heads: int = 4  # transformer attention heads
+    num_heads: int = 4  # attention heads of the transformer decoder and of the grid encoder layers
     grid_positions: str = "learned"  # learned | sinusoidal | none: 2-D position of each grid cell
     grid_adapter: str = "none"  # none | conv: a trainable residual 3x3 convolution over the frozen grid
+    encoder_layers: int = 0  # Transformer encoder layers (self-attention + feed-forward) over the grid cells
     tie_embeddings: bool = False  # predict words through the input embedding matrix
     dropout: float = 0.0  # on the features the output layer reads
     attention_penalty: float = 0.0  # weight of the doubly stochastic attention penalty (0: off)

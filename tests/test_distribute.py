@@ -43,8 +43,9 @@ LOST_WORKER_BOUND_S = 90  # measured 7-12 s on 2 busy cores (docs/distributed.md
 
 def overrides(tmp, name, **extra) -> dict:
     # Captions cut at 8 tokens: a shorter unrolled decoder traces faster; the tests compare runs.
-    # The conv grid adapter (the `fast` preset's) on: its weights go through every comparison here.
-    return tiny_overrides(tmp, epochs=EPOCHS, checkpoint_every=CHECKPOINT_EVERY, max_length=8, grid_adapter="conv", run_name=name, **extra)
+    # The conv grid adapter (the `fast` preset's) and a grid encoder layer on: their weights go through every comparison here.
+    return tiny_overrides(tmp, epochs=EPOCHS, checkpoint_every=CHECKPOINT_EVERY, max_length=8, grid_adapter="conv", encoder_layers=1,
+                          run_name=name, **extra)
 
 
 def flags(values: dict) -> list[str]:
@@ -167,8 +168,10 @@ def test_two_cpu_replicas_train_and_resume_exactly_after_sigkill(two_replica_run
     difference = max_abs_diff(reference / "model.weights.h5", resumed / "model.weights.h5")
     assert difference == 0.0, f"killed after step {killed_at}: max abs weight difference {difference}"
     assert [r["val_loss"] for r in history(resumed)] == [r["val_loss"] for r in history(reference)]
-    adapter = {k: v.shape for k, v in h5_arrays(resumed / "model.weights.h5").items() if "/adapter/" in k}
+    weights = h5_arrays(resumed / "model.weights.h5")
+    adapter = {k: v.shape for k, v in weights.items() if "/adapter/" in k}
     assert sorted(adapter.values()) == [(3, 3, 32, 32), (32,)], adapter  # the adapter was among the weights compared
+    assert any(k.endswith("grid_encoder/encoder_0/attention/query_dense/vars/0") for k in weights), sorted(weights)  # and the encoder layer's
     # The final checkpoints, tensor by tensor: the state a further resume would start from.
     expected, actual = checkpoint_tensors(reference), checkpoint_tensors(resumed)
     assert expected.keys() == actual.keys() and len(expected) > 40

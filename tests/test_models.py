@@ -85,13 +85,17 @@ def test_grid_positions_are_row_plus_column_codes():
     assert len({tuple(np.round(row, 5)) for row in sinusoidal}) == 9  # every cell has its own code
     with pytest.raises(ValueError, match="square"):
         GridEncoder(8)(np.zeros((1, 10, 4), "float32"))
+    with pytest.raises(ValueError, match="width 6 and 4 heads"):
+        GridEncoder(6, encoder_layers=1, num_heads=4)(np.zeros((1, 9, 4), "float32"))
+    with pytest.raises(ValueError, match="encoder_layers must be >= 0, got -1"):
+        GridEncoder(8, encoder_layers=-1)
 
 
 @pytest.mark.parametrize("decoder,attention", FAMILIES, ids=FAMILY_IDS)
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_teacher_forcing_equals_the_per_step_loop(decoder, attention, tied):
     """The training pass (parallel where the maths allows) computes what decoding computes step by step."""
-    model = tiny_model(decoder, attention, tie_embeddings=tied, grid_adapter="conv")
+    model = tiny_model(decoder, attention, tie_embeddings=tied, grid_adapter="conv", encoder_layers=1)
     rng = np.random.default_rng(0)
     grid = tf.constant(rng.normal(size=(3, 9, 8)).astype("float32"))
     tokens = tf.constant(rng.integers(1, 20, (3, 6)).astype("int32"))
@@ -313,8 +317,10 @@ def test_bad_settings_say_what_was_received():
 @pytest.mark.parametrize("decoder,attention", [("lstm", "bahdanau"), ("gru", "luong"), ("transformer", "bahdanau")])
 def test_every_weight_is_in_a_tf_train_checkpoint(decoder, attention, tmp_path):
     """Crash recovery saves `tf.train.Checkpoint(model=...)`: every weight must be tracked by it."""
-    trained = tiny_model(decoder, attention, seed=1, tie_embeddings=True, grid_adapter="conv", num_layers=2)
-    fresh = tiny_model(decoder, attention, seed=2, tie_embeddings=True, grid_adapter="conv", num_layers=2)
+    grid = {"grid_adapter": "conv", "encoder_layers": 2}
+    trained = tiny_model(decoder, attention, seed=1, tie_embeddings=True, num_layers=2, **grid)
+    fresh = tiny_model(decoder, attention, seed=2, tie_embeddings=True, num_layers=2, **grid)
+    assert any("/encoder_1/self_attention/" in v.path for v in trained.trainable_variables)
     for variable in trained.trainable_variables:
         variable.assign(variable + 0.5)
     tf.train.Checkpoint(model=fresh).read(tf.train.Checkpoint(model=trained).write(str(tmp_path / "ckpt")))
@@ -330,7 +336,7 @@ def test_transformer_and_tied_output_train_under_mixed_precision(precision):
         grid = rng.random((32, 4, 8), dtype=np.float32)
         tokens = rng.integers(4, 16, (32, 8)).astype("int32")
         tokens[:, 0], tokens[:, 1] = 2, 4 + np.argmax(grid.mean(1), -1)  # the first word names the strongest channel
-        model = tiny_model("transformer", vocab=16, cells=4, length=8, tie_embeddings=True, attention_penalty=0.5)
+        model = tiny_model("transformer", vocab=16, cells=4, length=8, tie_embeddings=True, attention_penalty=0.5, encoder_layers=1)
         model.compile(optimizer=keras.optimizers.Adam(0.01))
         history = model.fit((grid, tokens[:, :-1]), tokens[:, 1:], epochs=5, batch_size=8, verbose=0).history["loss"]
         assert np.all(np.isfinite(history)) and history[-1] < history[0]

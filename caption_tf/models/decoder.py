@@ -57,6 +57,7 @@ class CaptionDecoder(CaptionModel):
         feature_units: width of the projected grid cells (None: `units`).
         grid_positions: "learned", "sinusoidal" or "none" (`grid.GridEncoder`).
         grid_adapter: "none" or "conv" (`grid.GridEncoder`).
+        encoder_layers, num_heads: Transformer encoder layers over the grid cells and their heads (`grid.GridEncoder`).
         tie_embeddings: predict words through the input embeddings (`base.TiedOutput`).
         dropout: on the features the output layer reads.
         attention_penalty, label_smoothing, recompute_grad: see `base.CaptionModel`.
@@ -76,6 +77,8 @@ class CaptionDecoder(CaptionModel):
         feature_units: int | None = None,
         grid_positions: str = "learned",
         grid_adapter: str = "none",
+        encoder_layers: int = 0,
+        num_heads: int = 4,
         tie_embeddings: bool = False,
         attention_penalty: float = 0.0,
         label_smoothing: float = 0.0,
@@ -94,7 +97,8 @@ class CaptionDecoder(CaptionModel):
         self.attention_units = attention_units
         self.grid_positions, self.grid_adapter, self.tie_embeddings = grid_positions, grid_adapter, tie_embeddings
 
-        self.grid_encoder = GridEncoder(feature_units, grid_positions, grid_adapter, name="grid_encoder")
+        self.encoder_layers, self.num_heads = encoder_layers, num_heads
+        self.grid_encoder = GridEncoder(feature_units, grid_positions, grid_adapter, encoder_layers, num_heads, name="grid_encoder")
         self.init_h = keras.layers.Dense(units, activation="tanh", name="init_h")
         self.init_c = keras.layers.Dense(units, activation="tanh", name="init_c") if decoder == "lstm" else None
         self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")
@@ -327,6 +331,8 @@ class CaptionDecoder(CaptionModel):
             "feature_units": self.feature_units,
             "grid_positions": self.grid_positions,
             "grid_adapter": self.grid_adapter,
+            "encoder_layers": self.encoder_layers,
+            "num_heads": self.num_heads,
             "tie_embeddings": self.tie_embeddings,
         }
 
@@ -346,6 +352,7 @@ def build_decoder(model_cfg, vocab_size: int, grid_shape: tuple[int, int], max_l
         recompute_grad=recompute_grad,
         grid_positions=model_cfg.grid_positions,
         grid_adapter=model_cfg.grid_adapter,
+        encoder_layers=model_cfg.encoder_layers,
         tie_embeddings=model_cfg.tie_embeddings,
         attention_penalty=model_cfg.attention_penalty,
         label_smoothing=model_cfg.label_smoothing,
@@ -364,6 +371,7 @@ def build_decoder(model_cfg, vocab_size: int, grid_shape: tuple[int, int], max_l
             luong_score=model_cfg.luong_score,
             attention_units=model_cfg.attention_units,
             feature_units=model_cfg.feature_units,
+            num_heads=model_cfg.num_heads,
             **common,
         )
     model((ops.zeros((1, *grid_shape)), ops.zeros((1, max_length - 1), "int32")))

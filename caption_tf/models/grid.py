@@ -3,9 +3,11 @@
 A backbone grid [B, h*w, C] (row-major, cell 0 at the top left) becomes [B, h*w, width]:
 a `Dense(width, relu)` projection per cell, an optional small trainable adapter that
 mixes neighbouring cells (`adapter="conv"`: a residual 3x3 convolution; the backbone
-itself stays frozen), and a 2-D position embedding added to every cell. Without
-positions, attention is a bag of cells: the decoder can tell what is there but not where,
-so it cannot say "to the left of".
+itself stays frozen), a 2-D position embedding added to every cell, and optionally
+Transformer encoder layers over the positioned cells (`encoder_layers`, as in the keras-io
+captioning example), through which each cell sees every other. Without positions,
+attention is a bag of cells: the decoder can tell what is there but not where, so it
+cannot say "to the left of".
 
 Example:
 
@@ -99,27 +101,76 @@ class GridPositionEmbedding(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable("caption_tf")
+class GridEncoderLayer(keras.layers.Layer):
+    """A Transformer encoder layer over the cells [B, h*w, D]: self-attention, then feed-forward.
+
+    Pre-norm residual blocks; the feed-forward is `2 * D` wide. After it a cell carries what
+    is where in the whole image, not only in its 3x3 neighbourhood: "to the left of" relates
+    two objects that can be many cells apart.
+
+    Args:
+        num_heads: attention heads; `D` must be divisible by it.
+    """
+
+    def __init__(self, num_heads: int = 4, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.attention_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="attention_norm")
+        self.feed_forward_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="feed_forward_norm")
+
+    def build(self, input_shape):
+        width = input_shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"grid encoder layers need a cell width divisible by num_heads, got width {width} and {self.num_heads} heads")
+        self.attention = keras.layers.MultiHeadAttention(self.num_heads, width // self.num_heads, name="self_attention")
+        self.hidden = keras.layers.Dense(2 * width, activation="relu", name="hidden")
+        self.out = keras.layers.Dense(width, name="out")
+        self.attention_norm.build(input_shape)
+        self.attention.build(input_shape, input_shape)
+        self.feed_forward_norm.build(input_shape)
+        self.hidden.build(input_shape)
+        self.out.build((*input_shape[:-1], 2 * width))
+
+    def call(self, cells):
+        x = self.attention_norm(cells)
+        cells = cells + self.attention(x, x)
+        return cells + self.out(self.hidden(self.feed_forward_norm(cells)))
+
+    def get_config(self):
+        return {**super().get_config(), "num_heads": self.num_heads}
+
+
+@keras.saving.register_keras_serializable("caption_tf")
 class GridEncoder(keras.layers.Layer):
-    """grid [B, h*w, C] -> cells [B, h*w, width]: projection, optional adapter, 2-D positions.
+    """grid [B, h*w, C] -> cells [B, h*w, width]: projection, optional adapter, 2-D positions,
+    optional encoder layers.
 
     Args:
         width: channels of the projected cells.
         positions: "learned", "sinusoidal" or "none".
         adapter: "none" or "conv" (a residual 3x3 convolution over the projected grid).
+        encoder_layers: `GridEncoderLayer`s over the positioned cells (0: none).
+        num_heads: their attention heads.
     """
 
-    def __init__(self, width: int, positions: str = "learned", adapter: str = "none", **kwargs):
+    def __init__(self, width: int, positions: str = "learned", adapter: str = "none", encoder_layers: int = 0, num_heads: int = 4, **kwargs):
         super().__init__(**kwargs)
         if positions not in POSITIONS:
             raise ValueError(f"grid positions must be one of {POSITIONS}, got {positions!r}")
         if adapter not in ADAPTERS:
             raise ValueError(f"grid adapter must be one of {ADAPTERS}, got {adapter!r}")
+        if encoder_layers < 0:
+            raise ValueError(f"encoder_layers must be >= 0, got {encoder_layers}")
         self.width, self.positions_kind, self.adapter_kind = width, positions, adapter
+        self.encoder_layers, self.num_heads = encoder_layers, num_heads
         self.project = keras.layers.Dense(width, activation="relu", name="project")
         self.adapter = (
             keras.layers.Conv2D(width, 3, padding="same", activation="relu", name="adapter") if adapter == "conv" else None
         )
         self.positions = GridPositionEmbedding(positions, name="positions") if positions != "none" else None
+        # One attribute per layer, not a list: `tf.train.Checkpoint` does not track layers in a list attribute.
+        for i in range(encoder_layers):
+            setattr(self, f"encoder_{i}", GridEncoderLayer(num_heads, name=f"encoder_{i}"))
 
     def build(self, input_shape):
         self.project.build(input_shape)
@@ -129,6 +180,8 @@ class GridEncoder(keras.layers.Layer):
             self.adapter.build((None, h, w, self.width))
         if self.positions is not None:
             self.positions.build(cells_shape)
+        for i in range(self.encoder_layers):
+            getattr(self, f"encoder_{i}").build(cells_shape)
 
     def call(self, grid):
         cells = self.project(ops.cast(grid, self.compute_dtype))
@@ -138,7 +191,16 @@ class GridEncoder(keras.layers.Layer):
             cells = cells + ops.reshape(self.adapter(image), (-1, h * w, self.width))
         if self.positions is not None:
             cells = self.positions(cells)
+        for i in range(self.encoder_layers):
+            cells = getattr(self, f"encoder_{i}")(cells)
         return cells
 
     def get_config(self):
-        return {**super().get_config(), "width": self.width, "positions": self.positions_kind, "adapter": self.adapter_kind}
+        return {
+            **super().get_config(),
+            "width": self.width,
+            "positions": self.positions_kind,
+            "adapter": self.adapter_kind,
+            "encoder_layers": self.encoder_layers,
+            "num_heads": self.num_heads,
+        }

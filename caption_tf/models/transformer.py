@@ -163,7 +163,7 @@ class TransformerCaptionDecoder(CaptionModel):
         embedding_dim: model width.
         units: feed-forward width.
         num_layers, num_heads: decoder layers and attention heads.
-        grid_positions, grid_adapter: see `grid.GridEncoder`.
+        grid_positions, grid_adapter, encoder_layers: see `grid.GridEncoder` (its encoder layers use `num_heads`).
         tie_embeddings: predict words through the input embeddings (`base.TiedOutput`).
         dropout: on each residual branch and on the features the output layer reads.
         attention_penalty, label_smoothing, recompute_grad: see `base.CaptionModel`.
@@ -181,6 +181,7 @@ class TransformerCaptionDecoder(CaptionModel):
         recompute_grad: bool = False,
         grid_positions: str = "learned",
         grid_adapter: str = "none",
+        encoder_layers: int = 0,
         tie_embeddings: bool = False,
         attention_penalty: float = 0.0,
         label_smoothing: float = 0.0,
@@ -193,7 +194,8 @@ class TransformerCaptionDecoder(CaptionModel):
         self.num_layers, self.num_heads = num_layers, num_heads
         self.grid_positions, self.grid_adapter, self.tie_embeddings = grid_positions, grid_adapter, tie_embeddings
         self.decoder, self.attention_kind = "transformer", "cross"
-        self.grid_encoder = GridEncoder(embedding_dim, grid_positions, grid_adapter, name="grid_encoder")
+        self.encoder_layers = encoder_layers
+        self.grid_encoder = GridEncoder(embedding_dim, grid_positions, grid_adapter, encoder_layers, num_heads, name="grid_encoder")
         self.memory_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="memory_norm")
         self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")
         self.token_positions = keras.layers.Embedding(max_length, embedding_dim, name="token_positions")
@@ -314,5 +316,6 @@ class TransformerCaptionDecoder(CaptionModel):
             "num_heads": self.num_heads,
             "grid_positions": self.grid_positions,
             "grid_adapter": self.grid_adapter,
+            "encoder_layers": self.encoder_layers,
             "tie_embeddings": self.tie_embeddings,
         }
