@@ -255,7 +255,8 @@ def test_attention_penalty_is_zero_when_each_cell_gets_one_unit_of_attention():
 
 @pytest.mark.parametrize("decoder,attention", [("gru", "luong"), ("transformer", "bahdanau")])
 def test_saved_and_reloaded_model_gives_the_same_captions(decoder, attention, tmp_path):
-    cfg = ModelConfig(embedding_dim=8, units=16, num_heads=2, decoder=decoder, attention=attention, tie_embeddings=True)
+    cfg = ModelConfig(embedding_dim=8, units=16, num_heads=2, decoder=decoder, attention=attention, tie_embeddings=True,
+                      grid_adapter="conv", encoder_layers=1)
     model = build_decoder(cfg, vocab_size=20, grid_shape=(9, 8), max_length=6)
     grid = np.random.default_rng(1).normal(size=(4, 9, 8)).astype("float32")
     before = CaptionGenerator(model, 2, 3, 6).greedy(grid)
