@@ -2,11 +2,12 @@
 CPU devices (`--cpu-replicas 2`) and MultiWorkerMirroredStrategy over two train.py processes
 on 127.0.0.1 sharing one checkout. Each run is a real subprocess; kills are real SIGKILLs.
 
-One uninterrupted 2-replica run with dropout (`two_replica_runs`) is the reference of the
-resumed 2-replica run (every checkpoint tensor compared: weights, Adam slots, each replica's
-dropout RNG, data position) and of the resumed 2-worker run (two workers compute exactly what
-two devices of one process compute). A 1-replica run at the same global batch is compared with
-a 2-replica run without dropout (dropout masks depend on how the batch is split).
+One uninterrupted 2-replica run with dropout and a grid encoder layer (`two_replica_runs`) is
+the reference of the resumed 2-replica run (every checkpoint tensor compared: weights, Adam
+slots, each replica's dropout RNG, data position). A plain 2-replica run (`plain_two_replica_run`,
+no dropout: masks depend on how the batch is split) is the reference of the resumed 2-worker run
+(two workers compute exactly what two devices of one process compute) and of a 1-replica run at
+the same global batch.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ TWO_REPLICAS = {"cpu_replicas": 2, "batch_size": 8, "learning_rate": 5e-4}
 ONE_REPLICA = {"batch_size": 16, "learning_rate": 1e-3}
 # Dropout on in the kill/resume runs: the resumed run must replay each replica's dropout masks.
 DROPOUT = {"dropout": 0.3}
+ENCODER = {"encoder_layers": 1}  # a grid encoder layer: its weights and Adam slots must resume too
 PROCESS_TIMEOUT_S = 300
 WORKER_LOST_EXIT = 5  # runtime.EXIT_WORKER_LOST
 LOST_WORKER_BOUND_S = 90  # measured 7-12 s on 2 busy cores (docs/distributed.md)
@@ -43,9 +45,8 @@ LOST_WORKER_BOUND_S = 90  # measured 7-12 s on 2 busy cores (docs/distributed.md
 
 def overrides(tmp, name, **extra) -> dict:
     # Captions cut at 8 tokens: a shorter unrolled decoder traces faster; the tests compare runs.
-    # The conv grid adapter (the `fast` preset's) and a grid encoder layer on: their weights go through every comparison here.
-    return tiny_overrides(tmp, epochs=EPOCHS, checkpoint_every=CHECKPOINT_EVERY, max_length=8, grid_adapter="conv", encoder_layers=1,
-                          run_name=name, **extra)
+    # The conv grid adapter (the `fast` preset's) on: its weights go through every comparison here.
+    return tiny_overrides(tmp, epochs=EPOCHS, checkpoint_every=CHECKPOINT_EVERY, max_length=8, grid_adapter="conv", run_name=name, **extra)
 
 
 def flags(values: dict) -> list[str]:
@@ -147,8 +148,8 @@ def two_replica_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distribute")
     rng = random.Random(random.SystemRandom().randrange(10**6))
     # Both start from empty data/ and cache/: one builds them, the other waits for it.
-    reference = train_py({**overrides(tmp, "reference", **TWO_REPLICAS, **DROPOUT), "jit": "on"}, tmp / "reference.log")
-    values = overrides(tmp, "killed", **TWO_REPLICAS, **DROPOUT)
+    reference = train_py({**overrides(tmp, "reference", **TWO_REPLICAS, **DROPOUT, **ENCODER), "jit": "on"}, tmp / "reference.log")
+    values = overrides(tmp, "killed", **TWO_REPLICAS, **DROPOUT, **ENCODER)
     killed = train_py(values, tmp / "killed.log")
     killed_at = kill_after_checkpoint(killed, tmp / "killed.log", tmp / "runs" / "killed", rng)
     resumed = finish(train_py(values, tmp / "resumed.log"), tmp / "resumed.log")
@@ -180,17 +181,22 @@ def test_two_cpu_replicas_train_and_resume_exactly_after_sigkill(two_replica_run
     assert [v.shape for v in actual.values() if v.ndim == 4] == [(3, 3, 32, 32)] * 3  # the adapter's kernel and its 2 Adam slots
 
 
-def test_one_and_two_replicas_agree_at_the_same_global_batch(two_replica_runs):
+@pytest.fixture(scope="module")
+def plain_two_replica_run(two_replica_runs):
+    """An uninterrupted 2-replica train.py run without dropout, on the fixture's data and cache: its run folder."""
+    tmp = two_replica_runs[0]
+    finish(train_py(overrides(tmp, "two-replicas", **TWO_REPLICAS), tmp / "two-replicas.log"), tmp / "two-replicas.log")
+    return tmp / "runs" / "two-replicas"
+
+
+def test_one_and_two_replicas_agree_at_the_same_global_batch(two_replica_runs, plain_two_replica_run):
     """Adam, learning rate 1e-3, global batch 16, no dropout: 1 device vs 2 (before weighting each
     replica by its share of the batch's real tokens, captions of different lengths made them differ by 3e-3)."""
     from caption_tf.config import load_config
     from caption_tf.training.trainer import train
 
-    tmp = two_replica_runs[0]  # its data and feature cache
-    two = train_py(overrides(tmp, "two-replicas", **TWO_REPLICAS), tmp / "two-replicas.log")
+    tmp, reference = two_replica_runs[0], plain_two_replica_run
     one = train(load_config("minimal", overrides(tmp, "one-replica", **ONE_REPLICA)))
-    finish(two, tmp / "two-replicas.log")
-    reference = tmp / "runs" / "two-replicas"
     assert json.loads((one / "run.json").read_text())["replicas"] == 1
 
     difference = max_abs_diff(one / "model.weights.h5", reference / "model.weights.h5")
@@ -202,7 +208,7 @@ def test_one_and_two_replicas_agree_at_the_same_global_batch(two_replica_runs):
         assert abs(float(a["val_loss"]) - float(b["val_loss"])) < 1e-3
 
 
-def test_two_workers_build_once_fail_fast_and_resume_exactly(two_replica_runs, tmp_path):
+def test_two_workers_build_once_fail_fast_and_resume_exactly(plain_two_replica_run, tmp_path):
     """Two train.py workers in one checkout, started from empty data/ and cache/:
 
     1. one worker generates the dataset and extracts the features, the other waits and
@@ -210,12 +216,12 @@ def test_two_workers_build_once_fail_fast_and_resume_exactly(two_replica_runs, t
        for the run folder, which only the chief writes, that is a kill of the whole job.
        The other worker stops within a bounded time, exit code 5, saying a worker was lost.
     2. Both commands again: training resumes from the chief's last checkpoint and ends with
-       exactly the weights of the uninterrupted 2-replica run (two workers compute what two
+       exactly the weights of the plain uninterrupted 2-replica run (two workers compute what two
        devices of one process compute). Only the chief wrote the run folder; the other
        worker's temporary folder is gone, also a stale one a killed worker would leave.
     """
-    reference = two_replica_runs[1]
-    values = overrides(tmp_path, "cluster", batch_size=8, learning_rate=5e-4, **DROPOUT)
+    reference = plain_two_replica_run
+    values = overrides(tmp_path, "cluster", batch_size=8, learning_rate=5e-4)
     run_dir = tmp_path / "runs" / "cluster"
     ports = free_ports(2)
     rng = random.Random(random.SystemRandom().randrange(10**6))
