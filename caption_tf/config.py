@@ -312,6 +312,12 @@ def validate(cfg: Config) -> None:
     profile_batch_range(cfg.train.profile_batches)
     if cfg.train.tensorboard_images < 0:
         raise ValueError(f"--tensorboard-images must be >= 0 (0: no attention images), got {cfg.train.tensorboard_images}")
+    model = cfg.model
+    if model.encoder_layers < 0:
+        raise ValueError(f"--encoder-layers must be >= 0 (0: none), got {model.encoder_layers}")
+    cell_width = model.embedding_dim if model.decoder == "transformer" else (model.feature_units or model.units)
+    if model.encoder_layers and cell_width % model.num_heads:  # checked here, not after minutes of feature extraction
+        raise ValueError(f"--encoder-layers needs the grid cells' width ({cell_width}) divisible by --num-heads, got {model.num_heads} heads")
 
 
 def profile_batch_range(value: Optional[str]) -> tuple[int, int] | int:

@@ -56,6 +56,11 @@ def test_bad_values_are_rejected_with_the_field_name():
     with pytest.raises(ValueError, match="--vocab-size must be at least 5"):  # 0 trained a model of reserved tokens only
         apply_overrides(Config(), {"vocab_size": 0})
     assert apply_overrides(Config(), {"vocab_size": "auto"}).text.vocab_size is None
+    with pytest.raises(ValueError, match="--encoder-layers must be >= 0"):
+        apply_overrides(Config(), {"encoder_layers": -1})
+    with pytest.raises(ValueError, match=r"cells' width \(128\) divisible by --num-heads, got 3 heads"):
+        apply_overrides(Config(), {"encoder_layers": 1, "num_heads": 3})  # LSTM cells: `units` wide
+    assert apply_overrides(Config(), {"encoder_layers": 1, "num_heads": 3, "decoder": "transformer", "embedding_dim": 48}).model.encoder_layers == 1
 
 
 def test_saved_config_round_trips(tmp_path):
