@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import h5py
 import yaml
 
 from conftest import REPO_ROOT, tiny_overrides
@@ -18,7 +19,9 @@ def _run(args, cwd):
 
 
 def test_train_then_evaluate_end_to_end(tmp_path):
-    overrides = tiny_overrides(tmp_path, epochs=1, decoder="gru", attention="luong", run_name="e2e")
+    # With the conv grid adapter and a grid encoder layer (today's `fast` grid): evaluate.py must rebuild them.
+    overrides = tiny_overrides(tmp_path, epochs=1, decoder="gru", attention="luong", grid_adapter="conv",
+                               encoder_layers=1, num_heads=2, run_name="e2e")
     done = _run([str(REPO_ROOT / "train.py"), "--preset", "minimal", *_flags(overrides)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = tmp_path / "runs" / "e2e"
@@ -27,6 +30,11 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert any((run_dir / "logs").rglob("events.out.tfevents*"))
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["model"]["decoder"] == "gru" and cfg["model"]["attention"] == "luong" and cfg["preset"] == "minimal"
+    assert cfg["model"]["encoder_layers"] == 1 and cfg["model"]["grid_adapter"] == "conv"
+    with h5py.File(run_dir / "model.weights.h5", "r") as fh:
+        names = []
+        fh.visit(names.append)
+    assert any("grid_encoder/encoder_0/attention" in n for n in names), names
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["greedy"]) >= {"bleu1", "bleu2", "bleu3", "bleu4"}
     assert "Test metrics" in done.stdout
