@@ -315,8 +315,11 @@ def validate(cfg: Config) -> None:
     model = cfg.model
     if model.encoder_layers < 0:
         raise ValueError(f"--encoder-layers must be >= 0 (0: none), got {model.encoder_layers}")
+    # The heads split a width: checked here, not after minutes of feature extraction.
+    if model.decoder == "transformer" and model.embedding_dim % model.num_heads:
+        raise ValueError(f"--decoder transformer needs --embedding-dim ({model.embedding_dim}) divisible by --num-heads, got {model.num_heads} heads")
     cell_width = model.embedding_dim if model.decoder == "transformer" else (model.feature_units or model.units)
-    if model.encoder_layers and cell_width % model.num_heads:  # checked here, not after minutes of feature extraction
+    if model.encoder_layers and cell_width % model.num_heads:
         raise ValueError(f"--encoder-layers needs the grid cells' width ({cell_width}) divisible by --num-heads, got {model.num_heads} heads")
 
 
