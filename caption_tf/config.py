@@ -153,7 +153,8 @@ class EvalConfig:
 
     beam_size: int = 3
     length_penalty: float = 0.7
-    no_repeat_ngram: int = 0  # > 0: greedy and beam search never repeat an n-gram of this length
+    # 3: chosen on validation (docs/models.md); it stops "a red circle above a red circle".
+    no_repeat_ngram: int = 3  # > 0: greedy and beam search never repeat an n-gram of this length; 0: off
     eval_batch_size: int = 64
     max_eval_images: Optional[int] = None
     meteor: bool = True  # METEOR needs Java; ~8 s JVM start

@@ -120,7 +120,7 @@ def test_captioner_api_returns_both_decodings_with_attention(two_runs_one_comman
 def test_no_repeat_ngram_comes_from_the_run_or_the_caller_and_holds_in_both_decodings(two_runs_one_command):
     run_dir, _ = two_runs_one_command
     _, _, grids = _test_split(run_dir)
-    assert Captioner.from_run(run_dir).no_repeat_ngram == 0  # the run's eval.no_repeat_ngram (off by default)
+    assert Captioner.from_run(run_dir).no_repeat_ngram == 3  # the run's eval.no_repeat_ngram (3 by default)
     blocked = Captioner.from_run(run_dir, no_repeat_ngram=1)
     assert blocked.generator.no_repeat_ngram == 1
     for item in blocked.caption_grids(grids):

@@ -336,6 +336,7 @@ def comparison_table(results: list[RunResult], llm: Optional[dict]) -> dict:
                 row["colour_accuracy"] = objs["colour_accuracy"]
                 row["shape_accuracy"] = objs["shape_accuracy"]
                 row["relation_accuracy"] = objs["relation_accuracy"]
+                row["repeated_mention_rate"] = objs["repeated_mention_rate"]
             loc = m.get("localisation", {}).get("by_type", {})
             for kind, values in loc.items():
                 row[f"attention_in_box_{kind}"] = values["mass_in_box"]

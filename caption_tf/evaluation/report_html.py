@@ -23,6 +23,7 @@ METRIC_NAMES = {
     "wmd": "WMD (min over refs, lower is better)",
     "repetition_rate": "captions repeating a word or phrase (lower is better)", "object_accuracy": "object accuracy (whole scene right)",
     "colour_accuracy": "colour accuracy", "shape_accuracy": "shape accuracy", "relation_accuracy": "relation accuracy",
+    "repeated_mention_rate": "captions naming one object twice (lower is better)",
     "attention_in_box_colour": "attention in box: colour words", "attention_in_box_shape": "attention in box: shape words",
     "attention_in_box_size": "attention in box: size words",
     "image_to_text_R@1": "image→text Recall@1", "image_to_text_R@5": "image→text Recall@5",
