@@ -3,4 +3,4 @@
 from caption_tf.cli import evaluate_main, main_guard
 
 if __name__ == "__main__":
-    main_guard(evaluate_main)
+    main_guard(evaluate_main, skip_teardown=True)

@@ -3,4 +3,4 @@
 from caption_tf.cli import main_guard, train_main
 
 if __name__ == "__main__":
-    main_guard(train_main)
+    main_guard(train_main, skip_teardown=True)

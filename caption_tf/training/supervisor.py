@@ -76,7 +76,7 @@ class TrainingStopped(RuntimeError):
 
 def child_command(argv: Sequence[str]) -> list[str]:
     """The command that reruns the training CLI with `argv` in a child process."""
-    return [sys.executable, "-c", "from caption_tf.cli import main_guard, train_main; main_guard(train_main)", *argv]
+    return [sys.executable, "-c", "from caption_tf.cli import main_guard, train_main; main_guard(train_main, skip_teardown=True)", *argv]
 
 
 def describe_exit(code: int) -> str:
