@@ -257,10 +257,6 @@ def test_attention_penalty_is_zero_when_each_cell_gets_one_unit_of_attention():
     assert float(doubly_stochastic_penalty(weights, np.array([[5, 6, 0]]))) == pytest.approx(1.0)
 
 
-# 25 epochs: both families state every relation from 20 on (seed 1); 40 cost 20 s more per suite.
-RELATION_EPOCHS = 25
-
-
 @pytest.mark.parametrize("decoder,attention", [("gru", "luong"), ("transformer", "bahdanau")])
 def test_saved_and_reloaded_model_gives_the_same_captions(decoder, attention, tmp_path):
     cfg = ModelConfig(embedding_dim=8, units=16, num_heads=2, decoder=decoder, attention=attention, tie_embeddings=True,
