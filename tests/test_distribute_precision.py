@@ -27,7 +27,8 @@ STEPS, CHECKPOINT_EVERY = 10, 3  # one epoch: 160 caption pairs / batch 16
 CHILD = (
     "import sys, json; sys.path.insert(0, sys.argv[1]);"
     "from caption_tf.config import load_config; from caption_tf.training.trainer import train;"
-    "train(load_config('minimal', json.loads(sys.argv[2])))"
+    "train(load_config('minimal', json.loads(sys.argv[2])));"
+    "from caption_tf.cli import exit_without_teardown; exit_without_teardown(0)"  # as train.py ends: 1.3 s less
 )
 PROCESS_TIMEOUT_S = 600
 TOGETHER = {"jit": "on", "recompute_grad": True}

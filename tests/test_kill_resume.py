@@ -29,7 +29,8 @@ CHILD = (
     "import sys, json; sys.path.insert(0, sys.argv[1]);"
     "from caption_tf.config import load_config; from caption_tf.training.trainer import train;"
     "from caption_tf.evaluation.metrics import corpus_bleu_scores;"
-    "train(load_config('minimal', json.loads(sys.argv[2])), bleu=corpus_bleu_scores)"
+    "train(load_config('minimal', json.loads(sys.argv[2])), bleu=corpus_bleu_scores);"
+    "from caption_tf.cli import exit_without_teardown; exit_without_teardown(0)"  # as train.py ends: 1.3 s less
 )
 PROCESS_TIMEOUT_S = 180
 TRAINING_SEEDS = (42, 1, 2, 3, 4, 5)
