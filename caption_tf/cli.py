@@ -134,6 +134,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--length-penalty", type=float, default=None, help="GNMT length penalty alpha (default: the run's eval.length_penalty)")
     parser.add_argument("--no-repeat-ngram", type=int, default=None, metavar="N",
                         help="greedy and beam search never repeat a word N-gram; 0: off (default: the run's eval.no_repeat_ngram)")
+    parser.add_argument("--block-repeated-mentions", action=argparse.BooleanOptionalAction, default=None,
+                        help="greedy and beam search never repeat a mention, the words after 'a'/'the' up to the next "
+                             "function word (default: the run's eval.block_repeated_mentions)")
     parser.add_argument("--max-eval-images", type=int, default=None, help="evaluate only the first N images (default: the run's eval.max_eval_images)")
     parser.add_argument("--word-vectors", default=None, help="GloVe/word2vec/.kv file (default: word2vec trained on the training captions)")
     parser.add_argument("--meteor", action=argparse.BooleanOptionalAction, default=None, help="compute METEOR (needs Java; default: the run's eval.meteor)")
@@ -166,6 +169,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         beam_size=args.beam_size,
         length_penalty=args.length_penalty,
         no_repeat_ngram=args.no_repeat_ngram,
+        block_repeated_mentions=args.block_repeated_mentions,
         max_eval_images=args.max_eval_images,
         word_vectors=args.word_vectors,
         meteor=args.meteor,

@@ -350,13 +350,16 @@ class Run:
     info: dict
     model: object = None
 
-    def generator(self, jit_compile: bool = False, no_repeat_ngram: Optional[int] = None):
-        """The run's `CaptionGenerator`; `no_repeat_ngram` None: the run's `eval.no_repeat_ngram`."""
+    def generator(self, jit_compile: bool = False, no_repeat_ngram: Optional[int] = None, block_repeated_mentions: Optional[bool] = None):
+        """The run's `CaptionGenerator`; `no_repeat_ngram` / `block_repeated_mentions` None: the run's `eval` settings."""
         from caption_tf.models.decoding import CaptionGenerator  # TensorFlow: only when decoding
 
-        if no_repeat_ngram is None:
-            no_repeat_ngram = self.config.eval.no_repeat_ngram
-        return CaptionGenerator.for_vocabulary(self.model, self.vocab, jit_compile=jit_compile, no_repeat_ngram=no_repeat_ngram)
+        ev = self.config.eval
+        return CaptionGenerator.for_vocabulary(
+            self.model, self.vocab, jit_compile=jit_compile,
+            no_repeat_ngram=ev.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram,
+            block_repeated_mentions=ev.block_repeated_mentions if block_repeated_mentions is None else block_repeated_mentions,
+        )
 
 
 def weights_problem(run_dir: Path, info: dict) -> Optional[str]:

@@ -37,6 +37,18 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
+def repeated_mentions(words, function_words, determiners) -> list[tuple]:
+    """Mentions of 2+ words (after a determiner, up to the next function word) made twice: a
+    reference of `decoding.repeated_mention_ban` written the plain way, for words or word ids."""
+    mentions = []
+    for i, word in enumerate(words):
+        if word in determiners:
+            end = next((j for j in range(i + 1, len(words)) if words[j] in function_words), len(words))
+            if end - i - 1 >= 2:
+                mentions.append(tuple(words[i + 1 : end]))
+    return sorted({m for m in mentions if mentions.count(m) > 1})
+
+
 def tiny_overrides(tmp: Path, **extra) -> dict:
     """A config small enough to extract, train and decode in seconds on 2 cores."""
     return {

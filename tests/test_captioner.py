@@ -120,7 +120,9 @@ def test_captioner_api_returns_both_decodings_with_attention(two_runs_one_comman
 def test_no_repeat_ngram_comes_from_the_run_or_the_caller_and_holds_in_both_decodings(two_runs_one_command):
     run_dir, _ = two_runs_one_command
     _, _, grids = _test_split(run_dir)
-    assert Captioner.from_run(run_dir).no_repeat_ngram == 3  # the run's eval.no_repeat_ngram (3 by default)
+    default = Captioner.from_run(run_dir)  # the run's eval settings: no n-gram ban, no repeated mention by default
+    assert default.no_repeat_ngram == 0 and default.block_repeated_mentions
+    assert not Captioner.from_run(run_dir, block_repeated_mentions=False).generator.block_repeated_mentions
     blocked = Captioner.from_run(run_dir, no_repeat_ngram=1)
     assert blocked.generator.no_repeat_ngram == 1
     for item in blocked.caption_grids(grids):

@@ -1,4 +1,4 @@
-"""Greedy and beam decoding on tiny random decoders of every family: equivalences, optimality, shapes, XLA, n-gram blocking."""
+"""Greedy and beam decoding on tiny random decoders of every family: equivalences, optimality, shapes, XLA, n-gram and mention blocking."""
 
 import keras
 import numpy as np
@@ -7,7 +7,8 @@ import tensorflow as tf
 
 from caption_tf.config import ModelConfig
 from caption_tf.models.decoder import build_decoder
-from caption_tf.models.decoding import CaptionGenerator, gnmt_length_penalty, repeated_ngram_ban
+from caption_tf.models.decoding import CaptionGenerator, gnmt_length_penalty, repeated_mention_ban, repeated_ngram_ban
+from conftest import repeated_mentions
 
 VOCAB, CELLS, DIM, MAX_LENGTH, BATCH = 12, 9, 10, 10, 6
 START, END = 2, 3
@@ -15,7 +16,7 @@ FAMILIES = [("lstm", "bahdanau"), ("gru", "luong"), ("transformer", "bahdanau")]
 FAMILY_IDS = ["lstm-bahdanau", "gru-luong", "transformer"]
 
 
-def tiny_generator(decoder="lstm", attention="bahdanau", jit_compile=False, seed=1, no_repeat_ngram=0, sharpen=6.0):
+def tiny_generator(decoder="lstm", attention="bahdanau", jit_compile=False, seed=1, no_repeat_ngram=0, sharpen=6.0, mention_words=None):
     keras.utils.set_random_seed(seed)
     # One Transformer layer: what decoding does is the same for any depth, and each layer adds to
     # the unrolled loops' tracing (and XLA's compile time), the bulk of this file's time.
@@ -23,7 +24,8 @@ def tiny_generator(decoder="lstm", attention="bahdanau", jit_compile=False, seed
     model = build_decoder(cfg, vocab_size=VOCAB, grid_shape=(CELLS, DIM), max_length=MAX_LENGTH)
     kernel = model.to_logits.kernel
     kernel.assign(kernel * sharpen)  # peakier word distributions, so beams really diverge
-    return CaptionGenerator(model, START, END, MAX_LENGTH, jit_compile=jit_compile, no_repeat_ngram=no_repeat_ngram)
+    return CaptionGenerator(model, START, END, MAX_LENGTH, jit_compile=jit_compile, no_repeat_ngram=no_repeat_ngram,
+                            mention_words=mention_words)
 
 
 def with_start(tokens):
@@ -109,8 +111,8 @@ def test_log_likelihood_counts_real_tokens_only(grid):
 
 @pytest.mark.parametrize("decoder,attention", FAMILIES, ids=FAMILY_IDS)
 def test_xla_decoding_matches_graph_decoding(decoder, attention, grid):
-    plain = tiny_generator(decoder, attention, seed=5, no_repeat_ngram=3)
-    compiled = tiny_generator(decoder, attention, seed=5, jit_compile=True, no_repeat_ngram=3)
+    plain = tiny_generator(decoder, attention, seed=5, no_repeat_ngram=3, mention_words=((4, 5), (4,)))
+    compiled = tiny_generator(decoder, attention, seed=5, jit_compile=True, no_repeat_ngram=3, mention_words=((4, 5), (4,)))
     np.testing.assert_array_equal(compiled.greedy(grid)[0], plain.greedy(grid)[0])
     np.testing.assert_allclose(compiled.greedy(grid)[1], plain.greedy(grid)[1], atol=1e-5)
     np.testing.assert_array_equal(compiled.beam(grid, 3, 0.7)[0], plain.beam(grid, 3, 0.7)[0])
@@ -153,6 +155,69 @@ def test_repeated_ngram_ban_marks_exactly_the_repeating_words():
     assert not repeated_ngram_ban(history, 2, 2, 9).numpy().any()  # "5 6": the first 2-gram, nothing repeats yet
     # Only the first `length` columns are history: a stale word beyond them bans nothing.
     assert np.flatnonzero(repeated_ngram_ban(tf.constant([[5, 6, 5, 8]]), 3, 2, 9).numpy()[0]).tolist() == [6]
+
+
+def mention_repeats(row, function_ids, determiner_ids):
+    return len(repeated_mentions([int(w) for w in row if w not in (0, END)], function_ids, determiner_ids))
+
+
+def test_repeated_mention_ban_marks_exactly_the_words_that_complete_a_mention():
+    words = {w: i for i, w in enumerate("_ unk start end a small purple square above triangle blue is the left of to".split())}
+    function_ids, determiner_ids = tf.constant([words[w] for w in ("a", "the", "above", "is", "of", "to")]), tf.constant([words["a"], words["the"]])
+
+    def banned(caption):
+        ids = [words[w] for w in caption.split()]
+        history = tf.constant([ids + [0] * (12 - len(ids))])
+        ban = repeated_mention_ban(history, len(ids), function_ids, determiner_ids, len(words)).numpy()[0]
+        return [w for w, i in words.items() if ban[i] < 0]
+
+    assert banned("a small purple square above a small purple") == ["square"]
+    assert banned("a small purple square above a small") == []  # "a small purple triangle" stays possible
+    assert banned("a blue triangle is to the left of a blue") == ["triangle"]
+    assert banned("a blue triangle is to the left of the blue") == ["triangle"]  # "a" and "the" open the same mention
+    assert banned("a blue triangle is to the left of a") == []  # one-word mentions ("the left") may recur
+    assert banned("a small purple square above a") == []
+    assert banned("a small purple square") == []  # nothing to repeat yet
+    # Only the first `length` columns are history: stale words beyond them ban nothing.
+    ids = [words[w] for w in "a blue triangle a blue".split()]
+    stale = tf.constant([ids + [words["a"], words["blue"], words["square"], words["above"]] + [0] * 3])
+    ban = repeated_mention_ban(stale, len(ids), function_ids, determiner_ids, len(words)).numpy()[0]
+    assert np.flatnonzero(ban).tolist() == [words["triangle"]]
+
+
+class ScriptedDecoder:
+    """A decoder whose every step prefers the next word of `script` (then `fallback`): its captions
+    are known, so a search's constraints can be checked word by word. Its state counts the steps."""
+
+    def __init__(self, script, fallback):
+        self.script, self.fallback = tf.constant(script, tf.int32), fallback
+
+    def encode(self, grid):
+        return grid, grid, [tf.zeros([tf.shape(grid)[0]], tf.int32)]
+
+    def step(self, token, state, values, keys):
+        wanted = tf.gather(self.script, state[0] % self.script.shape[0])
+        logits = 5.0 * tf.one_hot(wanted, VOCAB) + 1.0 * tf.one_hot(self.fallback, VOCAB)
+        return logits, [state[0] + 1], tf.fill([tf.shape(token)[0], tf.shape(values)[1]], 1.0 / CELLS)
+
+
+def test_block_repeated_mentions_holds_in_greedy_and_beam(grid):
+    determiner, closer, first, second, fallback = 4, 5, 6, 7, 8
+    mention_words = ((determiner, closer), (determiner,))
+    script = [determiner, first, second, closer]  # "a red circle and a red circle and a ..."
+    plain = CaptionGenerator(ScriptedDecoder(script, fallback), START, END, MAX_LENGTH)
+    tokens = plain.greedy(grid)[0].numpy()
+    np.testing.assert_array_equal(tokens[0], [4, 6, 7, 5, 4, 6, 7, 5, 4])
+    assert mention_repeats(tokens[0], *mention_words) == 1
+    banned = CaptionGenerator(ScriptedDecoder(script, fallback), START, END, MAX_LENGTH, mention_words=mention_words)
+    greedy = banned.greedy(grid)[0].numpy()
+    # The second mention may start like the first ("a red ..."), only its completion is replaced.
+    np.testing.assert_array_equal(greedy[0, :7], [4, 6, 7, 5, 4, 6, fallback])
+    for row in (*greedy, *banned.beam(grid, 3, 0.7)[0].numpy()):
+        assert mention_repeats(row, *mention_words) == 0, row
+    np.testing.assert_array_equal(banned.beam(grid, 1, 0.7)[0], greedy)  # beam of one is still greedy
+    with pytest.raises(ValueError, match="every determiner id must be a function word id"):
+        CaptionGenerator(banned.model, START, END, MAX_LENGTH, mention_words=((5,), (4,)))
 
 
 def test_beam_size_must_be_positive(grid):

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from caption_tf.cli import evaluate_main
+from caption_tf.data.text import DETERMINERS, FUNCTION_WORDS
 from caption_tf.evaluation.report import DECODINGS, ReportOptions, build_report
-from conftest import tiny_overrides
+from conftest import repeated_mentions, tiny_overrides
 
 VOID_TAGS = {"meta", "img", "br", "hr", "link", "input", "source", "col", "area", "base", "wbr"}
 HEADLINE = {"bleu1", "bleu2", "bleu3", "bleu4", "cider", "rouge_l", "meteor"}
@@ -93,12 +94,14 @@ def test_metrics_json_has_every_section_for_both_decodings(report, two_runs):
     assert set(saved["runs"]) == {r.name for r in two_runs}
     for run in saved["runs"].values():
         assert run["images"] > 0 and run["decoding"]["beam_size"] == 2 and run["decoding"]["no_repeat_ngram"] == 3
+        assert run["decoding"]["block_repeated_mentions"] is True  # the default
         for decoding in DECODINGS:
             entry = run[decoding]
-            for caption in entry["captions"].values():  # --no-repeat-ngram 3 held in both decodings
+            for caption in entry["captions"].values():  # --no-repeat-ngram 3 and the mention ban held in both decodings
                 words = caption.split()
                 trigrams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
                 assert len(trigrams) == len(set(trigrams)), caption
+                assert not repeated_mentions(words, FUNCTION_WORDS, DETERMINERS), caption
             assert set(entry["headline"]) == HEADLINE
             assert entry["headline"]["meteor"] is None  # turned off: unavailable with its reason
             assert entry["scores"]["meteor"]["reason"]

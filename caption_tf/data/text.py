@@ -30,6 +30,15 @@ from caption_tf.files import write_json
 START, END = "<start>", "<end>"
 PAD, UNK = "", "[UNK]"  # TextVectorization's reserved tokens at index 0 and 1
 _NON_WORD = re.compile(r"[\W_]+")  # a run of anything but letters and digits, in any script
+# Words that open a mention ("a", "the": a mention is what follows, up to the next function word)
+# and the function words that close one. English, as the datasets' captions are; a word missing
+# here only makes a mention longer, so fewer repeats are recognised, never more.
+DETERMINERS = ("a", "an", "the")
+FUNCTION_WORDS = DETERMINERS + (
+    "and", "or", "but", "is", "are", "was", "were", "be", "been", "being", "has", "have", "there", "it",
+    "to", "of", "in", "on", "at", "with", "by", "for", "from", "into", "onto", "over", "under", "above",
+    "below", "behind", "near", "next", "beside", "between", "through", "while", "as", "up", "down", "out",
+)
 
 
 def clean_caption(text: str) -> str:
@@ -115,6 +124,16 @@ class CaptionVocabulary:
     @property
     def size(self) -> int:
         return len(self.tokens)
+
+    def ids_of(self, words: Iterable[str]) -> list[int]:
+        """The ids of those of `words` in the vocabulary, in order.
+
+        >>> vocab = CaptionVocabulary.build(["a red circle"], TextConfig())
+        >>> " ".join(vocab.tokens[i] for i in vocab.ids_of(["the", "a", "red"]))
+        'a red'
+        """
+        index = {token: i for i, token in enumerate(self.tokens)}
+        return [index[word] for word in words if word in index]
 
     def encode(self, captions: Sequence[str]) -> np.ndarray:
         """int32 [N, max_length]: <start> words <end>, zero padded."""

@@ -108,6 +108,8 @@ class Captioner:
             `eval.beam_size` / `eval.length_penalty`).
         no_repeat_ngram: greedy and beam search never repeat a word n-gram of this
             length; 0: off (default: the run's `eval.no_repeat_ngram`).
+        block_repeated_mentions: greedy and beam search never repeat a mention (default:
+            the run's `eval.block_repeated_mentions`).
         batch_size: images per backbone and decoder call.
 
     Example:
@@ -120,7 +122,7 @@ class Captioner:
 
     def __init__(self, run: Run, encoder: Optional[ImageEncoder] = None, beam_size: Optional[int] = None,
                  length_penalty: Optional[float] = None, batch_size: int = DECODE_BATCH_SIZE,
-                 no_repeat_ngram: Optional[int] = None):
+                 no_repeat_ngram: Optional[int] = None, block_repeated_mentions: Optional[bool] = None):
         if run.model is None:
             raise ValueError("Captioner needs a run loaded with its model: load_run(run_dir, with_model=True)")
         self.run, self._encoder = run, encoder
@@ -129,8 +131,9 @@ class Captioner:
         if self.beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
         self.batch_size = batch_size
-        self.generator = run.generator(no_repeat_ngram=no_repeat_ngram)
+        self.generator = run.generator(no_repeat_ngram=no_repeat_ngram, block_repeated_mentions=block_repeated_mentions)
         self.no_repeat_ngram = self.generator.no_repeat_ngram
+        self.block_repeated_mentions = self.generator.block_repeated_mentions
 
     @property
     def encoder(self) -> ImageEncoder:

@@ -65,6 +65,7 @@ class ReportOptions:
     beam_size: Optional[int] = None
     length_penalty: Optional[float] = None
     no_repeat_ngram: Optional[int] = None
+    block_repeated_mentions: Optional[bool] = None
     max_eval_images: Optional[int] = None
     word_vectors: Optional[str] = None
     meteor: Optional[bool] = None
@@ -100,7 +101,8 @@ class RunResult:
         if self._captioner is None:
             ev = self.run.config.eval
             self._captioner = Captioner(self.run, beam_size=ev.beam_size, length_penalty=ev.length_penalty,
-                                        batch_size=ev.eval_batch_size, no_repeat_ngram=ev.no_repeat_ngram)
+                                        batch_size=ev.eval_batch_size, no_repeat_ngram=ev.no_repeat_ngram,
+                                        block_repeated_mentions=ev.block_repeated_mentions)
         return self._captioner
 
 
@@ -192,7 +194,7 @@ def decode_split(captioner: Captioner, cache, split: str, limit: Optional[int]) 
 
 def _with_eval_overrides(run, options: ReportOptions):
     ev = run.config.eval
-    for name in ("beam_size", "length_penalty", "no_repeat_ngram", "max_eval_images", "word_vectors", "meteor"):
+    for name in ("beam_size", "length_penalty", "no_repeat_ngram", "block_repeated_mentions", "max_eval_images", "word_vectors", "meteor"):
         value = getattr(options, name)
         if value is not None:
             setattr(ev, name, value)
@@ -240,7 +242,8 @@ def evaluate_split(result: RunResult, options: ReportOptions, vectors: _WordVect
         "run_dir": str(run.directory),
         "config": {"model": asdict(run.config.model), "features": asdict(run.config.features), "eval": asdict(ev)},
         "images": len(ids),
-        "decoding": {"beam_size": ev.beam_size, "length_penalty": ev.length_penalty, "no_repeat_ngram": ev.no_repeat_ngram},
+        "decoding": {"beam_size": ev.beam_size, "length_penalty": ev.length_penalty, "no_repeat_ngram": ev.no_repeat_ngram,
+                     "block_repeated_mentions": ev.block_repeated_mentions},
     }
     name = slug(result.name)
     for decoding in DECODINGS:

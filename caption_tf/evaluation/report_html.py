@@ -111,8 +111,8 @@ def _comparison(summary: dict) -> str:
         label = "greedy decoding" if decoding == "greedy" else "beam search"
         body += f"<h3>{esc(label)}</h3>" + table(["metric", *names], rows)
     runs = summary["runs"]
-    settings = ("beam_size", "length_penalty", "no_repeat_ngram")
-    body += table(["run", "what it is", "images", "beam size", "length penalty", "no-repeat n-gram (0: off)"],
+    settings = ("beam_size", "length_penalty", "no_repeat_ngram", "block_repeated_mentions")
+    body += table(["run", "what it is", "images", "beam size", "length penalty", "no-repeat n-gram (0: off)", "repeated mentions blocked"],
                   [[n, r["label"], r.get("images"), *[r.get("decoding", {}).get(k) for k in settings]] for n, r in runs.items()])
     body += images(summary["figures"].get("comparison", []), "metric comparison", "figs")
     llm = summary.get("llm")

@@ -12,6 +12,10 @@ length-normalised score, log p / ((5 + length) / 6) ** length_penalty
 With `no_repeat_ngram=N` (> 0), a word that would complete an N-gram already in the
 caption is not allowed (n-gram blocking, Paulus et al., 2018), in greedy and beam
 search alike, so "a red circle and a red circle" cannot be generated with N <= 3.
+With `block_repeated_mentions`, a word that would complete a mention already made (the words
+after a determiner up to the next function word) is not allowed: "a small purple square
+above a small purple triangle" stays possible, "... above a small purple square" does not
+(an n-gram ban of 3 forbids both: "a small purple" recurs).
 
 Example:
 
@@ -25,7 +29,11 @@ total, count = generator.log_likelihood(grid, captions)  # captions [B, L] start
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import tensorflow as tf
+
+from caption_tf.data.text import DETERMINERS, FUNCTION_WORDS
 
 PAD_ID = 0
 # Stands in for log(0): finite, so sums and differences of "impossible" scores never give NaN.
@@ -76,6 +84,45 @@ def repeated_ngram_ban(history, length, n: int, vocab):
     return tf.where(banned > 0, NEG_INF, 0.0)
 
 
+def repeated_mention_ban(history, length, function_ids, determiner_ids, vocab):
+    """[N, V] additive scores: NEG_INF on words that would complete a mention already made, else 0.
+
+    A mention is the words after a determiner up to the next function word: in "a small
+    purple square above a", "small purple square" (the determiners are function words too).
+    A word w is banned when the words written since the last determiner, followed by w,
+    spell an earlier mention of two or more words exactly ("a man ... a man" stays allowed).
+    `history` and `length` as in `repeated_ngram_ban`; `function_ids`, `determiner_ids`:
+    int32 [F], [D] word ids.
+
+    Example:
+
+    >>> history = tf.constant([[4, 5, 6, 9, 4, 5, 0, 0]])   # "a small square above a small"
+    >>> ban = repeated_mention_ban(history, 6, tf.constant([4, 9]), tf.constant([4]), 10)
+    >>> [int(w) for w in tf.where(ban[0] < 0)[:, 0]]     # "square" would repeat the mention
+    [6]
+    """
+    slots = history.shape[1]
+    steps = tf.range(slots)
+    written_mask = steps[None] < length
+    is_function = tf.reduce_any(tf.equal(history[..., None], function_ids), -1) & written_mask  # [N, S]
+    is_determiner = tf.reduce_any(tf.equal(history[..., None], determiner_ids), -1) & written_mask
+    # The mention being written: the words after the last determiner, if no function word came since.
+    opened = tf.reduce_max(tf.where(is_determiner, steps[None], -1), 1)  # [N], -1: none
+    written = length - 1 - opened  # its words so far
+    open_mention = (opened >= 0) & tf.equal(opened, tf.reduce_max(tf.where(is_function, steps[None], -1), 1)) & (written >= 1)
+    # An earlier mention opened at p ends at the first function word after p (a later determiner at the latest).
+    after = (steps[None, :] > steps[:, None])[None] & is_function[:, None, :]  # [N, p, j]
+    mention_length = tf.reduce_min(tf.where(after, steps[None, None], slots), -1) - steps[None] - 1  # [N, p]
+    earlier = tf.gather(history, tf.minimum(steps[:, None] + 1 + steps[None], slots - 1), axis=1)  # [N, p, k]: word k of p's mention
+    current = tf.gather(history, tf.clip_by_value(opened[:, None] + 1 + steps[None], 0, slots - 1), batch_dims=1)  # [N, k]
+    same = tf.equal(earlier, current[:, None, :]) | (steps[None, None] >= written[:, None, None])
+    match = (tf.reduce_all(same, -1) & is_determiner & (steps[None] < opened[:, None])
+             & tf.equal(mention_length, written[:, None] + 1) & open_mention[:, None])  # [N, p]
+    last_word = tf.gather(history, tf.minimum(steps[None] + 1 + written[:, None], slots - 1), batch_dims=1)  # [N, p]
+    banned = tf.reduce_max(tf.one_hot(last_word, vocab) * tf.cast(match, tf.float32)[..., None], axis=1)
+    return tf.where(banned > 0, NEG_INF, 0.0)
+
+
 def _write(buffer, step, rows):
     """`buffer` [N, S, ...] with `rows` [N, ...] written at column `step` (zero there before: exact)."""
     column = tf.one_hot(step, buffer.shape[1], dtype=buffer.dtype)
@@ -112,13 +159,22 @@ class CaptionGenerator:
     ```
     """
 
-    def __init__(self, model, start_id: int, end_id: int, max_length: int, jit_compile: bool = False, no_repeat_ngram: int = 0):
+    def __init__(self, model, start_id: int, end_id: int, max_length: int, jit_compile: bool = False, no_repeat_ngram: int = 0,
+                 mention_words: tuple[Sequence[int], Sequence[int]] | None = None):
+        """`mention_words`: (function word ids, determiner ids) to ban repeated mentions; None: off."""
         self.model, self.start_id, self.end_id = model, start_id, end_id
         self.steps = max_length - 1  # <start> is given, not generated
         self.jit_compile = jit_compile
         if no_repeat_ngram < 0:
             raise ValueError(f"no_repeat_ngram must be >= 0 (0: off), got {no_repeat_ngram}")
         self.no_repeat_ngram = no_repeat_ngram
+        self.block_repeated_mentions = mention_words is not None
+        if mention_words is not None:
+            function_ids, determiner_ids = mention_words
+            if not set(determiner_ids) <= set(function_ids):
+                raise ValueError(f"every determiner id must be a function word id, got {determiner_ids} and {function_ids}")
+            # [-1] matches no word: a vocabulary without determiners bans nothing.
+            self._mention_ids = tuple(tf.constant(list(ids) or [-1], tf.int32) for ids in mention_words)
         # The loops are explicit `tf.while_loop`s, so autograph has nothing to convert; leaving
         # it on made it re-convert Keras internals (a flaky "tf____init__" error).
         compile_options = {"jit_compile": jit_compile, "autograph": False}  # called through `_any_batch`
@@ -127,11 +183,14 @@ class CaptionGenerator:
         self._beams: dict[tuple[int, float], tf.types.experimental.GenericFunction] = {}
 
     @classmethod
-    def for_vocabulary(cls, model, vocab, **options):
-        """The generator of `model` trained on `vocab` (a `data.text.Vocabulary`: its <start>/<end> ids and max length).
+    def for_vocabulary(cls, model, vocab, block_repeated_mentions: bool = False, **options):
+        """The generator of `model` trained on `vocab` (a `data.text.CaptionVocabulary`: its <start>/<end> ids and max length).
 
+        `block_repeated_mentions`: ban repeated mentions, with the function words of `data.text`.
         `options`: `jit_compile`, `no_repeat_ngram`.
         """
+        if block_repeated_mentions:
+            options["mention_words"] = (vocab.ids_of(FUNCTION_WORDS), vocab.ids_of(DETERMINERS))
         return cls(model, vocab.start_id, vocab.end_id, vocab.max_length, **options)
 
     def greedy(self, grid):
@@ -181,10 +240,13 @@ class CaptionGenerator:
         return tokens, attention
 
     def _allowed(self, scores, history, length):
-        """`scores` [N, V] with n-gram repeats of `history` [N, steps] made impossible (when `no_repeat_ngram` > 0)."""
-        if not self.no_repeat_ngram:
-            return scores
-        return scores + repeated_ngram_ban(history, length, self.no_repeat_ngram, tf.shape(scores)[-1])
+        """`scores` [N, V] with n-gram repeats (`no_repeat_ngram` > 0) and repeated mentions
+        (`block_repeated_mentions`) of `history` [N, steps] made impossible."""
+        if self.no_repeat_ngram:
+            scores = scores + repeated_ngram_ban(history, length, self.no_repeat_ngram, tf.shape(scores)[-1])
+        if self.block_repeated_mentions:
+            scores = scores + repeated_mention_ban(history, length, *self._mention_ids, tf.shape(scores)[-1])
+        return scores
 
     def _beam_impl(self, grid, beam_size: int, alpha: float):
         batch = tf.shape(grid)[0]

@@ -152,14 +152,15 @@ def make_callbacks(cfg: Config, run_dir: Path, axis: summaries.SummaryAxis, chie
     return callbacks + early_stopping(cfg.train)
 
 
-def epoch_generator(vocab, no_repeat_ngram: int) -> Callable:
+def epoch_generator(vocab, eval_cfg) -> Callable:
     """model -> its `CaptionGenerator`, built once: the callbacks that decode every epoch (validation
     BLEU, TensorBoard's sample captions) share its traces (0.4-1.6 s each: `benchmarks/RESULTS.md`).
-    It decodes as the run's test metrics and `evaluate.py` do (`eval.no_repeat_ngram`), so early
-    stopping on `val_bleu4` picks the epoch whose captions the user will get."""
+    It decodes as the run's test metrics and `evaluate.py` do (`eval.no_repeat_ngram`,
+    `eval.block_repeated_mentions`), so early stopping on `val_bleu4` picks the epoch whose captions the user will get."""
     from caption_tf.models.decoding import CaptionGenerator
 
-    return functools.lru_cache(maxsize=1)(lambda model: CaptionGenerator.for_vocabulary(model, vocab, no_repeat_ngram=no_repeat_ngram))
+    return functools.lru_cache(maxsize=1)(lambda model: CaptionGenerator.for_vocabulary(
+        model, vocab, no_repeat_ngram=eval_cfg.no_repeat_ngram, block_repeated_mentions=eval_cfg.block_repeated_mentions))
 
 
 def sample_captions(data: PreparedData, run_dir: Path, axis: summaries.SummaryAxis, make_generator: Callable):
@@ -268,7 +269,7 @@ def _fit_and_publish(cfg: Config, data: PreparedData, runtime: Runtime, run_dir:
 
     # Verified checkpoints every --checkpoint-every batches and each epoch, exact resume, NaN guard, health monitor.
     axis = summaries.SummaryAxis()  # phase 1 starts TensorBoard's curves
-    make_generator = epoch_generator(data.vocab, cfg.eval.no_repeat_ngram)
+    make_generator = epoch_generator(data.vocab, cfg.eval)
     callbacks = schedule_callbacks(cfg.train, validation_bleu(data, cfg, bleu, make_generator), val_ds is not None)
     callbacks += make_callbacks(cfg, write_dir, axis, chief)
     samples = sample_captions(data, run_dir, axis, make_generator) if chief else None
