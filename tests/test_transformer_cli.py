@@ -10,10 +10,11 @@ import h5py
 import numpy as np
 
 from caption_tf.config import load_config
+from caption_tf.data.text import DETERMINERS, FUNCTION_WORDS
 from caption_tf.evaluation.errors import repeated_phrases
 from caption_tf.training.trainer import prepare_data
 from caption_tf.training.faults import CRASH_AFTER_BATCHES_ENV
-from conftest import REPO_ROOT, tiny_overrides
+from conftest import REPO_ROOT, repeated_mentions, tiny_overrides
 
 # 32 training images x 5 captions / batch 16 = 10 batches per epoch; checkpoints every 3.
 CRASH_AFTER_BATCHES = 7
@@ -77,9 +78,11 @@ def test_transformer_resumes_exactly_after_a_kill_and_is_evaluated(tmp_path):
         row, captions = report["comparison"][decoding]["killed"], run[decoding]["captions"].values()
         assert row["repetition_rate"] == np.mean([bool(repeated_phrases(c)) for c in captions])
         assert "attention_in_box_colour" in row
-        # --no-repeat-ngram 3 held: no caption repeats a 3-word phrase.
+        # --no-repeat-ngram 3 held: no caption repeats a 3-word phrase; nor a mention (the default ban).
         for caption in captions:
             words = caption.split()
             grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
             assert len(grams) == len(set(grams)), caption
+            assert not repeated_mentions(words, FUNCTION_WORDS, DETERMINERS), caption
+    assert run["decoding"]["block_repeated_mentions"] is True
     assert list((report_dir / "figures").glob("*attention*.png"))
