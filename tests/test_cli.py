@@ -20,17 +20,21 @@ def _run(args, cwd):
 
 def test_train_then_evaluate_end_to_end(tmp_path):
     # With the conv grid adapter and a grid encoder layer (today's `fast` grid): evaluate.py must rebuild them.
+    # Batches of whole images (`--group-by-image`): the grid side runs once per image.
     overrides = tiny_overrides(tmp_path, epochs=1, decoder="gru", attention="luong", grid_adapter="conv",
                                encoder_layers=1, num_heads=2, run_name="e2e")
-    done = _run([str(REPO_ROOT / "train.py"), "--preset", "minimal", *_flags(overrides)], tmp_path)
+    done = _run([str(REPO_ROOT / "train.py"), "--preset", "minimal", "--group-by-image", *_flags(overrides)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = tmp_path / "runs" / "e2e"
+    manifest = json.loads(next((tmp_path / "cache").rglob("manifest.json")).read_text())
+    steps = -(-manifest["splits"]["train"]["count"] // round(16 / 5))  # batch_size 16 captions: 3 images of 5
+    assert f"{steps}/{steps}" in done.stdout
     for name in ("config.yaml", "vocab.json", "run.json", "model.weights.h5", "history.csv", "metrics.json", "skips.json"):
         assert (run_dir / name).exists(), name
     assert any((run_dir / "logs").rglob("events.out.tfevents*"))
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["model"]["decoder"] == "gru" and cfg["model"]["attention"] == "luong" and cfg["preset"] == "minimal"
-    assert cfg["model"]["encoder_layers"] == 1 and cfg["model"]["grid_adapter"] == "conv"
+    assert cfg["model"]["encoder_layers"] == 1 and cfg["model"]["grid_adapter"] == "conv" and cfg["train"]["group_by_image"]
     with h5py.File(run_dir / "model.weights.h5", "r") as fh:
         names = []
         fh.visit(names.append)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from caption_tf.config import DataConfig, FeatureConfig
 from caption_tf.data.datasets import load_dataset
-from caption_tf.training.pipeline import caption_batches, captions_table
+from caption_tf.training.pipeline import batch_count, caption_batches, captions_table
 from caption_tf.features.backbones import BACKBONES, BackboneWeightsError, build_backbone, build_extractor
 from caption_tf.features.cache import FeatureCacheError, build_feature_cache, open_cache, repair_cache
 
@@ -85,6 +85,27 @@ def test_pipeline_pairs_every_reference_with_its_image(dataset, tmp_path):
             np.testing.assert_array_equal(g, grids[image])
             seen.append(image)
     assert sorted(seen) == sorted(i for i, r in enumerate(rows) for _ in range(len(r)))
+
+
+def test_batches_grouped_by_image_hold_every_caption_of_an_image_once(dataset, tmp_path):
+    cache = build_feature_cache(dataset, _features(tmp_path))
+    ids = cache.image_ids("val")
+    rows = [np.full((2 + i % 2, 5), i + 1, np.int32) for i in range(len(ids))]  # 2 or 3 refs, token = image no.
+    rows[0] = rows[0][:0]  # an image without a caption is left out
+    table = captions_table(rows, 5)
+    ds = caption_batches(cache.shards("val"), cache.grid_shape, table, batch_size=2, shuffle=True, seed=3, group_by_image=True)
+    grids = cache.load_split("val")["grid"]
+    seen, batches = [], 0
+    for (grid, inputs), targets in ds:
+        batches += 1
+        assert grid.shape[0] <= 2 and inputs.shape[1:] == targets.shape[1:] == (table[0].shape[1], 4)
+        for g, refs in zip(grid.numpy(), inputs.numpy()):
+            image = int(refs[0, 0]) - 1
+            np.testing.assert_array_equal(g, grids[image])
+            assert (refs[:, 0] > 0).sum() == len(rows[image])  # its captions, then empty slots
+            seen.append(image)
+    assert sorted(seen) == [i for i, r in enumerate(rows) if len(r)]
+    assert batches == batch_count(table, 2, group_by_image=True) == -(-(len(ids) - 1) // 2)
 
 
 def test_backbones_give_grids_and_pooled_vectors():

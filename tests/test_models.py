@@ -229,6 +229,36 @@ def test_only_real_tokens_reach_the_output_layer_and_the_loss_is_unchanged(decod
     assert_same([lambda: with_gradients(packed), xla])
 
 
+@pytest.mark.parametrize("decoder,attention", FAMILIES, ids=FAMILY_IDS)
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute"])
+def test_captions_grouped_by_image_train_like_one_grid_per_caption(decoder, attention, recompute):
+    """`group_by_image` batches ([images, refs, T], one grid per image) give the loss, penalty and gradients of the same captions each paired with a copy of its grid."""
+    keras.utils.set_random_seed(0)
+    cfg = ModelConfig(decoder=decoder, attention=attention, embedding_dim=8, units=16, num_heads=2, num_layers=1, attention_penalty=0.1)
+    model = build_decoder(cfg, vocab_size=20, grid_shape=(9, 8), max_length=7, recompute_grad=recompute)
+    rng = np.random.default_rng(5)
+    grid = rng.normal(size=(3, 9, 8)).astype("float32")
+    tokens = rng.integers(4, 20, (3, 4, 7)).astype("int32")
+    tokens[0, 1, 4:] = 0
+    tokens[2, 3] = 0  # an unused reference slot: no caption, no loss, not in the penalty's mean
+    real = tokens[..., 1:].reshape(12, 6).any(-1)
+    pairs_grid = np.repeat(grid, 4, axis=0)[real]
+    pairs = tokens.reshape(12, 7)[real]
+
+    def objective(g, inputs, targets):
+        with tf.GradientTape() as tape:
+            loss, _, penalty, accuracy = model.objective(tf.constant(g), tf.constant(inputs), tf.constant(targets), training=True)
+        return [float(loss), float(penalty), float(accuracy)], tape.gradient(loss, model.trainable_variables)
+
+    grouped_values, grouped_grads = objective(grid, tokens[..., :-1], tokens[..., 1:])
+    pair_values, pair_grads = objective(pairs_grid, pairs[:, :-1], pairs[:, 1:])
+    np.testing.assert_allclose(grouped_values, pair_values, rtol=1e-5)
+    for g, h in zip(grouped_grads, pair_grads):
+        np.testing.assert_allclose(tf.convert_to_tensor(g), tf.convert_to_tensor(h), atol=1e-5)
+    logits = model((tf.constant(grid), tf.constant(tokens[..., :-1])))
+    assert tuple(logits.shape) == (12, 6, 20)  # one row of logits per reference slot
+
+
 def test_attention_penalty_is_added_to_the_loss_as_defined():
     model = tiny_model("gru", "bahdanau", attention_penalty=0.7)
     rng = np.random.default_rng(2)

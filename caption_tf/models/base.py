@@ -4,7 +4,9 @@ A family (`CaptionDecoder`: LSTM/GRU with attention; `TransformerCaptionDecoder`
 
 - `teacher_forcing_features(grid, tokens, training)` -> (features [B, T, F], attention
   [B, T, cells], ...): the training pass over whole captions up to the output layer, as
-  parallel as the maths allows, and `logits(features)` -> float32 [..., V], the output layer;
+  parallel as the maths allows, and `logits(features)` -> float32 [..., V], the output layer.
+  `tokens` are one caption per grid [B, T] or an image's references together [B, refs, T]
+  (`group_captions`: the grid is then encoded once per image, not once per caption);
 - `encode(grid)` -> (values, keys, state) and `step(tokens, state, values, keys)` ->
   (logits [B, V], state, attention [B, cells]): one word at a time, for decoding
   (`models/decoding.py`); run step by step with teacher forcing they give the same logits;
@@ -24,6 +26,39 @@ from keras import ops
 
 from caption_tf.models.losses import PAD_ID, doubly_stochastic_penalty, masked_accuracy, masked_loss, padding_mask, replica_token_share, token_cross_entropy
 from caption_tf.models.recompute import recompute_grad
+
+def group_captions(tokens, *per_image, repeats=None):
+    """(tokens [captions, T], each `per_image` tensor repeated once per caption of its image).
+
+    Training batches hold every reference caption of an image together, `tokens`
+    [images, refs, T] (`training.pipeline.caption_batches`), so a decoder encodes each grid
+    once and repeats the encoding for the image's captions, instead of encoding one copy of
+    the grid per caption: the grid projection, adapter and encoder layers are most of a
+    step's arithmetic. Tokens [B, T] (one caption per grid) pass through unchanged.
+    Reference slots an image does not fill are all padding and drop out of the loss.
+
+    Args:
+        tokens: int tokens [B, T] or [images, refs, T].
+        *per_image: tensors whose first axis is the image.
+        repeats: the refs to repeat by (default: from `tokens`).
+
+    Example:
+
+    >>> tokens, grid = group_captions(keras.ops.ones((2, 5, 7), "int32"), keras.ops.zeros((2, 3, 4)))
+    >>> tuple(tokens.shape), tuple(grid.shape)
+    ((10, 7), (10, 3, 4))
+    """
+    if len(tokens.shape) == 2:
+        return (tokens, *per_image)
+    refs = tokens.shape[1] if repeats is None else repeats
+    flat = ops.reshape(tokens, (-1, tokens.shape[2]))
+    return (flat, *[ops.repeat(x, refs, axis=0) for x in per_image])
+
+
+def flat_captions(tokens):
+    """Tokens [B, T] as they are, [images, refs, T] as [images * refs, T] (see `group_captions`)."""
+    return tokens if len(tokens.shape) == 2 else ops.reshape(tokens, (-1, tokens.shape[2]))
+
 
 # Steps per recomputed block in the checkpointed training loss. Measured (bench_memory.py,
 # batch 64, 512 units, vocab 5000, max length 40): 1 step 143 MB, 4 steps 234 MB, plain 1233 MB;
@@ -95,7 +130,12 @@ class CaptionModel(keras.Model):
         return (logits, weights) if return_attention else logits
 
     def objective(self, grid, inputs, targets, training=False):
-        """(total loss, cross-entropy, attention penalty, accuracy) of one batch."""
+        """(total loss, cross-entropy, attention penalty, accuracy) of one batch.
+
+        `inputs` and `targets` are [B, T], or [images, refs, T] with `grid` [images, ...]
+        (`group_captions`).
+        """
+        targets = flat_captions(targets)
         if self.recompute_grad and training:
             ce, penalty, accuracy = self.checkpointed_objective(grid, inputs, targets)
         else:

@@ -35,9 +35,9 @@ import tensorflow as tf
 from keras import ops
 
 from caption_tf.models.attention import build_attention
-from caption_tf.models.base import CHECKPOINT_BLOCK_STEPS, CaptionModel, TiedOutput, checkpointed_head_loss
+from caption_tf.models.base import CHECKPOINT_BLOCK_STEPS, CaptionModel, TiedOutput, checkpointed_head_loss, flat_captions, group_captions
 from caption_tf.models.grid import GridEncoder
-from caption_tf.models.losses import doubly_stochastic_penalty, masked_accuracy, masked_loss, padding_mask, token_cross_entropy
+from caption_tf.models.losses import doubly_stochastic_penalty, masked_accuracy, masked_loss, mean_over_captions, padding_mask, token_cross_entropy
 from caption_tf.models.recompute import recompute_grad
 
 __all__ = ["CaptionDecoder", "build_decoder", "masked_loss", "masked_accuracy"]
@@ -179,6 +179,7 @@ class CaptionDecoder(CaptionModel):
     def teacher_forcing_features(self, grid, tokens, training=False):
         """(features [B, T, F] before dropout, attention [B, T, cells], final state)."""
         values, keys, state = self.encode(grid, training)
+        tokens, values, keys, *state = group_captions(tokens, values, keys, *state)
         embedded = self.embedding(tokens)
         if self.combine is not None:  # Luong: the whole caption at once
             outputs = self.rnn(embedded, initial_state=state, training=training)
@@ -260,11 +261,13 @@ class CaptionDecoder(CaptionModel):
         loss, accuracy = model.checkpointed_loss(grid, tokens[:, :-1], tokens[:, 1:])
         ```
         """
+        targets = flat_captions(targets)
         if self.combine is not None:  # Luong
             features, weights, _ = self.teacher_forcing_features(grid, inputs, training=True)
             loss, accuracy = checkpointed_head_loss(self, features, targets, block_steps)
             return (loss, accuracy, doubly_stochastic_penalty(weights, targets)) if with_penalty else (loss, accuracy)
         values, keys, state = self.encode(grid, training=True)
+        inputs, values, keys, *state = group_captions(inputs, values, keys, *state)
         embedded = self.embedding(inputs)
         steps, batch = inputs.shape[1], ops.shape(inputs)[0]
         width = self.units + self.feature_units
@@ -285,7 +288,7 @@ class CaptionDecoder(CaptionModel):
         if not with_penalty:
             return loss, accuracy
         per_cell = ops.sum(ops.stack(attention_sums), axis=0)
-        return loss, accuracy, ops.mean(ops.sum(ops.square(1.0 - per_cell), axis=-1))
+        return loss, accuracy, mean_over_captions(ops.sum(ops.square(1.0 - per_cell), axis=-1), targets)
 
     def head_variables(self):
         """The weights of the output layer (carried through checkpointed blocks)."""

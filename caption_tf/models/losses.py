@@ -77,7 +77,7 @@ def doubly_stochastic_penalty(weights, targets):
 
     For each caption, sum_i (1 - sum_t alpha_ti)^2 over the grid cells i, where the inner
     sum runs over the caption's real steps t (padding steps do not attend); the mean over
-    the captions of the batch. It is 0 when every cell receives, over the whole caption,
+    the captions of the batch (`mean_over_captions`). It is 0 when every cell receives, over the whole caption,
     a total attention of 1: the model is pushed to look at every part of the image once.
 
     Args:
@@ -91,4 +91,18 @@ def doubly_stochastic_penalty(weights, targets):
     0.0
     """
     per_cell = ops.sum(ops.cast(weights, "float32") * padding_mask(targets)[..., None], axis=1)
-    return ops.mean(ops.sum(ops.square(1.0 - per_cell), axis=-1))
+    return mean_over_captions(ops.sum(ops.square(1.0 - per_cell), axis=-1), targets)
+
+
+def mean_over_captions(values, targets):
+    """Mean of per-caption `values` [B] over the captions with a real token in `targets` [B, T].
+
+    An image's unused reference slots (all padding, `base.group_captions`) do not count.
+
+    Example:
+
+    >>> float(mean_over_captions(keras.ops.convert_to_tensor([1.0, 3.0]), keras.ops.convert_to_tensor([[5, 0], [0, 0]])))
+    1.0
+    """
+    real = ops.cast(ops.any(ops.not_equal(targets, PAD_ID), axis=-1), "float32")
+    return ops.sum(values * real) / ops.maximum(ops.sum(real), 1.0)

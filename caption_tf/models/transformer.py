@@ -37,7 +37,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from caption_tf.models.base import CHECKPOINT_BLOCK_STEPS, CaptionModel, TiedOutput, checkpointed_head_loss
+from caption_tf.models.base import CHECKPOINT_BLOCK_STEPS, CaptionModel, TiedOutput, checkpointed_head_loss, flat_captions
 from caption_tf.models.grid import GridEncoder
 from caption_tf.models.losses import doubly_stochastic_penalty
 from caption_tf.models.recompute import recompute_grad
@@ -116,16 +116,21 @@ class TransformerDecoderLayer(keras.layers.Layer):
     def feed_forward(self, x):
         return self.ff_out(self.ff_hidden(self.ff_norm(x)))
 
-    def call(self, x, memory, masks=None):
+    def call(self, x, memory, masks=None, refs: int = 1):
         """All positions at once: (x [B, T, D], cross-attention weights [B, heads, T, cells]).
 
         `masks`: three dropout masks (scaled, [B, T, D]) for the three residual branches, or None.
+        `refs`: captions per image when `memory` holds one grid per image ([B / refs, cells, D],
+        the captions of an image consecutive in `x`): its keys and values are projected once
+        per image (`base.group_captions`).
         """
         masks = masks or (1.0, 1.0, 1.0)
         normed = self.self_norm(x)
         keys, values = project(self.self_attention.key_dense, normed), project(self.self_attention.value_dense, normed)
         x = x + masks[0] * attend(self.self_attention, normed, keys, values, causal=True)[0]
         memory_keys, memory_values = self.memory_keys(memory)
+        if refs > 1:
+            memory_keys, memory_values = ops.repeat(memory_keys, refs, axis=0), ops.repeat(memory_values, refs, axis=0)
         context, weights = attend(self.cross_attention, self.cross_norm(x), memory_keys, memory_values)
         x = x + masks[1] * context
         return x + masks[2] * self.feed_forward(x), weights
@@ -252,15 +257,16 @@ class TransformerCaptionDecoder(CaptionModel):
     # -- teacher forcing ---------------------------------------------------------------------------
     def teacher_forcing_features(self, grid, tokens, training=False):
         """(final features [B, T, D] before dropout, attention [B, T, cells])."""
-        memory = self.memory(grid)
-        x = self.embed(tokens)
+        memory = self.memory(grid)  # once per image
+        refs = 1 if len(tokens.shape) == 2 else tokens.shape[1]
+        x = self.embed(flat_captions(tokens))
         weights = None
         for layer in self.decoder_layers:
             masks = self._residual_masks(x, training)
             if self.recompute_grad and training:
-                x, weights = recompute_grad(lambda x, memory, *m, layer=layer: layer(x, memory, m))(x, memory, *masks)
+                x, weights = recompute_grad(lambda x, memory, *m, layer=layer: layer(x, memory, m, refs=refs))(x, memory, *(masks or ()))
             else:
-                x, weights = layer(x, memory, masks)
+                x, weights = layer(x, memory, masks, refs=refs)
         return self.final_norm(x), ops.mean(ops.cast(weights, "float32"), axis=1)
 
     def _residual_masks(self, x, training):

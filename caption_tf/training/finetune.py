@@ -62,6 +62,7 @@ from caption_tf.features.backbones import FeatureExtractor
 from caption_tf.features.cache import FeatureCache, build_feature_cache, cache_request, open_cache, repair_cache
 from caption_tf.features.encoder import EncoderSpec, ImageEncoder
 from caption_tf.files import atomic_path, file_sha256, stable_hash
+from caption_tf.models.base import flat_captions
 from caption_tf.models.decoder import build_decoder
 from caption_tf.models.decoding import CaptionGenerator
 from caption_tf.run_folder import (
@@ -138,16 +139,17 @@ class EndToEndCaptioner(keras.Model):
         return (ops.cast(grid, "float32") - self.mean) / self.std
 
     def teacher_forcing_batch(self, inputs, training=False):
-        """(grid repeated per reference [B*refs, cells, C], decoder inputs, targets [B*refs, max_length - 1])."""
+        """(grid [B, cells, C], decoder inputs and targets [B, refs, max_length - 1]).
+
+        The decoder encodes each image's grid once for all its references (`models.base.group_captions`).
+        """
         images, tokens = inputs
-        grid = self.grid(images, training)
-        refs = tokens.shape[1]
-        flat = ops.reshape(tokens, (-1, tokens.shape[2]))
-        return ops.repeat(grid, refs, axis=0), flat[:, :-1], flat[:, 1:]
+        return self.grid(images, training), tokens[..., :-1], tokens[..., 1:]
 
     def call(self, inputs, training=False):
+        """(logits [B * refs, max_length - 1, V], targets [B * refs, max_length - 1])."""
         grid, decoder_inputs, targets = self.teacher_forcing_batch(inputs, training)
-        return self.decoder((grid, decoder_inputs), training=training), targets
+        return self.decoder((grid, decoder_inputs), training=training), flat_captions(targets)
 
     @property
     def metrics(self):

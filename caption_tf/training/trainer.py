@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import shutil
 import sys
 import time
@@ -35,7 +34,7 @@ from caption_tf.files import atomic_path
 from caption_tf.models.decoder import build_decoder
 from caption_tf.training import recovery, summaries
 from caption_tf.training.autoconfig import resolve_auto_settings
-from caption_tf.training.pipeline import caption_batches, captions_table
+from caption_tf.training.pipeline import batch_count, caption_batches, captions_table, images_per_batch
 from caption_tf.training.runtime import (
     Runtime,
     broadcast_from_chief,
@@ -98,9 +97,17 @@ def prepare_data(cfg: Config, replicas: int = 1) -> PreparedData:
     return PreparedData(resolved, dataset, cache, vocab)
 
 
-def steps_per_epoch(data: PreparedData, split: str, cfg: Config, runtime: Runtime) -> int:
-    """Batches in one pass over the (image, caption) pairs of `split`."""
-    return math.ceil(data.pair_count(split) / runtime.global_batch_size(cfg.train.batch_size))
+def steps_per_epoch(data: PreparedData, split: str, cfg: Config, runtime: Runtime, captions=None) -> int:
+    """Batches in one pass over the captions of `split`."""
+    captions = data.captions(split) if captions is None else captions
+    return batch_count(captions, batch_elements(cfg, runtime, captions), cfg.train.group_by_image)
+
+
+def batch_elements(cfg: Config, runtime: Runtime, captions) -> int:
+    """Rows of a global batch: images (each replica the same number) or (image, caption) pairs."""
+    if cfg.train.group_by_image:
+        return runtime.global_batch_size(images_per_batch(cfg.train.batch_size, captions))
+    return runtime.global_batch_size(cfg.train.batch_size)
 
 
 def make_split_dataset(
@@ -111,11 +118,13 @@ def make_split_dataset(
     `captions` (`data.captions(split)`) may be passed in precomputed, e.g. when
     this is called inside a `tf.data` function (`recovery.epoch_feed`).
     """
+    captions = data.captions(split) if captions is None else captions
     ds = caption_batches(
         data.cache.shards(split),
         data.cache.grid_shape,
-        data.captions(split) if captions is None else captions,
-        batch_size=runtime.global_batch_size(cfg.train.batch_size),
+        captions,
+        batch_size=batch_elements(cfg, runtime, captions),
+        group_by_image=cfg.train.group_by_image,
         shuffle=training,
         seed=cfg.train.seed if seed is None else seed,
         shuffle_buffer=cfg.train.shuffle_buffer,
@@ -123,7 +132,7 @@ def make_split_dataset(
         cache=fits_in_memory(feature_bytes(len(data.cache.image_ids(split)), data.cache.grid_shape)),
     ).with_options(dataset_options(runtime.strategy))
     # Known length: progress bars show totals and schedules know the step count.
-    return ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch(data, split, cfg, runtime)))
+    return ds.apply(tf.data.experimental.assert_cardinality(steps_per_epoch(data, split, cfg, runtime, captions)))
 
 
 def build_model(cfg: Config, data: PreparedData, runtime: Runtime, steps_per_epoch: int):
