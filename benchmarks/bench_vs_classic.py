@@ -20,6 +20,7 @@ is each side's XLA speed-up (its step without XLA / with XLA, within a round).
     python benchmarks/bench_vs_classic.py --sizes fast               # emb 128, units 256, vocab 5000, length 20, batch 64
     python benchmarks/bench_vs_classic.py --sizes fast --grid 64 2048 --rounds 5 --sides classic lstm-luong transformer
     python benchmarks/bench_vs_classic.py --sizes fast --captions full   # every target position a real word
+    python benchmarks/bench_vs_classic.py --sizes fast --captions-per-image 5   # batches of whole images (--group-by-image)
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ def classic_side(vocab, embedding, units, grid, tokens, jit):
 def project_side(name, vocab, embedding, units, grid, tokens, jit, model_overrides):
     decoder, _, attention = name.partition("-")
     cfg = ModelConfig(decoder=decoder, attention=attention or "bahdanau", embedding_dim=embedding, units=units, **model_overrides)
-    model = build_decoder(cfg, vocab, tuple(grid.shape[1:]), tokens.shape[1])
+    model = build_decoder(cfg, vocab, tuple(grid.shape[1:]), tokens.shape[-1])
     model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit)
-    x, y = (grid, tokens[:, :-1]), tokens[:, 1:]
+    x, y = (grid, tokens[..., :-1]), tokens[..., 1:]
     run = lambda: train_step(model, x, y)  # noqa: E731
     run()
     return run, model.count_params()
@@ -88,6 +89,9 @@ def main() -> None:
     parser.add_argument("--captions", choices=("shapes", "full"), default="shapes",
                         help="caption lengths: the shapes dataset's (padded to the max length) or all max length")
     parser.add_argument("--model", default="", help="ModelConfig overrides, e.g. 'grid_adapter=conv,dropout=0.1'")
+    parser.add_argument("--captions-per-image", type=int, default=1,
+                        help="N > 1: the batch is batch/N images with N captions each (`--group-by-image`); the project "
+                             "sides get each grid once, the classic loop a copy per caption, as its pipeline gives it")
     args = parser.parse_args()
 
     embedding, units, vocab, max_length, batch = SIZES[args.sizes]
@@ -97,7 +101,11 @@ def main() -> None:
         field_type = type(getattr(ModelConfig(), key))
         overrides[key] = value.lower() == "true" if field_type is bool else (field_type(value) if getattr(ModelConfig(), key) is not None else int(value))
     rng = np.random.default_rng(0)
-    grid = tf.constant(rng.random((batch, *args.grid), dtype=np.float32))
+    per_image = args.captions_per_image
+    images = max(1, round(batch / per_image))
+    batch = images * per_image  # captions per step (64 -> 65 at 5 per image: whole images, as the pipeline rounds)
+    image_grids = rng.random((images, *args.grid), dtype=np.float32)
+    grid = tf.constant(np.repeat(image_grids, per_image, axis=0))  # one copy per caption
     tokens = rng.integers(4, vocab, (batch, max_length)).astype("int32")
     if args.captions == "shapes":
         lengths = np.minimum(rng.choice(shapes_caption_lengths(), batch), max_length)
@@ -113,7 +121,9 @@ def main() -> None:
             if name == "classic":
                 run, count = classic_side(vocab, embedding, units, grid, tokens, jit == "on")
             else:
-                run, count = project_side(name, vocab, embedding, units, grid, tokens, jit == "on", overrides)
+                project_grid, project_tokens = (grid, tokens) if per_image == 1 else (
+                    tf.constant(image_grids), tf.reshape(tokens, (images, per_image, max_length)))
+                run, count = project_side(name, vocab, embedding, units, project_grid, project_tokens, jit == "on", overrides)
             for _ in range(args.warmup - 1):
                 run()
             sides[(name, jit)], params[name] = run, count
@@ -143,9 +153,11 @@ def main() -> None:
             row.update({"XLA speed-up": float(np.median(speedups)), "XLA min": float(speedups.min()), "XLA max": float(speedups.max())})
         rows.append(row)
     name = f"vs_classic_{args.sizes}_{args.grid[0]}_{args.captions}" + "".join(f"_{k}-{v}" for k, v in overrides.items())
+    name += f"_{per_image}-per-image" if per_image > 1 else ""
     report(name, rows, {
         "sizes": f"embedding {embedding}, units {units}, vocab {vocab}, max length {max_length} ({max_length - 1} steps), "
-                 f"captions {args.captions} ({tokens_per_step} real target tokens of {batch * (max_length - 1)}), batch {batch}, grid {args.grid[0]}x{args.grid[1]}, Adam; model overrides: {overrides or 'none'}",
+                 f"captions {args.captions} ({tokens_per_step} real target tokens of {batch * (max_length - 1)}), batch {batch} captions"
+                 f"{f' of {images} images (project sides: each grid once)' if per_image > 1 else ''}, grid {args.grid[0]}x{args.grid[1]}, Adam; model overrides: {overrides or 'none'}",
         "method": f"{args.rounds} interleaved rounds of {args.steps} steps per side after {args.warmup} warm-up calls; "
                   f"tokens/s = {tokens_per_step} target tokens / median step; 'x classic' = classic step / side step "
                   "within each round, same XLA setting (median over rounds, min, max); 'XLA speed-up' = the side's step "

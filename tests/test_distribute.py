@@ -283,15 +283,19 @@ GRADIENT_SCRIPT = textwrap.dedent(
     import keras
     from caption_tf.models.decoder import CaptionDecoder
 
-    VOCAB, CELLS, DIM, LENGTH, PAIRS, GLOBAL_BATCH = 16, 4, 8, 8, 32, 8
+    VOCAB, CELLS, DIM, LENGTH, PAIRS, GLOBAL_BATCH, REFS = 16, 4, 8, 8, 32, 8, 4
     rng = np.random.default_rng(0)
-    grid = rng.random((PAIRS, CELLS, DIM), dtype=np.float32)
+    image_grid = rng.random((PAIRS // REFS, CELLS, DIM), dtype=np.float32)
+    grid = np.repeat(image_grid, REFS, axis=0)  # pairs: each image's 4 captions in a row
     tokens = rng.integers(1, VOCAB, (PAIRS, LENGTH)).astype("int32")
     for row, length in enumerate(rng.integers(3, LENGTH, PAIRS)):  # captions of different lengths
         tokens[row, length:] = 0
     data = tf.data.Dataset.from_tensor_slices(((grid, tokens[:, :-1]), tokens[:, 1:])).batch(GLOBAL_BATCH)
+    # The same captions as batches of whole images (--group-by-image): 2 images x 4 captions.
+    by_image = tokens.reshape(PAIRS // REFS, REFS, LENGTH)
+    grouped = tf.data.Dataset.from_tensor_slices(((image_grid, by_image[..., :-1]), by_image[..., 1:])).batch(GLOBAL_BATCH // REFS)
 
-    def train(strategy, initial=None):
+    def train(strategy, initial=None, data=data):
         with strategy.scope():
             keras.utils.set_random_seed(0)
             # GRU + Luong: one recurrent layer call, which traces faster than a loop over the steps;
@@ -307,9 +311,11 @@ GRADIENT_SCRIPT = textwrap.dedent(
 
     start, single = train(tf.distribute.get_strategy())
     _, mirrored = train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), initial=start)
+    _, grouped_mirrored = train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), initial=start, data=grouped)
     with open(sys.argv[1], "w") as out:
         json.dump({
             "max_weight_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(single, mirrored)),
+            "max_grouped_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(single, grouped_mirrored)),
             "max_update": max(float(np.max(np.abs(a - b))) for a, b in zip(single, start)),
         }, out)
     from caption_tf.cli import exit_without_teardown
@@ -320,7 +326,8 @@ GRADIENT_SCRIPT = textwrap.dedent(
 
 def test_train_step_gradient_is_the_global_token_mean_on_two_replicas(tmp_path):
     """SGD sees the gradient's scale (Adam does not): the update on 2 replicas is the one of
-    1 device, also when the replicas' halves of a batch hold different numbers of tokens."""
+    1 device, also when the replicas' halves of a batch hold different numbers of tokens, and
+    also with batches of whole images (one grid per image, each replica one image)."""
     script, result = tmp_path / "gradient.py", tmp_path / "result.json"
     script.write_text(GRADIENT_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -328,7 +335,7 @@ def test_train_step_gradient_is_the_global_token_mean_on_two_replicas(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(result.read_text())
     assert out["max_update"] > 1e-2  # training moved the weights, so agreement means something
-    assert out["max_weight_diff"] < 1e-5, out
+    assert out["max_weight_diff"] < 1e-5 and out["max_grouped_diff"] < 1e-5, out
 
 
 def test_bad_distribution_flags_are_refused_before_devices_are_touched():
