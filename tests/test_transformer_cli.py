@@ -16,7 +16,8 @@ from caption_tf.training.trainer import prepare_data
 from caption_tf.training.faults import CRASH_AFTER_BATCHES_ENV
 from conftest import REPO_ROOT, repeated_mentions, tiny_overrides
 
-# 32 training images x 5 captions / batch 16 = 10 batches per epoch; checkpoints every 3.
+# Batches of whole images (`--group-by-image`, the pairs path resumes in test_kill_resume.py): batch 16
+# captions = 3 images of 5, 32 training images = 11 batches per epoch; checkpoints every 3.
 CRASH_AFTER_BATCHES = 7
 
 
@@ -43,13 +44,14 @@ def _weights(path):
 def test_transformer_resumes_exactly_after_a_kill_and_is_evaluated(tmp_path):
     # Dropout on: the resumed run must also replay the dropout masks; the penalty and label smoothing on too.
     model = {"decoder": "transformer", "num_layers": 1, "num_heads": 2, "dropout": 0.2, "attention_penalty": 0.5,
-             "label_smoothing": 0.1, "tie_embeddings": True, "no_repeat_ngram": 3}
+             "label_smoothing": 0.1, "tie_embeddings": True, "no_repeat_ngram": 3, "group_by_image": True}
     overrides = tiny_overrides(tmp_path, epochs=2, checkpoint_every=3, **model)
     # The feature cache is built first, once (as in test_kill_resume): measured here, a run that
     # builds the cache does not train bit for bit like a later run that reuses it.
     prepare_data(load_config("minimal", overrides))
     reference = _train({**overrides, "run_name": "uninterrupted"}, tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
+    assert "11/11" in reference.stdout  # whole images: 11 batches per epoch (pairs would be 10)
 
     crashed = _train({**overrides, "run_name": "killed"}, tmp_path, env={CRASH_AFTER_BATCHES_ENV: str(CRASH_AFTER_BATCHES)})
     assert crashed.returncode == -9, crashed.stderr[-3000:]  # SIGKILL after 7 batches (checkpoint at 6)
