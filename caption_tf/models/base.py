@@ -27,7 +27,8 @@ from keras import ops
 from caption_tf.models.losses import PAD_ID, doubly_stochastic_penalty, masked_accuracy, masked_loss, padding_mask, replica_token_share, token_cross_entropy
 from caption_tf.models.recompute import recompute_grad
 
-def group_captions(tokens, *per_image, repeats=None):
+
+def group_captions(tokens, *per_image):
     """(tokens [captions, T], each `per_image` tensor repeated once per caption of its image).
 
     Training batches hold every reference caption of an image together, `tokens`
@@ -40,7 +41,6 @@ def group_captions(tokens, *per_image, repeats=None):
     Args:
         tokens: int tokens [B, T] or [images, refs, T].
         *per_image: tensors whose first axis is the image.
-        repeats: the refs to repeat by (default: from `tokens`).
 
     Example:
 
@@ -50,9 +50,7 @@ def group_captions(tokens, *per_image, repeats=None):
     """
     if len(tokens.shape) == 2:
         return (tokens, *per_image)
-    refs = tokens.shape[1] if repeats is None else repeats
-    flat = ops.reshape(tokens, (-1, tokens.shape[2]))
-    return (flat, *[ops.repeat(x, refs, axis=0) for x in per_image])
+    return (flat_captions(tokens), *[ops.repeat(x, tokens.shape[1], axis=0) for x in per_image])
 
 
 def flat_captions(tokens):
