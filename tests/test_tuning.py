@@ -38,7 +38,7 @@ def test_two_trial_search_writes_a_loadable_best_preset_and_results(tmp_path):
     from tensorboard.backend.event_processing import event_accumulator
     from tensorboard.plugins.hparams import metadata
 
-    pairs = prepare_data(cfg).pair_count("train")  # the cached data the trials trained on
+    pairs = int(prepare_data(cfg).captions("train")[1].sum())  # the cached data's captions the trials trained on
     for row in rows:
         logs = result.directory / "logs" / f"trial_{row['trial']}"
         acc = event_accumulator.EventAccumulator(str(logs))

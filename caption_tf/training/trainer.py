@@ -71,10 +71,6 @@ class PreparedData:
         rows = np.split(encoded, np.cumsum([len(c) for c in per_image])[:-1]) if per_image else []
         return captions_table(rows, self.vocab.max_length)
 
-    def pair_count(self, split: str) -> int:
-        records = self.dataset.by_id()
-        return sum(len(records[i].captions) for i in self.cache.image_ids(split))
-
 
 def prepare_data(cfg: Config, replicas: int = 1) -> PreparedData:
     """Dataset, feature cache, the resolved config (`auto` settings derived from the data) and vocabulary.
@@ -271,7 +267,8 @@ def _fit_and_publish(cfg: Config, data: PreparedData, runtime: Runtime, run_dir:
     """Build, restore and fit the model; the chief publishes the weights and the final run.json."""
     chief = is_chief(runtime.strategy)
     write_dir = worker_write_dir(run_dir, runtime.strategy)  # the chief: run_dir itself
-    train_steps = steps_per_epoch(data, "train", cfg, runtime)
+    train_captions = data.captions("train")  # tokenised once: the step count and every epoch's batches
+    train_steps = steps_per_epoch(data, "train", cfg, runtime, train_captions)
     val_ds = make_split_dataset(data, "val", cfg, runtime, training=False) if data.cache.image_ids("val") else None
     model = build_model(cfg, data, runtime, steps_per_epoch=train_steps)
     print(f"Decoder: {cfg.model.label}, {model.count_params():,} parameters, vocabulary {data.vocab.size}")
@@ -293,7 +290,6 @@ def _fit_and_publish(cfg: Config, data: PreparedData, runtime: Runtime, run_dir:
     apply_resume_overrides(model, cfg, session.overrides(), train_steps, runtime, run_dir, step=session.backup.position["step"], chief=chief)
     run_folder.trim_history(write_dir / run_folder.HISTORY_FILE, start[0])  # epochs trained again
     started = time.time()
-    train_captions = data.captions("train")
 
     def make_epoch(epoch):  # epoch e is shuffled with seed + e: a resumed run replays it exactly
         return make_split_dataset(data, "train", cfg, runtime, True, seed=cfg.train.seed + epoch, captions=train_captions)
