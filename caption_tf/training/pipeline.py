@@ -3,11 +3,11 @@
 The pipeline is pure TensorFlow ops (no `py_function`), so its iterator can
 be checkpointed with `tf.train.Checkpoint` and a resumed run continues with
 the exact next batch. Each element is `((grid, input_tokens), target_tokens)`
-with teacher forcing: inputs are tokens[:-1], targets tokens[1:]. By default a
-batch holds whole images, grid [images, cells, C] and tokens [images, refs, T]
-(every reference caption of an image), so the decoder encodes each grid once for
-all its captions (`models.base.group_captions`); `group_by_image=False` gives one
-(grid, caption) pair per row, tokens [B, T]. The shards are read with
+with teacher forcing: inputs are tokens[:-1], targets tokens[1:]. A row is one
+(grid, caption) pair, tokens [B, T]; with `group_by_image` (`train.group_by_image`)
+a row is a whole image, grid [images, cells, C] and tokens [images, refs, T] (every
+reference caption of the image), so the decoder encodes each grid once for all its
+captions (`models.base.group_captions`). The shards are read with
 `caption_tf.features.tfrecords`, which owns their format.
 
 Example:
