@@ -31,11 +31,11 @@ from caption_tf.models.recompute import recompute_grad
 def group_captions(tokens, *per_image):
     """(tokens [captions, T], each `per_image` tensor repeated once per caption of its image).
 
-    Training batches hold every reference caption of an image together, `tokens`
-    [images, refs, T] (`training.pipeline.caption_batches`), so a decoder encodes each grid
-    once and repeats the encoding for the image's captions, instead of encoding one copy of
-    the grid per caption: the grid projection, adapter and encoder layers are most of a
-    step's arithmetic. Tokens [B, T] (one caption per grid) pass through unchanged.
+    With `--group-by-image` (and in phase-2 fine-tuning) a training batch holds every
+    reference caption of an image together, `tokens` [images, refs, T]
+    (`training.pipeline.caption_batches`), so a decoder encodes each grid once and repeats
+    the encoding for the image's captions, instead of encoding one copy of the grid per
+    caption: the grid projection, adapter and encoder layers are most of a step's arithmetic. Tokens [B, T] (one caption per grid) pass through unchanged.
     Reference slots an image does not fill are all padding and drop out of the loss.
 
     Args:
