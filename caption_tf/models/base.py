@@ -35,8 +35,9 @@ def group_captions(tokens, *per_image):
     reference caption of an image together, `tokens` [images, refs, T]
     (`training.pipeline.caption_batches`), so a decoder encodes each grid once and repeats
     the encoding for the image's captions, instead of encoding one copy of the grid per
-    caption: the grid projection, adapter and encoder layers are most of a step's arithmetic. Tokens [B, T] (one caption per grid) pass through unchanged.
-    Reference slots an image does not fill are all padding and drop out of the loss.
+    caption: the grid projection, adapter and encoder layers are most of a step's arithmetic.
+    Tokens [B, T] (one caption per grid) pass through unchanged. Reference slots an image
+    does not fill are all padding and drop out of the loss.
 
     Args:
         tokens: int tokens [B, T] or [images, refs, T].

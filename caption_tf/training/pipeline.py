@@ -90,25 +90,20 @@ def caption_batches(
     images = read_feature_shards(shards, grid_shape)
     if cache:  # features fit in memory for the datasets we train on; saves re-reading shards
         images = images.cache()
-    if group_by_image:
-        rows = images.map(lambda index, grid: (grid, table[index], tf.reduce_any(valid[index])))
-        rows = rows.filter(lambda g, t, ok: ok)
-        if shuffle:
-            rows = rows.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        rows = rows.batch(batch_size, drop_remainder=drop_remainder)
-        return rows.map(lambda g, t, ok: ((g, t[..., :-1]), t[..., 1:]), num_parallel_calls=tf.data.AUTOTUNE).prefetch(
-            tf.data.AUTOTUNE
-        )
 
-    def expand(index, grid):
+    def expand(index, grid):  # one row per reference slot: (grid, caption, slot holds a caption)
         refs = table[index]
         grids = tf.repeat(grid[None], tf.shape(refs)[0], axis=0)
         return tf.data.Dataset.from_tensor_slices((grids, refs, valid[index]))
 
-    pairs = images.flat_map(expand).filter(lambda g, t, ok: ok)
+    if group_by_image:  # one row per image: (grid, all its reference slots, it has a caption)
+        rows = images.map(lambda index, grid: (grid, table[index], tf.reduce_any(valid[index])))
+    else:
+        rows = images.flat_map(expand)
+    rows = rows.filter(lambda g, t, ok: ok)
     if shuffle:
-        pairs = pairs.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    pairs = pairs.batch(batch_size, drop_remainder=drop_remainder)
-    return pairs.map(lambda g, t, ok: ((g, t[:, :-1]), t[:, 1:]), num_parallel_calls=tf.data.AUTOTUNE).prefetch(
+        rows = rows.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    rows = rows.batch(batch_size, drop_remainder=drop_remainder)
+    return rows.map(lambda g, t, ok: ((g, t[..., :-1]), t[..., 1:]), num_parallel_calls=tf.data.AUTOTUNE).prefetch(
         tf.data.AUTOTUNE
     )
