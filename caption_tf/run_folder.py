@@ -50,7 +50,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 import yaml
 
-from caption_tf.config import Config, load_saved_config, save_config
+from caption_tf.config import Config, field_index, load_saved_config, save_config
 from caption_tf.data.text import CaptionVocabulary
 from caption_tf.files import atomic_path, file_sha256, stable_hash, write_json
 
@@ -142,6 +142,14 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint made under other settings (config, vocabulary, feature cache)."""
 
 
+def _flag(name: str, value: Any) -> str:
+    """The command-line flag that sets config field `name` to `value` (`--no-tie-embeddings`, `--units 32`)."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
+
+
 def compat_config(cfg: Config) -> dict:
     """The config fields that change the training maths: what a resume must match."""
     kept = {s: {k: v for k, v in values.items() if k not in NEUTRAL_FIELDS}
@@ -183,12 +191,16 @@ class RunIdentity:
         if not differences:
             return
         old, new = saved.get("compat_config") or {}, self.config
-        changed = [f"--{name.replace('_', '-')} {old.get(s, {}).get(name)!r} -> {new.get(s, {}).get(name)!r}"
-                   for s in sorted(set(old) | set(new)) for name in sorted(set(old.get(s, {})) | set(new.get(s, {})))
-                   if old.get(s, {}).get(name) != new.get(s, {}).get(name)]
+        names = [(s, name) for s in sorted(set(old) | set(new)) for name in sorted(set(old.get(s, {})) | set(new.get(s, {})))
+                 if old.get(s, {}).get(name) != new.get(s, {}).get(name)]
+        changed = [f"--{name.replace('_', '-')} {old.get(s, {}).get(name)!r} -> {new.get(s, {}).get(name)!r}" for s, name in names]
+        # The checkpoint's own values as flags: what resumes it (e.g. after a default changed).
+        fields = field_index()  # not `replicas`: the cluster, not a flag, sets it
+        restore = [_flag(name, old[s][name]) for s, name in names if name in fields and old.get(s, {}).get(name) is not None]
         raise CheckpointMismatchError(
             f"{where}: Refusing to resume: the checkpoint was made under different settings ({'; '.join(differences)})."
             + (f" Changed settings: {', '.join(changed)}." if changed else "")
+            + (f" To resume it, add its settings: {' '.join(restore)}." if restore and len(restore) == len(names) else "")
             + f" To keep the old run and start over, rerun with --resume never (it is moved to <run>{OLD_RUN_SUFFIX}<time>)"
             " or pick another --run-name."
         )

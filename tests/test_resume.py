@@ -101,6 +101,7 @@ def test_changed_settings_refuse_to_resume_and_say_what_differs(shared, tmp_path
     message = str(err.value)
     for expected in ("Refusing to resume", "config_hash", "vocab_hash", "--units 32 -> 48", "--vocab-size 100 -> 20", "--resume never"):
         assert expected in message
+    assert "To resume it, add its settings: --units 32 --vocab-size 100." in message  # the way back, as flags
     assert (run_dir / "config.yaml").read_text() == config_before  # nothing was overwritten
 
 
