@@ -21,6 +21,7 @@ is each side's XLA speed-up (its step without XLA / with XLA, within a round).
     python benchmarks/bench_vs_classic.py --sizes fast --grid 64 2048 --rounds 5 --sides classic lstm-luong transformer
     python benchmarks/bench_vs_classic.py --sizes fast --captions full   # every target position a real word
     python benchmarks/bench_vs_classic.py --sizes fast --captions-per-image 5   # batches of whole images (--group-by-image)
+    python benchmarks/bench_vs_classic.py --sizes fast --sides classic lstm-bahdanau lstm-bahdanau:deep_output=true  # per-side ModelConfig overrides
 """
 
 from __future__ import annotations
@@ -66,7 +67,19 @@ def classic_side(vocab, embedding, units, grid, tokens, jit):
     return run, sum(int(np.prod(v.shape)) for v in model.trainable_variables)
 
 
+def parse_overrides(text: str) -> dict:
+    """'key=value,...' -> ModelConfig overrides, each value of its field's type."""
+    overrides = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=")
+        default = getattr(ModelConfig(), key)
+        overrides[key] = value.lower() == "true" if isinstance(default, bool) else (type(default)(value) if default is not None else int(value))
+    return overrides
+
+
 def project_side(name, vocab, embedding, units, grid, tokens, jit, model_overrides):
+    name, _, side_overrides = name.partition(":")  # e.g. "lstm-bahdanau:deep_output=true"
+    model_overrides = {**model_overrides, **parse_overrides(side_overrides)}
     decoder, _, attention = name.partition("-")
     cfg = ModelConfig(decoder=decoder, attention=attention or "bahdanau", embedding_dim=embedding, units=units, **model_overrides)
     model = build_decoder(cfg, vocab, tuple(grid.shape[1:]), tokens.shape[-1])
@@ -95,11 +108,7 @@ def main() -> None:
     args = parser.parse_args()
 
     embedding, units, vocab, max_length, batch = SIZES[args.sizes]
-    overrides = {}
-    for item in filter(None, args.model.split(",")):
-        key, value = item.split("=")
-        field_type = type(getattr(ModelConfig(), key))
-        overrides[key] = value.lower() == "true" if field_type is bool else (field_type(value) if getattr(ModelConfig(), key) is not None else int(value))
+    overrides = parse_overrides(args.model)
     rng = np.random.default_rng(0)
     per_image = args.captions_per_image
     images = max(1, round(batch / per_image))

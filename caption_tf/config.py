@@ -88,6 +88,7 @@ class ModelConfig:
     grid_adapter: str = "none"  # none | conv: a trainable residual 3x3 convolution over the frozen grid
     encoder_layers: int = 0  # Transformer encoder layers (self-attention + feed-forward) over the grid cells
     tie_embeddings: bool = False  # predict words through the input embedding matrix
+    deep_output: bool = False  # Bahdanau: predict through Dense(units, tanh) over [cell output; context]
     dropout: float = 0.0  # on the features the output layer reads
     attention_penalty: float = 0.0  # weight of the doubly stochastic attention penalty (0: off)
     label_smoothing: float = 0.0  # of the cross-entropy targets (0: off)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -20,8 +21,9 @@ from caption_tf.evaluation.captioner import Captioner
 from conftest import REPO_ROOT, tiny_overrides
 
 # Enough training (4 epochs at lr 0.01, ~20 s here) for the tiny decoder to name colours and shapes,
-# so that different images get different captions and a wrong encoding shows.
-TRAINED = {"epochs": 4, "learning_rate": 0.01}
+# so that different images get different captions and a wrong encoding shows. With the deep output
+# layer (`--deep-output`, opt-in): a run folder must rebuild it for `evaluate.py` and the Captioner.
+TRAINED = {"epochs": 4, "learning_rate": 0.01, "deep_output": True}
 
 
 def _train(tmp: Path, **extra) -> Path:
@@ -60,6 +62,10 @@ def test_same_command_same_decoder_on_a_fresh_or_a_reused_cache(two_runs_one_com
     fresh, reused = two_runs_one_command
     assert read_run_info(fresh)["feature_cache"] == read_run_info(reused)["feature_cache"]
     assert weight_arrays(fresh / WEIGHTS_FILE) == weight_arrays(reused / WEIGHTS_FILE)
+    with h5py.File(fresh / WEIGHTS_FILE, "r") as fh:
+        names = []
+        fh.visit(names.append)
+    assert any("deep_output" in name for name in names), names
 
 
 def weight_arrays(path: Path) -> list[bytes]:

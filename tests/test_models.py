@@ -91,11 +91,18 @@ def test_grid_positions_are_row_plus_column_codes():
         GridEncoder(8, encoder_layers=-1)
 
 
-@pytest.mark.parametrize("decoder,attention", FAMILIES, ids=FAMILY_IDS)
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_teacher_forcing_equals_the_per_step_loop(decoder, attention, tied):
+OUTPUTS = {"untied": {}, "tied": {"tie_embeddings": True}, "deep": {"deep_output": True}}
+
+
+@pytest.mark.parametrize(
+    "decoder,attention,output",
+    [(*family, output) for family in FAMILIES for output in ("untied", "tied")] + [("lstm", "bahdanau", "deep"), ("gru", "bahdanau", "deep")],
+    ids=[f"{name}-{output}" for name in FAMILY_IDS for output in ("untied", "tied")] + ["lstm-bahdanau-deep", "gru-bahdanau-deep"],
+)
+def test_teacher_forcing_equals_the_per_step_loop(decoder, attention, output):
     """The training pass (parallel where the maths allows) computes what decoding computes step by step."""
-    model = tiny_model(decoder, attention, tie_embeddings=tied, grid_adapter="conv", encoder_layers=1)
+    model = tiny_model(decoder, attention, grid_adapter="conv", encoder_layers=1, **OUTPUTS[output])
+    assert any("/deep_output/" in v.path for v in model.trainable_variables) == (output == "deep")
     rng = np.random.default_rng(0)
     grid = tf.constant(rng.normal(size=(3, 9, 8)).astype("float32"))
     tokens = tf.constant(rng.integers(1, 20, (3, 6)).astype("int32"))
@@ -186,7 +193,7 @@ def test_grid_positions_let_the_decoder_state_relations(decoder, attention):
 @pytest.mark.parametrize("decoder,attention", [("lstm", "bahdanau"), ("gru", "luong"), ("transformer", "bahdanau")])
 def test_only_real_tokens_reach_the_output_layer_and_the_loss_is_unchanged(decoder, attention):
     """`output_loss` skips padding; loss, accuracy and gradients equal the padded pass's (same dropout masks), XLA included."""
-    model = tiny_model(decoder, attention, dropout=0.3, label_smoothing=0.1, tie_embeddings=decoder == "gru")
+    model = tiny_model(decoder, attention, dropout=0.3, label_smoothing=0.1, tie_embeddings=decoder == "gru", deep_output=decoder == "lstm")
     rng = np.random.default_rng(3)
     grid = tf.constant(rng.normal(size=(4, 9, 8)).astype("float32"))
     tokens = rng.integers(4, 20, (4, 7)).astype("int32")
@@ -234,7 +241,8 @@ def test_only_real_tokens_reach_the_output_layer_and_the_loss_is_unchanged(decod
 def test_captions_grouped_by_image_train_like_one_grid_per_caption(decoder, attention, recompute):
     """`group_by_image` batches ([images, refs, T], one grid per image) give the loss, penalty and gradients of the same captions each paired with a copy of its grid."""
     keras.utils.set_random_seed(0)
-    cfg = ModelConfig(decoder=decoder, attention=attention, embedding_dim=8, units=16, num_heads=2, num_layers=1, attention_penalty=0.1)
+    cfg = ModelConfig(decoder=decoder, attention=attention, embedding_dim=8, units=16, num_heads=2, num_layers=1, attention_penalty=0.1,
+                      deep_output=decoder == "gru")  # GRU + Bahdanau with the deep output layer (Luong ignores it)
     model = build_decoder(cfg, vocab_size=20, grid_shape=(9, 8), max_length=7, recompute_grad=recompute)
     rng = np.random.default_rng(5)
     grid = rng.normal(size=(3, 9, 8)).astype("float32")
@@ -353,9 +361,11 @@ def test_bad_settings_say_what_was_received():
 def test_every_weight_is_in_a_tf_train_checkpoint(decoder, attention, tmp_path):
     """Crash recovery saves `tf.train.Checkpoint(model=...)`: every weight must be tracked by it."""
     grid = {"grid_adapter": "conv", "encoder_layers": 2}
-    trained = tiny_model(decoder, attention, seed=1, tie_embeddings=True, num_layers=2, **grid)
-    fresh = tiny_model(decoder, attention, seed=2, tie_embeddings=True, num_layers=2, **grid)
+    # deep_output applies to Bahdanau only; the others ignore it.
+    trained = tiny_model(decoder, attention, seed=1, tie_embeddings=True, deep_output=True, num_layers=2, **grid)
+    fresh = tiny_model(decoder, attention, seed=2, tie_embeddings=True, deep_output=True, num_layers=2, **grid)
     assert any("/encoder_1/self_attention/" in v.path for v in trained.trainable_variables)
+    assert any("/deep_output/" in v.path for v in trained.trainable_variables) == (attention == "bahdanau" and decoder != "transformer")
     for variable in trained.trainable_variables:
         variable.assign(variable + 0.5)
     tf.train.Checkpoint(model=fresh).read(tf.train.Checkpoint(model=trained).write(str(tmp_path / "ckpt")))

@@ -61,8 +61,9 @@ def test_mixed_precision_trains_without_nan(precision, policy):
     assert logits.dtype == "float32" and attention.dtype == "float32"  # softmaxes stay float32
 
 
-def test_recompute_grad_gives_the_same_gradients_with_dropout():
-    model = tiny_model(dropout=0.5)
+@pytest.mark.parametrize("deep_output", [False, True], ids=["output", "deep-output"])
+def test_recompute_grad_gives_the_same_gradients_with_dropout(deep_output):
+    model = tiny_model(dropout=0.5, deep_output=deep_output)
     (grid, inputs), targets = next(iter(tiny_data()))
     from caption_tf.models.decoder import masked_accuracy, masked_loss
 

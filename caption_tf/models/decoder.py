@@ -6,9 +6,10 @@ padding-masked loss, optional doubly stochastic attention penalty), so `model.fi
 (projection + 2-D positions) once per image. Then, per word:
 
 - Bahdanau (Bahdanau et al., 2015; Show, Attend and Tell): attend with the previous state,
-  feed [word; context] to the cell, predict from [cell output; context]. The next
-  attention depends on the state, so training runs step by step (a Python-unrolled loop);
-  the output layer and the loss still run once over [batch x time].
+  feed [word; context] to the cell, predict from [cell output; context] (with
+  `deep_output`, through `tanh(W [cell output; context])` first). The next attention
+  depends on the state, so training runs step by step (a Python-unrolled loop); the
+  output layer and the loss still run once over [batch x time].
 - Luong (Luong et al., 2015, without input feeding): the cell reads the word only, then
   attends with its output and predicts from `combine([output; context])`. The cell never
   sees the context, so teacher forcing runs `keras.layers.LSTM/GRU(return_sequences=True)`
@@ -59,6 +60,10 @@ class CaptionDecoder(CaptionModel):
         grid_adapter: "none" or "conv" (`grid.GridEncoder`).
         encoder_layers, num_heads: Transformer encoder layers over the grid cells and their heads (`grid.GridEncoder`).
         tie_embeddings: predict words through the input embeddings (`base.TiedOutput`).
+        deep_output: Bahdanau only: predict through `Dense(units, tanh)` over [cell output;
+            context] (Show, Attend and Tell's deep output; the classic tutorial's `fc1`)
+            instead of straight from the 2 x units-wide concatenation. Luong always predicts
+            through its `combine` layer of the same shape.
         dropout: on the features the output layer reads.
         attention_penalty, label_smoothing, recompute_grad: see `base.CaptionModel`.
     """
@@ -80,6 +85,7 @@ class CaptionDecoder(CaptionModel):
         encoder_layers: int = 0,
         num_heads: int = 4,
         tie_embeddings: bool = False,
+        deep_output: bool = False,
         attention_penalty: float = 0.0,
         label_smoothing: float = 0.0,
         **kwargs,
@@ -109,6 +115,10 @@ class CaptionDecoder(CaptionModel):
         att_units = (attention_units or units) if attention == "bahdanau" else units
         self.attention = build_attention(attention, att_units, luong_score)
         self.combine = keras.layers.Dense(units, activation="tanh", name="combine") if attention == "luong" else None
+        # Part of the output layer (`logits`), so teacher forcing runs it once over the real
+        # tokens of [batch x time] instead of once per step.
+        self.deep_output = deep_output
+        self.deep_output_layer = keras.layers.Dense(units, activation="tanh", name="deep_output") if deep_output and attention == "bahdanau" else None
         if tie_embeddings:
             self.to_logits = None
             self.tied_output = TiedOutput(embedding_dim, vocab_size, name="tied_output")
@@ -130,6 +140,9 @@ class CaptionDecoder(CaptionModel):
         features = self.units + self.feature_units if self.combine is None else self.units
         if self.combine is not None:
             self.combine.build((None, self.units + self.feature_units))
+        if self.deep_output_layer is not None:
+            self.deep_output_layer.build((None, features))
+            features = self.units
         if self.tied_output is not None:
             self.tied_output.build((None, features))
         else:
@@ -151,6 +164,8 @@ class CaptionDecoder(CaptionModel):
 
     def logits(self, features):
         """Output layer: features [..., F] -> logits float32 [..., V]."""
+        if self.deep_output_layer is not None:
+            features = self.deep_output_layer(features)
         if self.tied_output is not None:
             return self.tied_output(features, self.embedding.embeddings)
         return self.to_logits(features)
@@ -292,9 +307,10 @@ class CaptionDecoder(CaptionModel):
 
     def head_variables(self):
         """The weights of the output layer (carried through checkpointed blocks)."""
+        deep = self.deep_output_layer.trainable_variables if self.deep_output_layer is not None else []
         if self.tied_output is not None:
-            return self.tied_output.trainable_variables + self.embedding.trainable_variables
-        return self.to_logits.trainable_variables
+            return deep + self.tied_output.trainable_variables + self.embedding.trainable_variables
+        return deep + self.to_logits.trainable_variables
 
     def _step_variables(self):
         """The weights every decoding step reads (carried through the checkpointed blocks)."""
@@ -337,6 +353,7 @@ class CaptionDecoder(CaptionModel):
             "encoder_layers": self.encoder_layers,
             "num_heads": self.num_heads,
             "tie_embeddings": self.tie_embeddings,
+            "deep_output": self.deep_output,
         }
 
 
@@ -375,6 +392,7 @@ def build_decoder(model_cfg, vocab_size: int, grid_shape: tuple[int, int], max_l
             attention_units=model_cfg.attention_units,
             feature_units=model_cfg.feature_units,
             num_heads=model_cfg.num_heads,
+            deep_output=model_cfg.deep_output,
             **common,
         )
     model((ops.zeros((1, *grid_shape)), ops.zeros((1, max_length - 1), "int32")))
