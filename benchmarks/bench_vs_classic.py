@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from classic_loop import ClassicCaptioner, classic_train_step  # noqa: E402
 
-from caption_tf.config import DataConfig, ModelConfig  # noqa: E402
+from caption_tf.config import DataConfig, ModelConfig, coerce, field_index  # noqa: E402
 from caption_tf.data.shapes import load_shapes  # noqa: E402
 from caption_tf.data.text import clean_caption  # noqa: E402
 from caption_tf.models.decoder import build_decoder  # noqa: E402
@@ -68,13 +68,10 @@ def classic_side(vocab, embedding, units, grid, tokens, jit):
 
 
 def parse_overrides(text: str) -> dict:
-    """'key=value,...' -> ModelConfig overrides, each value of its field's type."""
-    overrides = {}
-    for item in filter(None, text.split(",")):
-        key, value = item.split("=")
-        default = getattr(ModelConfig(), key)
-        overrides[key] = value.lower() == "true" if isinstance(default, bool) else (type(default)(value) if default is not None else int(value))
-    return overrides
+    """'key=value,...' -> ModelConfig overrides, each value of its field's type (`config.coerce`, as the CLI)."""
+    index = field_index()
+    pairs = [item.split("=") for item in filter(None, text.split(","))]
+    return {key: coerce(key, value, index[key][2]) for key, value in pairs}
 
 
 def project_side(name, vocab, embedding, units, grid, tokens, jit, model_overrides):

@@ -70,8 +70,6 @@ def test_same_command_same_decoder_on_a_fresh_or_a_reused_cache(two_runs_one_com
 
 def weight_arrays(path: Path) -> list[bytes]:
     """The arrays of a .weights.h5 file, in a canonical order (layer names differ between models of one process)."""
-    import h5py
-
     values = []
     with h5py.File(path, "r") as fh:
         fh.visititems(lambda name, obj: values.append(obj[()].tobytes()) if isinstance(obj, h5py.Dataset) else None)

@@ -96,8 +96,8 @@ OUTPUTS = {"untied": {}, "tied": {"tie_embeddings": True}, "deep": {"deep_output
 
 @pytest.mark.parametrize(
     "decoder,attention,output",
-    [(*family, output) for family in FAMILIES for output in ("untied", "tied")] + [("lstm", "bahdanau", "deep"), ("gru", "bahdanau", "deep")],
-    ids=[f"{name}-{output}" for name in FAMILY_IDS for output in ("untied", "tied")] + ["lstm-bahdanau-deep", "gru-bahdanau-deep"],
+    [pytest.param(*family, output, id=f"{name}-{output}") for family, name in zip(FAMILIES, FAMILY_IDS) for output in ("untied", "tied")]
+    + [pytest.param(decoder, "bahdanau", "deep", id=f"{decoder}-bahdanau-deep") for decoder in ("lstm", "gru")],
 )
 def test_teacher_forcing_equals_the_per_step_loop(decoder, attention, output):
     """The training pass (parallel where the maths allows) computes what decoding computes step by step."""
