@@ -67,6 +67,9 @@ class FeatureConfig:
     input_size: Optional[int] = None  # None: the backbone's native size
     cache_dir: str = "cache/features"
     extract_batch_size: int = 32
+    # The backbone's compute precision while extracting. auto: bfloat16 on a CPU with native
+    # bf16 matmuls (AMX or AVX512-BF16) and no GPU, else float32 (docs/performance.md).
+    extract_precision: str = "float32"  # float32 | bfloat16 | auto
     shard_size: int = 512  # images per TFRecord shard
     fine_tune_layers: int = 0  # phase 2: unfreeze the last N backbone layers
 
@@ -291,6 +294,7 @@ CHOICES = {
     "attention": ("bahdanau", "luong"),
     "luong_score": ("dot", "general"),
     "precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+    "extract_precision": ("float32", "bfloat16", "auto"),
     "jit": ("auto", "on", "off"),
     "resume": ("auto", "never"),
     "lr_schedule": ("constant", "warmup_cosine", "plateau"),

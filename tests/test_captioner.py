@@ -7,6 +7,7 @@ same weights file), same preprocessing, same standardisation.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -157,6 +158,25 @@ def test_a_run_on_a_backbone_weights_file_encodes_files_like_its_cache(tmp_path)
     build_backbone("mobilenet_v3_small", "none", 64, seed=8).save_weights(weights)
     with pytest.raises(BackboneWeightsError, match="backbone.weights.h5: backbone weights changed"):
         spec.build_extractor()
+
+
+def test_a_run_extracted_in_bfloat16_encodes_new_images_in_bfloat16(tmp_path):
+    """New images must go through the backbone the cache came from, its precision included."""
+    from caption_tf.features.encoder import EncoderSpec, ImageEncoder
+
+    run_dir = _train(tmp_path, extract_precision="bfloat16", run_name="bf16", epochs=1)
+    ids, paths, grids = _test_split(run_dir)
+    captioner = Captioner.from_run(run_dir)
+    assert captioner.encoder.spec.precision == "bfloat16"
+    encoded, ok = captioner.encoder.encode(paths)
+    assert ok.all()
+    error = np.abs(encoded.astype(np.float32) - grids.astype(np.float32)).max()
+    # The same backbone in float32 is further from the cache than a bf16 rerun in other batches.
+    float32 = ImageEncoder(dataclasses.replace(captioner.encoder.spec, precision="float32"), captioner.encoder.normalizer)
+    float32_error = np.abs(float32.encode(paths)[0].astype(np.float32) - grids.astype(np.float32)).max()
+    assert error <= 2e-3 < 0.05 < float32_error, (error, float32_error)
+    spec = EncoderSpec.from_dict({k: v for k, v in captioner.encoder.spec.to_dict().items() if k != "precision"})
+    assert spec.precision == "float32"  # caches and runs from before the setting were extracted in float32
 
 
 def test_training_on_a_cache_with_a_truncated_shard_re_extracts_it(two_runs_one_command, capsys):

@@ -58,6 +58,8 @@ MEANINGS = {
     "input_size": "square input size of the backbone in pixels; none: the backbone's native size",
     "cache_dir": "where the feature cache is written and reused",
     "extract_batch_size": "images per backbone call while building the feature cache",
+    "extract_precision": "the backbone's compute precision while building the cache (a new cache when it changes); "
+    "`auto`: `bfloat16` on a CPU with native bf16 matmuls (AMX, AVX512-BF16) and no GPU, else `float32`",
     "shard_size": "images per TFRecord shard of the feature cache",
     "fine_tune_layers": "N > 0: phase 2 unfreezes the last N backbone layers "
     "([two-phase training](training.md#two-phase-training-fine-tuning-the-backbone))",

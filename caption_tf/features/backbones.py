@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 import keras
+import tensorflow as tf
 from keras import applications as apps
 
 from caption_tf.files import file_sha256
@@ -101,6 +102,40 @@ def weights_tag(weights: str) -> str:
     return f"file-{file_sha256(weights)[:12]}"
 
 
+def cpu_has_native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX or AVX512-BF16; oneDNN uses either)."""
+    try:
+        flags = set(Path(cpuinfo).read_text().split())
+    except OSError:  # not Linux
+        return False
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def resolve_extract_precision(setting: str) -> str:
+    """`features.extract_precision` -> "float32" or "bfloat16".
+
+    "auto" picks bfloat16 only where it is fast: a CPU with native bf16 matmuls and no GPU.
+    Elsewhere bf16 convolutions are emulated (several times slower than float32 on an older
+    CPU), and a GPU has not been measured.
+    """
+    if setting not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"extract_precision must be 'auto', 'float32' or 'bfloat16', got {setting!r}")
+    if setting != "auto":
+        return setting
+    return "bfloat16" if cpu_has_native_bfloat16() and not tf.config.list_physical_devices("GPU") else "float32"
+
+
+@contextlib.contextmanager
+def _dtype_policy(name: str):
+    """Build layers under a Keras dtype policy, then restore the caller's."""
+    saved = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(saved)
+
+
 def build_backbone(name: str, weights: str = "imagenet", input_size: int | None = None, seed: int = RANDOM_INIT_SEED) -> keras.Model:
     """The convolutional base (no classifier head) with the requested weights.
 
@@ -141,21 +176,32 @@ def build_backbone(name: str, weights: str = "imagenet", input_size: int | None 
 
 
 class FeatureExtractor(keras.Model):
-    """Preprocess + backbone + (grid, pooled) outputs, for raw RGB batches in [0, 255]."""
+    """Preprocess + backbone + (grid, pooled) outputs, for raw RGB batches in [0, 255].
 
-    def __init__(self, name: str, weights: str = "imagenet", input_size: int | None = None, seed: int = RANDOM_INIT_SEED, **kwargs):
+    Args:
+        name, weights, input_size, seed: see `build_backbone`.
+        precision: "float32", or "bfloat16": the backbone computes under Keras's
+            `mixed_bfloat16` policy (float32 weights, bf16 activations); the outputs are float32.
+    """
+
+    def __init__(self, name: str, weights: str = "imagenet", input_size: int | None = None, seed: int = RANDOM_INIT_SEED,
+                 precision: str = "float32", **kwargs):
         super().__init__(**kwargs)
-        self.spec = get_spec(name)
+        if precision not in ("float32", "bfloat16"):
+            raise ValueError(f"FeatureExtractor precision must be 'float32' or 'bfloat16', got {precision!r}")
+        self.spec, self.precision = get_spec(name), precision
         self.input_size = resolve_input_size(name, input_size)
-        self.backbone = build_backbone(name, weights, self.input_size, seed)
+        with _dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32"):
+            self.backbone = build_backbone(name, weights, self.input_size, seed)
 
     def call(self, images, training=False):
         x = self.spec.preprocess(keras.ops.cast(images, "float32"))
-        fmap = self.backbone(x, training=training)
+        fmap = keras.ops.cast(self.backbone(x, training=training), "float32")
         shape = keras.ops.shape(fmap)
         grid = keras.ops.reshape(fmap, (shape[0], -1, fmap.shape[-1]))
         return grid, keras.ops.mean(grid, axis=1)
 
 
-def build_extractor(name: str, weights: str = "imagenet", input_size: int | None = None, seed: int = RANDOM_INIT_SEED) -> FeatureExtractor:
-    return FeatureExtractor(name, weights, input_size, seed)
+def build_extractor(name: str, weights: str = "imagenet", input_size: int | None = None, seed: int = RANDOM_INIT_SEED,
+                    precision: str = "float32") -> FeatureExtractor:
+    return FeatureExtractor(name, weights, input_size, seed, precision)

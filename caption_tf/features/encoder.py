@@ -39,6 +39,7 @@ from caption_tf.features.backbones import (
     BackboneWeightsError,
     FeatureExtractor,
     build_extractor,
+    resolve_extract_precision,
     resolve_input_size,
     weights_tag,
 )
@@ -55,6 +56,8 @@ class EncoderSpec:
         weights_tag: "imagenet", "none" or "file-<first 12 hex digits of its SHA-256>".
         input_size: the square input size in pixels.
         seed: initialisation seed of a random (`weights="none"`) backbone.
+        precision: the backbone's compute precision, "float32" or "bfloat16"
+            (`features.extract_precision`, resolved on the machine that extracted the cache).
     """
 
     backbone: str
@@ -62,15 +65,19 @@ class EncoderSpec:
     weights_tag: str
     input_size: int
     seed: int = RANDOM_INIT_SEED
+    precision: str = "float32"
 
     @classmethod
     def from_config(cls, cfg: FeatureConfig) -> "EncoderSpec":
         weights = cfg.weights if cfg.weights in ("imagenet", "none") else str(Path(cfg.weights).expanduser().resolve())
-        return cls(cfg.backbone, weights, weights_tag(cfg.weights), resolve_input_size(cfg.backbone, cfg.input_size))
+        return cls(cfg.backbone, weights, weights_tag(cfg.weights), resolve_input_size(cfg.backbone, cfg.input_size),
+                   precision=resolve_extract_precision(cfg.extract_precision))
 
     @classmethod
     def from_dict(cls, raw: dict) -> "EncoderSpec":
-        return cls(raw["backbone"], raw["weights"], raw["weights_tag"], int(raw["input_size"]), int(raw["seed"]))
+        # Caches and runs from before `extract_precision` were extracted in float32.
+        return cls(raw["backbone"], raw["weights"], raw["weights_tag"], int(raw["input_size"]), int(raw["seed"]),
+                   raw.get("precision", "float32"))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,6 +87,8 @@ class EncoderSpec:
         out = {"backbone": self.backbone, "weights": self.weights_tag, "input_size": self.input_size}
         if self.weights == "none":
             out["seed"] = self.seed
+        if self.precision != "float32":  # so float32 caches keep their key
+            out["precision"] = self.precision
         return out
 
     def build_extractor(self) -> FeatureExtractor:
@@ -96,7 +105,7 @@ class EncoderSpec:
                     f"{path}: backbone weights changed since the features were extracted "
                     f"(expected {self.weights_tag}, found {weights_tag(str(path))}); restore the original file or retrain"
                 )
-        return build_extractor(self.backbone, self.weights, self.input_size, self.seed)
+        return build_extractor(self.backbone, self.weights, self.input_size, self.seed, self.precision)
 
 
 @dataclass
