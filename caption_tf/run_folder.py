@@ -30,7 +30,7 @@ folder needs no TensorFlow (the supervising parent process reads it); only
 Example:
 
 ```python
-run = load_run("runs/minimal-shapes-inception_v3-lstm-bahdanau")
+run = load_run("runs/minimal-shapes-inception_v3-transformer")
 tokens, attention = run.generator().greedy(grids)
 ```
 """
@@ -76,8 +76,19 @@ class RunFolderError(ValueError):
 
 
 def default_run_name(cfg: Config) -> str:
-    """Deterministic, so rerunning the same command finds (and resumes) the same run."""
-    parts = [cfg.preset or "custom", cfg.data.dataset, cfg.features.backbone, cfg.model.decoder, cfg.model.attention]
+    """Deterministic, so rerunning the same command finds (and resumes) the same run.
+
+    The attention is named only for the recurrent decoders: the transformer cross-attends.
+
+    Example:
+
+    >>> from caption_tf.config import load_config
+    >>> default_run_name(load_config("fast")), default_run_name(load_config("optimized"))
+    ('fast-shapes-inception_v3-transformer', 'optimized-shapes-inception_v3-lstm-bahdanau')
+    """
+    parts = [cfg.preset or "custom", cfg.data.dataset, cfg.features.backbone, cfg.model.decoder]
+    if cfg.model.decoder != "transformer":
+        parts.append(cfg.model.attention)
     return "-".join(parts)
 
 
