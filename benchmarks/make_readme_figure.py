@@ -1,8 +1,8 @@
 """The README's picture of the report: two of a report's own figures, stacked and shrunk.
 
     python train.py --preset minimal
-    python evaluate.py --run runs/minimal-shapes-inception_v3-lstm-bahdanau --no-meteor --no-resources --no-embeddings --no-retrieval
-    python benchmarks/make_readme_figure.py --report reports/minimal-shapes-inception_v3-lstm-bahdanau
+    python evaluate.py --run runs/minimal-shapes-inception_v3-transformer --no-meteor --no-resources --no-embeddings --no-retrieval
+    python benchmarks/make_readme_figure.py --report reports/minimal-shapes-inception_v3-transformer
 
 Top: the attention map of one test image (`figures/<run>-attention-<k>.png`); below it the first rows
 of the examples figure (`figures/<run>-examples.png`: references, greedy and beam captions). The

@@ -60,6 +60,10 @@ def tiny_overrides(tmp: Path, **extra) -> dict:
         "backbone": "mobilenet_v3_small",
         "weights": "none",
         "input_size": 64,
+        # The recurrent decoder most tests are about (the `minimal` preset's is the transformer);
+        # tests of other families pass `decoder=` / `attention=`.
+        "decoder": "lstm",
+        "attention": "bahdanau",
         "embedding_dim": 16,
         "units": 32,
         "vocab_size": 100,

@@ -14,7 +14,7 @@ loses the others' captions.
 Example:
 
 ```python
-captioner = Captioner.from_run("runs/minimal-shapes-inception_v3-lstm-bahdanau")
+captioner = Captioner.from_run("runs/minimal-shapes-inception_v3-transformer")
 result = captioner.caption(["a.jpg", "b.png"])[0]
 result.greedy, result.beam
 result.greedy_attention.shape   # one row per greedy word, one column per grid cell

@@ -3,7 +3,7 @@
 Example:
 
 ```python
-metrics = evaluate_run("runs/minimal-shapes-inception_v3-lstm-bahdanau")
+metrics = evaluate_run("runs/minimal-shapes-inception_v3-transformer")
 metrics["greedy"]["bleu4"]
 ```
 """

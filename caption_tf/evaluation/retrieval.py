@@ -35,7 +35,7 @@ compiled function runs the decoder (`model.step`) depth by depth over all
 Example:
 
 ```python
-result = evaluate_retrieval("runs/minimal-shapes-inception_v3-lstm-bahdanau")
+result = evaluate_retrieval("runs/minimal-shapes-inception_v3-transformer")
 result["image_to_text"]["R@1"], result["chance"]["image_to_text"]["R@1"]
 ```
 """
@@ -415,7 +415,7 @@ def evaluate_retrieval(run_dir: str | Path, split: str = "test", ks: Sequence[in
     Example:
 
     ```python
-    evaluate_retrieval("runs/minimal-shapes-inception_v3-lstm-bahdanau", pool_images=None, images=None)["image_to_text"]
+    evaluate_retrieval("runs/minimal-shapes-inception_v3-transformer", pool_images=None, images=None)["image_to_text"]
     ```
     """
     from caption_tf.data.datasets import load_dataset
