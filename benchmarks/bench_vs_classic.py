@@ -22,6 +22,7 @@ is each side's XLA speed-up (its step without XLA / with XLA, within a round).
     python benchmarks/bench_vs_classic.py --sizes fast --captions full   # every target position a real word
     python benchmarks/bench_vs_classic.py --sizes fast --captions-per-image 5   # batches of whole images (--group-by-image)
     python benchmarks/bench_vs_classic.py --sizes fast --sides classic lstm-bahdanau lstm-bahdanau:deep_output=true  # per-side ModelConfig overrides
+    python benchmarks/bench_vs_classic.py --sizes fast --sides classic gru-bahdanau gru-bahdanau@mixed_bfloat16  # a side's dtype policy (--precision)
 """
 
 from __future__ import annotations
@@ -75,7 +76,9 @@ def parse_overrides(text: str) -> dict:
 
 
 def project_side(name, vocab, embedding, units, grid, tokens, jit, model_overrides):
+    name, _, precision = name.partition("@")  # e.g. "gru-bahdanau@mixed_bfloat16"
     name, _, side_overrides = name.partition(":")  # e.g. "lstm-bahdanau:deep_output=true"
+    keras.mixed_precision.set_global_policy(precision or "float32")  # each layer takes the policy as it is made
     model_overrides = {**model_overrides, **parse_overrides(side_overrides)}
     decoder, _, attention = name.partition("-")
     cfg = ModelConfig(decoder=decoder, attention=attention or "bahdanau", embedding_dim=embedding, units=units, **model_overrides)
@@ -84,6 +87,7 @@ def project_side(name, vocab, embedding, units, grid, tokens, jit, model_overrid
     x, y = (grid, tokens[..., :-1]), tokens[..., 1:]
     run = lambda: train_step(model, x, y)  # noqa: E731
     run()
+    keras.mixed_precision.set_global_policy("float32")
     return run, model.count_params()
 
 
