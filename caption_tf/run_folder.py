@@ -93,14 +93,24 @@ def default_run_name(cfg: Config) -> str:
 
 
 def run_directory(cfg: Config) -> Path:
-    """`runs_dir/<run name>`; a run name is a plain name, not a path."""
+    """`runs_dir/<run name>`; a run name is a plain name, not a path.
+
+    A Transformer run started before its default name dropped the attention
+    (`...-transformer-bahdanau`) is still found by the same command, so it resumes
+    instead of starting over in a new folder.
+    """
     name = cfg.train.run_name or default_run_name(cfg)
     if Path(name).name != name or name in (".", "..") or name.endswith(LOCK_SUFFIX):
         raise RunFolderError(
             f"--run-name {name!r} is not a plain name: a run is written to --runs-dir/<name> ({cfg.train.runs_dir}/<name>). "
             "Pass a name, and --runs-dir to choose the folder it goes in"
         )
-    return Path(cfg.train.runs_dir) / name
+    run_dir = Path(cfg.train.runs_dir) / name
+    if not cfg.train.run_name and cfg.model.decoder == "transformer":
+        earlier = run_dir.with_name(f"{name}-{cfg.model.attention}")
+        if not run_dir.exists() and earlier.is_dir():
+            return earlier
+    return run_dir
 
 
 def move_aside(run_dir: Path) -> Path:

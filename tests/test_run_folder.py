@@ -135,3 +135,22 @@ def test_a_run_name_is_a_name_and_foreign_folders_are_left_alone(tmp_path, capsy
         assert stop.value.code == 2 and expected in err and err.count("\n") == 1
     assert sorted(p.name for p in foreign.iterdir()) == ["history.csv"] and (foreign / "history.csv").read_text() == "my own file\n"
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_transformer_run_named_with_its_attention_by_an_earlier_version_is_found_again(tmp_path):
+    """Transformer runs were named `...-transformer-bahdanau`; the same command still finds such a run, not a new folder."""
+    overrides = tiny_overrides(tmp_path, decoder="transformer", num_images=20)
+    flags = [item for name, value in overrides.items() for item in (f"--{name.replace('_', '-')}", str(value))]
+    first = _run("train.py", "--preset", "minimal", *flags, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = tmp_path / "runs"
+    assert [p.name for p in runs.iterdir() if p.is_dir()] == ["minimal-shapes-mobilenet_v3_small-transformer"]
+
+    earlier = runs / "minimal-shapes-mobilenet_v3_small-transformer-bahdanau"  # what the earlier version wrote
+    (runs / "minimal-shapes-mobilenet_v3_small-transformer").rename(earlier)
+    weights = weight_values(earlier / WEIGHTS_FILE)
+    again = _run("train.py", "--preset", "minimal", *flags, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"Run folder: {earlier}" in again.stdout, again.stdout[-2000:]
+    assert [p.name for p in runs.iterdir() if p.is_dir()] == [earlier.name]  # no second run started
+    assert weight_values(earlier / WEIGHTS_FILE) == weights and read_run_info(earlier)["status"] == "complete"
