@@ -97,15 +97,26 @@ class ModelConfig:
     label_smoothing: float = 0.0  # of the cross-entropy targets (0: off)
 
     @property
+    def family(self) -> tuple[str, ...]:
+        """The settings that say which decoder this is; `attention` does not apply to the transformer.
+
+        Example:
+
+        >>> ModelConfig().family, ModelConfig(decoder="transformer").family
+        (('lstm', 'bahdanau'), ('transformer',))
+        """
+        return (self.decoder,) if self.decoder == "transformer" else (self.decoder, self.attention)
+
+    @property
     def label(self) -> str:
-        """What the decoder is, for logs and reports; `attention` does not apply to the transformer.
+        """What the decoder is, for logs and reports.
 
         Example:
 
         >>> ModelConfig().label, ModelConfig(decoder="transformer").label
         ('lstm + bahdanau', 'transformer')
         """
-        return self.decoder if self.decoder == "transformer" else f"{self.decoder} + {self.attention}"
+        return " + ".join(self.family)
 
 
 @dataclass

@@ -78,7 +78,7 @@ class RunFolderError(ValueError):
 def default_run_name(cfg: Config) -> str:
     """Deterministic, so rerunning the same command finds (and resumes) the same run.
 
-    The attention is named only for the recurrent decoders: the transformer cross-attends.
+    The decoder is named by `ModelConfig.family`: no attention for the transformer.
 
     Example:
 
@@ -86,10 +86,7 @@ def default_run_name(cfg: Config) -> str:
     >>> default_run_name(load_config("fast")), default_run_name(load_config("optimized"))
     ('fast-shapes-inception_v3-transformer', 'optimized-shapes-inception_v3-lstm-bahdanau')
     """
-    parts = [cfg.preset or "custom", cfg.data.dataset, cfg.features.backbone, cfg.model.decoder]
-    if cfg.model.decoder != "transformer":
-        parts.append(cfg.model.attention)
-    return "-".join(parts)
+    return "-".join([cfg.preset or "custom", cfg.data.dataset, cfg.features.backbone, *cfg.model.family])
 
 
 def run_directory(cfg: Config) -> Path:

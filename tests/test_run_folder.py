@@ -82,9 +82,12 @@ def test_truncated_run_json_one_clear_line_then_resume_rewrites_it(tiny_run, tmp
     assert weight_values(run_dir / WEIGHTS_FILE) == weights  # resumed at the end: nothing retrained
 
 
-def _train_flags(cfg, runs_dir: Path) -> list[str]:
-    overrides = tiny_overrides(Path(cfg.data.data_root).parent, epochs=2, runs_dir=runs_dir)
+def _flags(overrides: dict) -> list[str]:
     return [item for name, value in overrides.items() for item in (f"--{name.replace('_', '-')}", str(value))]
+
+
+def _train_flags(cfg, runs_dir: Path) -> list[str]:
+    return _flags(tiny_overrides(Path(cfg.data.data_root).parent, epochs=2, runs_dir=runs_dir))
 
 
 def test_damaged_weights_are_named_then_written_again_from_the_checkpoint(tiny_run, tmp_path):
@@ -139,8 +142,7 @@ def test_a_run_name_is_a_name_and_foreign_folders_are_left_alone(tmp_path, capsy
 
 def test_a_transformer_run_named_with_its_attention_by_an_earlier_version_is_found_again(tmp_path):
     """Transformer runs were named `...-transformer-bahdanau`; the same command still finds such a run, not a new folder."""
-    overrides = tiny_overrides(tmp_path, decoder="transformer", num_images=20)
-    flags = [item for name, value in overrides.items() for item in (f"--{name.replace('_', '-')}", str(value))]
+    flags = _flags(tiny_overrides(tmp_path, decoder="transformer", num_images=20))
     first = _run("train.py", "--preset", "minimal", *flags, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     runs = tmp_path / "runs"
