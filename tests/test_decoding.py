@@ -257,3 +257,19 @@ def test_the_decoding_loops_trace_the_step_once_whatever_the_length(decoder, att
     # Beam search walks the parents back after its loop: a few slices and gathers per step
     # (24 ops), where a copy of the step is hundreds.
     assert beam_long - beam_short <= 30 * (MAX_LENGTH - 4), (beam_short, beam_long)
+
+
+def test_transformer_cross_attention_by_head_gives_the_decoding_maps_per_layer_and_head(grid):
+    keras.utils.set_random_seed(3)
+    cfg = ModelConfig(decoder="transformer", embedding_dim=8, units=16, num_heads=2, num_layers=2)
+    model = build_decoder(cfg, vocab_size=VOCAB, grid_shape=(CELLS, DIM), max_length=MAX_LENGTH)
+    tokens, attention = CaptionGenerator(model, START, END, MAX_LENGTH).greedy(grid)
+    tokens, attention = tokens.numpy(), attention.numpy()
+    maps = model.cross_attention_by_head(grid, with_start(tokens)).numpy()
+    assert maps.shape == (BATCH, 2, 2, MAX_LENGTH, CELLS)  # [B, layers, heads, <start> + steps, cells]
+    np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)
+    for row in range(BATCH):
+        steps = int(np.argmax(tokens[row] == END)) + 1 if (tokens[row] == END).any() else tokens.shape[1]
+        # The last layer's mean over heads, fed the generated caption, is the map decoding returned at each step.
+        np.testing.assert_allclose(maps[row, -1, :, :steps].mean(0), attention[row, :steps], atol=1e-5)
+    assert not np.allclose(maps[:, -1, 0], maps[:, -1, 1], atol=1e-3)  # two heads, two maps

@@ -8,6 +8,7 @@ import sys
 
 import h5py
 import numpy as np
+import pytest
 
 from caption_tf.config import load_config, load_saved_config
 from caption_tf.data.text import DETERMINERS, FUNCTION_WORDS
@@ -80,6 +81,11 @@ def test_transformer_resumes_exactly_after_a_kill_and_is_evaluated(tmp_path):
         row, captions = report["comparison"][decoding]["killed"], run[decoding]["captions"].values()
         assert row["repetition_rate"] == np.mean([bool(repeated_phrases(c)) for c in captions])
         assert "attention_in_box_colour" in row
+        # Each head's map, scored alike: the last layer's heads average to the head-averaged map's score.
+        localised = run[decoding]["localisation"]
+        assert [(h["layer"], h["head"]) for h in localised["by_head"]] == [(0, 0), (0, 1)]  # 1 layer x 2 heads
+        for kind, values in localised["by_type"].items():
+            assert np.mean([h[kind] for h in localised["by_head"]]) == pytest.approx(values["mass_in_box"], abs=1e-5), kind
         # --no-repeat-ngram 3 held: no caption repeats a 3-word phrase; nor a mention (the default ban).
         for caption in captions:
             words = caption.split()
@@ -88,6 +94,7 @@ def test_transformer_resumes_exactly_after_a_kill_and_is_evaluated(tmp_path):
             assert not repeated_mentions(words, FUNCTION_WORDS, DETERMINERS), caption
     assert run["decoding"]["block_repeated_mentions"] is True
     assert list((report_dir / "figures").glob("*attention*.png"))
+    assert "each head of each layer" in (report_dir / "report.html").read_text()
 
 
 def test_the_fast_preset_trains_and_captions_with_its_own_model(tmp_path):

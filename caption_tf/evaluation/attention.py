@@ -176,6 +176,29 @@ def localisation(
     }
 
 
+def localisation_by_head(captions: Sequence[Sequence[str]], maps: Sequence[np.ndarray], objects: Sequence[Sequence[SceneObject]]) -> list[dict]:
+    """`localisation` of each attention head: [{"layer", "head", "colour", "shape", "size"}], mass in box per word type.
+
+    `maps[i]` is image i's [layers, heads, steps, cells] (a Transformer's cross-attention,
+    `TransformerCaptionDecoder.cross_attention_by_head`). Mass in box is linear in the map,
+    so the mean of a layer's heads is the score of the layer's head-averaged map.
+
+    Example:
+
+    >>> objs = [[SceneObject("circle", "red", "small", (0.0, 0.0, 0.5, 0.5))]]
+    >>> maps = np.zeros((1, 1, 2, 1, 4)); maps[0, 0, 0, 0, 0] = 1.0; maps[0, 0, 1, 0, 3] = 1.0
+    >>> localisation_by_head([["red"]], maps, objs)
+    [{'layer': 0, 'head': 0, 'colour': 1.0}, {'layer': 0, 'head': 1, 'colour': 0.0}]
+    """
+    layers, heads = np.shape(maps[0])[:2]
+    rows = []
+    for layer in range(layers):
+        for head in range(heads):
+            by_type = localisation(captions, [m[layer, head] for m in maps], objects)["by_type"]
+            rows.append({"layer": layer, "head": head, **{kind: v["mass_in_box"] for kind, v in by_type.items()}})
+    return rows
+
+
 def _summary(pairs: list[tuple[float, float]]) -> dict:
     mass, base = (float(np.mean(v)) for v in zip(*pairs))
     return {"count": len(pairs), "mass_in_box": mass, "uniform_baseline": base, "ratio": mass / base if base > 0 else None}

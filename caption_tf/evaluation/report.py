@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from caption_tf.data.datasets import load_dataset
 from caption_tf.data.images import load_rgb
 from caption_tf.evaluation import plots
-from caption_tf.evaluation.attention import localisation
+from caption_tf.evaluation.attention import localisation, localisation_by_head
 from caption_tf.evaluation.captioner import Captioner, run_encoder
 from caption_tf.evaluation.captioning import open_run_cache
 from caption_tf.evaluation.errors import confusion_matrix, error_analysis, objects_by_id
@@ -192,6 +192,32 @@ def decode_split(captioner: Captioner, cache, split: str, limit: Optional[int]) 
     return out
 
 
+def head_maps(run, cache, split: str, decoded: dict, batch_size: int) -> list[np.ndarray]:
+    """Each layer's and head's cross-attention [layers, heads, words, cells] for decoded captions (Transformer).
+
+    `decoded` is one decoding of `decode_split`: its captions are fed back whole, with their
+    images' grids, so the maps are those of the decoding steps; returned in `decoded["ids"]` order.
+    """
+    index_of = {token: i for i, token in enumerate(run.vocab.tokens)}
+    position = {image_id: k for k, image_id in enumerate(decoded["ids"])}
+    split_ids = cache.image_ids(split)
+    maps: list[Optional[np.ndarray]] = [None] * len(position)
+    for index, grid in feature_batches(cache.shards(split), cache.grid_shape, batch_size):
+        keep = [(j, position[split_ids[int(i)]]) for j, i in enumerate(index.numpy()) if split_ids[int(i)] in position]
+        if not keep:
+            continue
+        tokens = np.zeros((len(keep), run.vocab.max_length), np.int32)
+        for r, (_, k) in enumerate(keep):
+            ids = [run.vocab.start_id] + [index_of[w] for w in decoded["words"][k]]
+            tokens[r, : len(ids)] = ids
+        batch = np.asarray(run.model.cross_attention_by_head(grid.numpy()[[j for j, _ in keep]], tokens))
+        for r, (_, k) in enumerate(keep):
+            maps[k] = batch[r, :, :, : len(decoded["words"][k])]
+        if all(m is not None for m in maps):
+            break
+    return maps
+
+
 def _with_eval_overrides(run, options: ReportOptions):
     ev = run.config.eval
     for name in ("beam_size", "length_penalty", "no_repeat_ngram", "block_repeated_mentions", "max_eval_images", "word_vectors", "meteor"):
@@ -265,6 +291,9 @@ def evaluate_split(result: RunResult, options: ReportOptions, vectors: _WordVect
             }
             if objects:
                 entry["localisation"] = localisation(caps["words"], caps["attention"], [records[i].objects for i in ids])
+                if hasattr(run.model, "cross_attention_by_head"):  # Transformer: the heads the mean above hides
+                    maps = head_maps(run, cache, options.split, caps, ev.eval_batch_size)
+                    entry["localisation"]["by_head"] = localisation_by_head(caps["words"], maps, [records[i].objects for i in ids])
             metrics[decoding] = entry
             result.figures.setdefault("histograms", []).append(
                 _rel(plots.score_histogram(errors["score_distribution"]["values"], SCORE_METRIC,

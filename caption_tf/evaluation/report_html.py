@@ -199,6 +199,14 @@ def _localisation(summary: dict) -> str:
     body = '<p class="note">Share of a step\'s attention mass inside the box of the object the generated word names; ' \
            "uniform attention would score the box area (baseline). Ratio &gt; 1: the model looks at the object.</p>"
     body += table(["run", "decoding", "word", "count", "attention in box", "uniform baseline", "ratio"], rows)
+    heads = [[name, decoding, h["layer"], h["head"], h.get("colour"), h.get("shape"), h.get("size")]
+             for name, r in summary["runs"].items() for decoding in ("greedy", "beam")
+             for h in r.get(decoding, {}).get("localisation", {}).get("by_head", [])]
+    if heads:
+        body += '<p class="note">Transformer: the table above scores the last layer\'s cross-attention averaged over ' \
+                "its heads; here each head of each layer (attention in the named box by word type). Heads specialise: " \
+                "one looks at the object a colour word names, another at the next object.</p>"
+        body += table(["run", "decoding", "layer", "head", "colour words", "shape words", "size words"], heads, formats={2: COUNT, 3: COUNT})
     return section("localisation", "Attention localisation", body)
 
 

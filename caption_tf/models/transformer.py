@@ -269,6 +269,21 @@ class TransformerCaptionDecoder(CaptionModel):
                 x, weights = layer(x, memory, masks, refs=refs)
         return self.final_norm(x), ops.mean(ops.cast(weights, "float32"), axis=1)
 
+    def cross_attention_by_head(self, grid, tokens):
+        """Every layer's and head's cross-attention for whole captions: float32 [B, layers, heads, T, cells].
+
+        `tokens` [B, T] start with <start>. Fed <start> and a generated caption, position t
+        holds the maps of decoding step t; the last layer's mean over the heads is the map the
+        decoding functions return. The heads specialise (one looks at the object a colour word
+        names, another at the next object), which that mean hides: the report shows each.
+        """
+        memory, x = self.memory(grid), self.embed(tokens)
+        maps = []
+        for layer in self.decoder_layers:
+            x, weights = layer(x, memory)
+            maps.append(ops.cast(weights, "float32"))
+        return ops.stack(maps, axis=1)
+
     def _residual_masks(self, x, training):
         """Three dropout masks for a layer's residual branches, drawn outside any recomputed block."""
         if not training or not self.dropout_rate:
