@@ -259,17 +259,24 @@ def test_the_decoding_loops_trace_the_step_once_whatever_the_length(decoder, att
     assert beam_long - beam_short <= 30 * (MAX_LENGTH - 4), (beam_short, beam_long)
 
 
-def test_transformer_cross_attention_by_head_gives_the_decoding_maps_per_layer_and_head(grid):
+@pytest.mark.parametrize("registers", [0, 2])
+def test_transformer_cross_attention_by_head_gives_the_decoding_maps_per_layer_and_head(registers, grid):
     keras.utils.set_random_seed(3)
-    cfg = ModelConfig(decoder="transformer", embedding_dim=8, units=16, num_heads=2, num_layers=2)
+    cfg = ModelConfig(decoder="transformer", embedding_dim=8, units=16, num_heads=2, num_layers=2, registers=registers)
     model = build_decoder(cfg, vocab_size=VOCAB, grid_shape=(CELLS, DIM), max_length=MAX_LENGTH)
+    if registers:  # random registers far from the cells' keys: the heads put unequal shares on them
+        model.register_slots.assign(np.random.default_rng(5).normal(0, 3, (registers, 8)).astype("float32"))
     tokens, attention = CaptionGenerator(model, START, END, MAX_LENGTH).greedy(grid)
     tokens, attention = tokens.numpy(), attention.numpy()
     maps = model.cross_attention_by_head(grid, with_start(tokens)).numpy()
     assert maps.shape == (BATCH, 2, 2, MAX_LENGTH, CELLS)  # [B, layers, heads, <start> + steps, cells]
-    np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)
+    on_cells = maps.sum(-1)  # each head's share on the image: all of it without registers, unequal shares with them
+    assert (np.abs(on_cells - 1.0).max() < 1e-5) == (registers == 0) and (on_cells.std() > 0.01) == (registers > 0)
+    np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-5)  # the decoding map: a distribution over the cells
     for row in range(BATCH):
         steps = int(np.argmax(tokens[row] == END)) + 1 if (tokens[row] == END).any() else tokens.shape[1]
-        # The last layer's mean over heads, fed the generated caption, is the map decoding returned at each step.
-        np.testing.assert_allclose(maps[row, -1, :, :steps].mean(0), attention[row, :steps], atol=1e-5)
+        # Fed the generated caption, the last layer's heads give the map decoding returned at each step:
+        # their mean without registers; with them, their attention on the cells summed and normalised.
+        last = maps[row, -1, :, :steps].sum(0)
+        np.testing.assert_allclose(last / last.sum(-1, keepdims=True), attention[row, :steps], atol=1e-5)
     assert not np.allclose(maps[:, -1, 0], maps[:, -1, 1], atol=1e-3)  # two heads, two maps

@@ -382,7 +382,8 @@ def build_decoder(model_cfg, vocab_size: int, grid_shape: tuple[int, int], max_l
         from caption_tf.models.transformer import TransformerCaptionDecoder
 
         model = TransformerCaptionDecoder(
-            max_length=max_length, num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads, **common
+            max_length=max_length, num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
+            registers=model_cfg.registers, **common
         )
     else:
         model = CaptionDecoder(

@@ -169,6 +169,10 @@ class TransformerCaptionDecoder(CaptionModel):
         units: feed-forward width.
         num_layers, num_heads: decoder layers and attention heads.
         grid_positions, grid_adapter, encoder_layers: see `grid.GridEncoder` (its encoder layers use `num_heads`).
+        registers: learned memory slots after the cells (Darcet et al. 2024, "Vision Transformers Need
+            Registers"): a head with nothing to read at a word can look there instead of at
+            background cells. The attention maps count the cells only: the heads' attention on
+            them summed and normalised, so such a head weighs little.
         tie_embeddings: predict words through the input embeddings (`base.TiedOutput`).
         dropout: on each residual branch and on the features the output layer reads.
         attention_penalty, label_smoothing, recompute_grad: see `base.CaptionModel`.
@@ -190,11 +194,15 @@ class TransformerCaptionDecoder(CaptionModel):
         tie_embeddings: bool = False,
         attention_penalty: float = 0.0,
         label_smoothing: float = 0.0,
+        registers: int = 0,
         **kwargs,
     ):
         super().__init__(vocab_size, dropout, attention_penalty, label_smoothing, recompute_grad, **kwargs)
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if registers < 0:
+            raise ValueError(f"registers must be >= 0 (0: none), got {registers}")
+        self.registers = registers
         self.max_length, self.embedding_dim, self.units = max_length, embedding_dim, units
         self.num_layers, self.num_heads = num_layers, num_heads
         self.grid_positions, self.grid_adapter, self.tie_embeddings = grid_positions, grid_adapter, tie_embeddings
@@ -226,6 +234,10 @@ class TransformerCaptionDecoder(CaptionModel):
             layer.build(x_shape, memory_shape)
         self.final_norm.build(x_shape)
         (self.tied_output or self.to_logits).build(x_shape)
+        if self.registers:
+            self.register_slots = self.add_weight(
+                shape=(self.registers, self.embedding_dim), initializer=keras.initializers.RandomNormal(stddev=0.02), name="registers"
+            )
         self.built = True
 
     # -- shared pieces ---------------------------------------------------------------------------
@@ -244,7 +256,24 @@ class TransformerCaptionDecoder(CaptionModel):
         return self.to_logits.trainable_variables
 
     def memory(self, grid):
-        return self.memory_norm(self.grid_encoder(grid))
+        """What the cross-attention reads: the encoded cells [B, cells, D], then the registers, if any."""
+        memory = self.memory_norm(self.grid_encoder(grid))
+        if not self.registers:
+            return memory
+        slots = ops.cast(self.register_slots, memory.dtype)[None]
+        return ops.concatenate([memory, ops.repeat(slots, ops.shape(memory)[0], axis=0)], axis=1)
+
+    def cell_attention(self, weights):
+        """The attention map [..., cells] of cross-attention weights [B, heads, ..., cells + registers].
+
+        The heads' mean without registers; with them, the heads' attention on the cells summed and
+        normalised over the cells (a head that looks at a register counts for what it puts on the image).
+        """
+        weights = ops.cast(weights, "float32")
+        if not self.registers:
+            return ops.mean(weights, axis=1)
+        on_cells = ops.sum(weights[..., : -self.registers], axis=1)
+        return on_cells / ops.maximum(ops.sum(on_cells, axis=-1, keepdims=True), 1e-9)
 
     def embed(self, tokens, positions=None):
         """Word + position embeddings of tokens [B, T]; `positions` [B, T] (default: 0, 1, ... for every caption)."""
@@ -267,21 +296,22 @@ class TransformerCaptionDecoder(CaptionModel):
                 x, weights = recompute_grad(lambda x, memory, *m, layer=layer: layer(x, memory, m, refs=refs))(x, memory, *(masks or ()))
             else:
                 x, weights = layer(x, memory, masks, refs=refs)
-        return self.final_norm(x), ops.mean(ops.cast(weights, "float32"), axis=1)
+        return self.final_norm(x), self.cell_attention(weights)
 
     def cross_attention_by_head(self, grid, tokens):
-        """Every layer's and head's cross-attention for whole captions: float32 [B, layers, heads, T, cells].
+        """Every layer's and head's cross-attention on the cells for whole captions: float32 [B, layers, heads, T, cells].
 
         `tokens` [B, T] start with <start>. Fed <start> and a generated caption, position t
-        holds the maps of decoding step t; the last layer's mean over the heads is the map the
-        decoding functions return. The heads specialise (one looks at the object a colour word
-        names, another at the next object), which that mean hides: the report shows each.
+        holds the weights of decoding step t, and `cell_attention` of the last layer's is the
+        map the decoding functions return (without registers: the heads' mean). The heads
+        specialise (one looks at the object a colour word names, another elsewhere), which that
+        map hides: the report scores each. With registers a head's row sums to its share on the cells.
         """
         memory, x = self.memory(grid), self.embed(tokens)
         maps = []
         for layer in self.decoder_layers:
             x, weights = layer(x, memory)
-            maps.append(ops.cast(weights, "float32"))
+            maps.append(ops.cast(weights[..., : ops.shape(weights)[-1] - self.registers], "float32"))
         return ops.stack(maps, axis=1)
 
     def _residual_masks(self, x, training):
@@ -299,16 +329,18 @@ class TransformerCaptionDecoder(CaptionModel):
 
     # -- decoding ---------------------------------------------------------------------------------
     def encode(self, grid, training=False):
-        """(memory [B, cells, D], cross-attention keys/values [B, cells, layers, 2, H, d], initial state).
+        """(memory of the cells [B, cells, D], cross-attention keys/values [B, cells + registers, layers, 2, H, d], initial state).
 
         The state: each caption's next position [B] (0) and every layer's empty self-attention
-        key and value caches [B, max_length, H, d].
+        key and value caches [B, max_length, H, d]. The decoding loops size their attention
+        maps by the memory's cells: the registers are in the keys only.
         """
         memory = self.memory(grid)
         keys = ops.stack([ops.stack(layer.memory_keys(memory), axis=2) for layer in self.decoder_layers], axis=2)
         batch, head_dim = ops.shape(grid)[0], self.embedding_dim // self.num_heads
         empty = ops.zeros((batch, self.max_length, self.num_heads, head_dim), self.compute_dtype)
-        return memory, keys, [ops.zeros((batch,), "int32")] + [empty] * (2 * self.num_layers)
+        cells = memory[:, : memory.shape[1] - self.registers] if self.registers else memory
+        return cells, keys, [ops.zeros((batch,), "int32")] + [empty] * (2 * self.num_layers)
 
     def step(self, tokens, state, values, keys, training=False):
         """One word per caption: (logits [B, V], the state one position on, attention [B, cells])."""
@@ -325,7 +357,7 @@ class TransformerCaptionDecoder(CaptionModel):
             )
             new_caches += [cache_keys, cache_values]
         logits = self.logits(self.final_norm(x))[:, 0]
-        return logits, [position + 1, *new_caches], ops.mean(weights, axis=1)[:, 0]
+        return logits, [position + 1, *new_caches], self.cell_attention(weights)[:, 0]
 
     def get_config(self):
         return {
@@ -339,4 +371,5 @@ class TransformerCaptionDecoder(CaptionModel):
             "grid_adapter": self.grid_adapter,
             "encoder_layers": self.encoder_layers,
             "tie_embeddings": self.tie_embeddings,
+            "registers": self.registers,
         }
