@@ -304,7 +304,7 @@ class TransformerCaptionDecoder(CaptionModel):
         `tokens` [B, T] start with <start>. Fed <start> and a generated caption, position t
         holds the weights of decoding step t, and `cell_attention` of the last layer's is the
         map the decoding functions return (without registers: the heads' mean). The heads
-        specialise (one looks at the object a colour word names, another elsewhere), which that
+        specialise (one looks at the object a word names, another elsewhere), which that
         map hides: the report scores each. With registers a head's row sums to its share on the cells.
         """
         memory, x = self.memory(grid), self.embed(tokens)
