@@ -21,7 +21,8 @@ masking makes teacher forcing and decoding identical.
 Sizes: `embedding_dim` is the model width (embeddings, attention, residual stream),
 `units` the feed-forward width (the keras-io example's EMBED_DIM and FF_DIM).
 The attention map of a step (`return_attention`, the decoding functions) is the last
-layer's cross-attention averaged over the heads.
+layer's cross-attention averaged over the heads (with registers: its heads' attention on
+the cells, summed and normalised; `cell_attention`).
 
 Example:
 
