@@ -164,7 +164,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     from caption_tf.evaluation.resources import RESOURCE_BATCH_SIZES
 
     options = ReportOptions(
-        out_dir=str(args.out or default_out_dir(args.run)),
+        out_dir=str(args.out or default_out_dir(args.run, images_only=bool(args.images) and not args.full)),
         split=args.split,
         beam_size=args.beam_size,
         length_penalty=args.length_penalty,

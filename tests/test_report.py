@@ -224,6 +224,18 @@ def test_user_images_of_any_mode_are_captioned(report, user_images):
         assert "broken.png" in by_name["broken.png"]["error"]
 
 
+def test_images_only_report_never_replaces_the_split_report(two_runs, user_images, tmp_path, monkeypatch):
+    # `evaluate.py --run R` then `evaluate.py --run R --images a.png`, both with the default --out.
+    monkeypatch.chdir(tmp_path)
+    split_report = tmp_path / "reports" / two_runs[0].name / "report.html"
+    split_report.parent.mkdir(parents=True)
+    split_report.write_text("the split's report")
+    assert evaluate_main(["--run", str(two_runs[0]), "--images", str(user_images[0])]) == 0
+    assert split_report.read_text() == "the split's report"
+    saved = json.loads((tmp_path / "reports" / f"{two_runs[0].name}_images" / "metrics.json").read_text())
+    assert len(saved["user_images"][two_runs[0].name]) == 1
+
+
 def test_cli_images_only_writes_a_small_report(two_runs, user_images, tmp_path, capsys):
     out = tmp_path / "small"
     assert evaluate_main(["--run", str(two_runs[0]), "--images", str(user_images[0]), str(user_images[1]), "--out", str(out),

@@ -449,9 +449,18 @@ def caption_user_images(result: RunResult, paths: Sequence[str], figures: Path) 
     return out
 
 
-def default_out_dir(run_dirs: Sequence[str | Path]) -> Path:
-    """reports/<run> for one run, reports/<run1>_vs_<run2>... for several."""
-    return Path("reports") / "_vs_".join(unique_names(run_dirs))[:150]
+def default_out_dir(run_dirs: Sequence[str | Path], images_only: bool = False) -> Path:
+    """reports/<run> for one run, reports/<run1>_vs_<run2>... for several; `images_only` adds "_images".
+
+    A report of the user's images alone goes to its own folder, so it never replaces the
+    split's report of the same run.
+
+    Example:
+
+    >>> default_out_dir(["runs/a", "runs/b"]).as_posix(), default_out_dir(["runs/a"], images_only=True).as_posix()
+    ('reports/a_vs_b', 'reports/a_images')
+    """
+    return Path("reports") / ("_vs_".join(unique_names(run_dirs))[:150] + ("_images" if images_only else ""))
 
 
 def _load_datasets(results: list[RunResult], stages: Stages) -> None:
