@@ -91,7 +91,7 @@ class RunResult:
     dataset: object
     cache: object = None  # the run's FeatureCache, opened (and checked) once
     metrics: dict = field(default_factory=dict)
-    captions: dict = field(default_factory=dict)  # decoding -> {"ids", "text", "words", "attention"}
+    captions: dict = field(default_factory=dict)  # decoding -> {"ids", "text", "words", "attention", "head_attention"}
     figures: dict = field(default_factory=dict)  # section -> [relative paths]
     _captioner: Optional[Captioner] = None
 
@@ -170,17 +170,23 @@ class Stages:
 def decode_split(captioner: Captioner, cache, split: str, limit: Optional[int]) -> dict:
     """Greedy and beam captions (words aligned with attention steps) of the first `limit` images of the cache.
 
-    Decoded by `captioner.caption_grids`, the path image files take too.
+    Decoded by `captioner.caption_grids`, the path image files take too. For a Transformer,
+    also each layer's and head's cross-attention of those steps ("head_attention", `head_maps`).
     """
     all_ids = cache.image_ids(split)[:limit] if limit else cache.image_ids(split)
-    out = {d: {"ids": [], "text": [], "words": [], "attention": []} for d in DECODINGS}
+    by_head = hasattr(captioner.run.model, "cross_attention_by_head")
+    out = {d: {"ids": [], "text": [], "words": [], "attention": [], "head_attention": []} for d in DECODINGS}
     batch_size = captioner.batch_size
     with tqdm(total=len(all_ids), desc=f"decoding {split} (greedy + beam {captioner.beam_size})", unit="img") as bar:
         for index, grid in feature_batches(cache.shards(split), cache.grid_shape, batch_size):
             keep = [j for j, i in enumerate(index.numpy()) if int(i) < len(all_ids)]
             if not keep:
                 break
-            decoded = captioner.caption_grids(grid.numpy()[keep])
+            grids = grid.numpy()[keep]
+            decoded = captioner.caption_grids(grids)
+            for decoding in DECODINGS:
+                words = [item[f"{decoding}_words"] for item in decoded]
+                out[decoding]["head_attention"] += head_maps(captioner.run, grids, words) if by_head else []
             for j, item in zip(keep, decoded):
                 image_id = all_ids[int(index.numpy()[j])]
                 for decoding in DECODINGS:
@@ -192,30 +198,18 @@ def decode_split(captioner: Captioner, cache, split: str, limit: Optional[int]) 
     return out
 
 
-def head_maps(run, cache, split: str, decoded: dict, batch_size: int) -> list[np.ndarray]:
-    """Each layer's and head's cross-attention [layers, heads, words, cells] for decoded captions (Transformer).
+def head_maps(run, grids: np.ndarray, words: Sequence[Sequence[str]]) -> list[np.ndarray]:
+    """Each layer's and head's cross-attention [layers, heads, words, cells] of decoded captions (Transformer).
 
-    `decoded` is one decoding of `decode_split`: its captions are fed back whole, with their
-    images' grids, so the maps are those of the decoding steps; returned in `decoded["ids"]` order.
+    The captions (`words[i]` decoded from `grids[i]`) are fed back whole, so the maps are those
+    of their decoding steps.
     """
-    index_of = {token: i for i, token in enumerate(run.vocab.tokens)}
-    position = {image_id: k for k, image_id in enumerate(decoded["ids"])}
-    split_ids = cache.image_ids(split)
-    maps: list[Optional[np.ndarray]] = [None] * len(position)
-    for index, grid in feature_batches(cache.shards(split), cache.grid_shape, batch_size):
-        keep = [(j, position[split_ids[int(i)]]) for j, i in enumerate(index.numpy()) if split_ids[int(i)] in position]
-        if not keep:
-            continue
-        tokens = np.zeros((len(keep), run.vocab.max_length), np.int32)
-        for r, (_, k) in enumerate(keep):
-            ids = [run.vocab.start_id] + [index_of[w] for w in decoded["words"][k]]
-            tokens[r, : len(ids)] = ids
-        batch = np.asarray(run.model.cross_attention_by_head(grid.numpy()[[j for j, _ in keep]], tokens))
-        for r, (_, k) in enumerate(keep):
-            maps[k] = batch[r, :, :, : len(decoded["words"][k])]
-        if all(m is not None for m in maps):
-            break
-    return maps
+    tokens = np.zeros((len(words), run.vocab.max_length), np.int32)
+    for row, caption in enumerate(words):
+        ids = [run.vocab.start_id, *run.vocab.ids_of(caption)]  # every generated word is a vocabulary token
+        tokens[row, : len(ids)] = ids
+    maps = np.asarray(run.model.cross_attention_by_head(grids, tokens))
+    return [maps[row, :, :, : len(caption)] for row, caption in enumerate(words)]
 
 
 def _with_eval_overrides(run, options: ReportOptions):
@@ -291,9 +285,9 @@ def evaluate_split(result: RunResult, options: ReportOptions, vectors: _WordVect
             }
             if objects:
                 entry["localisation"] = localisation(caps["words"], caps["attention"], [records[i].objects for i in ids])
-                if hasattr(run.model, "cross_attention_by_head"):  # Transformer: the heads the mean above hides
-                    maps = head_maps(run, cache, options.split, caps, ev.eval_batch_size)
-                    entry["localisation"]["by_head"] = localisation_by_head(caps["words"], maps, [records[i].objects for i in ids])
+                if caps["head_attention"]:  # Transformer: the heads the map above mixes
+                    entry["localisation"]["by_head"] = localisation_by_head(caps["words"], caps["head_attention"],
+                                                                            [records[i].objects for i in ids])
             metrics[decoding] = entry
             result.figures.setdefault("histograms", []).append(
                 _rel(plots.score_histogram(errors["score_distribution"]["values"], SCORE_METRIC,
