@@ -84,7 +84,7 @@ class ModelConfig:
     embedding_dim: int = 64  # word embeddings; the transformer's model width
     units: int = 128  # LSTM/GRU cell width; the transformer's feed-forward width
     attention_units: Optional[int] = None  # Bahdanau hidden width; None: same as units
-    feature_units: Optional[int] = None  # LSTM/GRU: projected grid width; None: same as units
+    feature_units: Optional[int] = None  # LSTM/GRU: projected grid width; None: embedding_dim (luong_score dot: units)
     num_layers: int = 2  # transformer decoder layers
     num_heads: int = 4  # attention heads of the transformer decoder and of the grid encoder layers
     grid_positions: str = "learned"  # learned | sinusoidal | none: 2-D position of each grid cell
@@ -107,6 +107,25 @@ class ModelConfig:
         (('lstm', 'bahdanau'), ('transformer',))
         """
         return (self.decoder,) if self.decoder == "transformer" else (self.decoder, self.attention)
+
+    @property
+    def grid_width(self) -> int:
+        """The width of the projected grid cells the decoder attends over.
+
+        `feature_units` if set. By default the word embedding width, as the classic captioning
+        tutorial's encoder (`Dense(embedding_dim)` over the grid) and the transformer's memory;
+        Luong's "dot" score compares the cells with the cell output, so it needs `units`.
+
+        Example:
+
+        >>> ModelConfig(embedding_dim=64, units=128).grid_width, ModelConfig(attention="luong", luong_score="dot").grid_width
+        (64, 128)
+        """
+        if self.decoder == "transformer":
+            return self.embedding_dim
+        if self.feature_units:
+            return self.feature_units
+        return self.units if self.attention == "luong" and self.luong_score == "dot" else self.embedding_dim
 
     @property
     def label(self) -> str:
@@ -341,9 +360,8 @@ def validate(cfg: Config) -> None:
     # The heads split a width: checked here, not after minutes of feature extraction.
     if model.decoder == "transformer" and model.embedding_dim % model.num_heads:
         raise ValueError(f"--decoder transformer needs --embedding-dim ({model.embedding_dim}) divisible by --num-heads, got {model.num_heads} heads")
-    cell_width = model.embedding_dim if model.decoder == "transformer" else (model.feature_units or model.units)
-    if model.encoder_layers and cell_width % model.num_heads:
-        raise ValueError(f"--encoder-layers needs the grid cells' width ({cell_width}) divisible by --num-heads, got {model.num_heads} heads")
+    if model.encoder_layers and model.grid_width % model.num_heads:
+        raise ValueError(f"--encoder-layers needs the grid cells' width ({model.grid_width}) divisible by --num-heads, got {model.num_heads} heads")
 
 
 def profile_batch_range(value: Optional[str]) -> tuple[int, int] | int:

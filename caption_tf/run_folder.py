@@ -168,6 +168,14 @@ def _flag(name: str, value: Any) -> str:
     return f"--{flag} {value}"
 
 
+def _saved_value(compat: Mapping[str, Any], section: str, name: str) -> Any:
+    """A field of a checkpoint's `compat_config` as a flag would set it (a legacy null grid width: `units`)."""
+    value = compat.get(section, {}).get(name)
+    if name == "feature_units" and value is None and compat.get("model", {}).get("decoder") != "transformer":
+        return compat.get("model", {}).get("units")
+    return value
+
+
 def compat_config(cfg: Config) -> dict:
     """The config fields that change the training maths: what a resume must match."""
     kept = {s: {k: v for k, v in values.items() if k not in NEUTRAL_FIELDS}
@@ -186,6 +194,9 @@ class RunIdentity:
     feature_fingerprint: str
     config: dict
     settings: dict = dataclasses.field(default_factory=dict)
+    # Checkpoints saved before the LSTM/GRU grid width was written out (2026-11-29) hashed
+    # `feature_units: null`, which then meant `units`: they match a config asking for that width.
+    legacy_config_hash: Optional[str] = None
 
     KEYS = ("config_hash", "vocab_hash", "feature_fingerprint")
 
@@ -198,14 +209,19 @@ class RunIdentity:
         # refusal names the change ("--replicas 2 -> 1").
         shown = {**config, "train": {**config["train"], "replicas": replicas}}
         settings = {k: getattr(cfg.train, k) for k in RESUME_OVERRIDES}
-        return cls(stable_hash(shown if replicas != 1 else config), vocab_hash, feature_fingerprint, shown, settings)
+        hashed = lambda c: stable_hash({**c, "train": {**c["train"], "replicas": replicas}} if replicas != 1 else c)  # noqa: E731
+        legacy = None
+        if cfg.model.decoder != "transformer" and cfg.model.feature_units == cfg.model.units:
+            legacy = hashed({**config, "model": {**config["model"], "feature_units": None}})
+        return cls(hashed(config), vocab_hash, feature_fingerprint, shown, settings, legacy)
 
     def metadata(self) -> dict:
         return {k: getattr(self, k) for k in self.KEYS} | {"compat_config": self.config, "resume_settings": self.settings}
 
     def check(self, saved: Mapping[str, Any], where: str) -> None:
         """Raise `CheckpointMismatchError` naming each difference and how to start fresh."""
-        differences = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {getattr(self, k)!r}" for k in self.KEYS if saved.get(k) != getattr(self, k)]
+        same = lambda k: saved.get(k) == getattr(self, k) or (k == "config_hash" and saved.get(k) == self.legacy_config_hash)  # noqa: E731
+        differences = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {getattr(self, k)!r}" for k in self.KEYS if not same(k)]
         if not differences:
             return
         old, new = saved.get("compat_config") or {}, self.config
@@ -214,7 +230,7 @@ class RunIdentity:
         changed = [f"--{name.replace('_', '-')} {old.get(s, {}).get(name)!r} -> {new.get(s, {}).get(name)!r}" for s, name in names]
         # The checkpoint's own values as flags: what resumes it (e.g. after a default changed).
         fields = field_index()  # not `replicas`: the cluster, not a flag, sets it
-        restore = [_flag(name, old[s][name]) for s, name in names if name in fields and old.get(s, {}).get(name) is not None]
+        restore = [_flag(name, _saved_value(old, s, name)) for s, name in names if name in fields and _saved_value(old, s, name) is not None]
         raise CheckpointMismatchError(
             f"{where}: Refusing to resume: the checkpoint was made under different settings ({'; '.join(differences)})."
             + (f" Changed settings: {', '.join(changed)}." if changed else "")
@@ -430,6 +446,9 @@ def load_run(run_dir: str | Path, with_model: bool = True) -> Run:
         if not (run_dir / name).exists():
             raise FileNotFoundError(f"{run_dir / name}: missing; is {run_dir} a caption_tf run folder?")
     cfg = load_saved_config(run_dir / CONFIG_FILE)
+    if cfg.model.decoder != "transformer" and cfg.model.feature_units is None:
+        # Written before runs saved their grid width (2026-11-29), when the default was `units`.
+        cfg.model.feature_units = cfg.model.units
     vocab = CaptionVocabulary.load(run_dir / VOCAB_FILE)
     run = Run(run_dir, cfg, vocab, read_run_info(run_dir))
     if with_model:

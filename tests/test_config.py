@@ -63,8 +63,8 @@ def test_bad_values_are_rejected_with_the_field_name():
     assert apply_overrides(Config(), {"vocab_size": "auto"}).text.vocab_size is None
     with pytest.raises(ValueError, match="--encoder-layers must be >= 0"):
         apply_overrides(Config(), {"encoder_layers": -1})
-    with pytest.raises(ValueError, match=r"cells' width \(128\) divisible by --num-heads, got 3 heads"):
-        apply_overrides(Config(), {"encoder_layers": 1, "num_heads": 3})  # LSTM cells: `units` wide
+    with pytest.raises(ValueError, match=r"cells' width \(64\) divisible by --num-heads, got 3 heads"):
+        apply_overrides(Config(), {"encoder_layers": 1, "num_heads": 3})  # LSTM cells: `embedding_dim` wide
     assert apply_overrides(Config(), {"encoder_layers": 1, "num_heads": 3, "decoder": "transformer", "embedding_dim": 48}).model.encoder_layers == 1
     with pytest.raises(ValueError, match=r"--decoder transformer needs --embedding-dim \(64\) divisible by --num-heads, got 3 heads"):
         apply_overrides(Config(), {"decoder": "transformer", "num_heads": 3})  # no encoder layer: the decoder's own heads

@@ -171,14 +171,14 @@ def test_two_cpu_replicas_train_and_resume_exactly_after_sigkill(two_replica_run
     assert [r["val_loss"] for r in history(resumed)] == [r["val_loss"] for r in history(reference)]
     weights = h5_arrays(resumed / "model.weights.h5")
     adapter = {k: v.shape for k, v in weights.items() if "/adapter/" in k}
-    assert sorted(adapter.values()) == [(3, 3, 32, 32), (32,)], adapter  # the adapter was among the weights compared
+    assert sorted(adapter.values()) == [(3, 3, 16, 16), (16,)], adapter  # the adapter (at the grid width, 16) was among the weights compared
     assert any(k.endswith("grid_encoder/encoder_0/attention/query_dense/vars/0") for k in weights), sorted(weights)  # and the encoder layer's
     # The final checkpoints, tensor by tensor: the state a further resume would start from.
     expected, actual = checkpoint_tensors(reference), checkpoint_tensors(resumed)
     assert expected.keys() == actual.keys() and len(expected) > 40
     for key in expected:
         np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
-    assert [v.shape for v in actual.values() if v.ndim == 4] == [(3, 3, 32, 32)] * 3  # the adapter's kernel and its 2 Adam slots
+    assert [v.shape for v in actual.values() if v.ndim == 4] == [(3, 3, 16, 16)] * 3  # the adapter's kernel and its 2 Adam slots
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Verified checkpoints on tf.train.CheckpointManager: manifest, corruption handling, async snapshot,
 failed writes, and the exact resume of `fit` (mixed precision's loss scale included)."""
 
+import dataclasses
 import errno
 import json
 import logging
@@ -20,7 +21,9 @@ from caption_tf.training.checkpoints import (
     VerifiedCheckpointManager,
     verify,
 )
-from caption_tf.run_folder import CheckpointMismatchError, RunIdentity
+from caption_tf.config import load_config
+from caption_tf.files import stable_hash
+from caption_tf.run_folder import CheckpointMismatchError, RunIdentity, compat_config
 from caption_tf.training.recovery import ExactBackupAndRestore, check_checkpoints, fit_from_position
 from caption_tf.training.supervisor import is_disk_full
 
@@ -343,6 +346,23 @@ def test_identity_check_names_what_differs():
         RunIdentity("a", "v2", "f", {"model": {"units": 32}}).check(saved.metadata(), "ckpt")
     with pytest.raises(CheckpointMismatchError, match=r"feature_fingerprint.*--units 32 -> 48"):
         RunIdentity("b", "v1", "g", {"model": {"units": 48}}).check(saved.metadata(), "ckpt")
+
+
+def test_checkpoint_from_before_the_grid_width_was_saved_resumes_with_that_width():
+    # Before 2026-11-29 a run saved `feature_units: null`, which meant `units` (now: embedding_dim),
+    # and hashed it so. Such a checkpoint resumes when the run asks for `--feature-units <units>`, and
+    # the refusal under today's default says so.
+    cfg = load_config("minimal", {"decoder": "lstm", "embedding_dim": 16, "units": 32})
+    resolved = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, feature_units=cfg.model.grid_width))
+    saved = RunIdentity.of(cfg, "v", "f").metadata()  # what the old code wrote: `feature_units` None
+    assert saved["compat_config"]["model"]["feature_units"] is None and resolved.model.feature_units == 16
+    assert saved["config_hash"] == stable_hash(compat_config(cfg))
+    with pytest.raises(CheckpointMismatchError, match=r"--feature-units None -> 16.*To resume it, add its settings: --feature-units 32\."):
+        RunIdentity.of(resolved, "v", "f").check(saved, "ckpt")
+    as_before = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, feature_units=32))
+    RunIdentity.of(as_before, "v", "f").check(saved, "ckpt")  # accepted
+    with pytest.raises(CheckpointMismatchError):  # the legacy hash is of that width only
+        RunIdentity.of(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, feature_units=24)), "v", "f").check(saved, "ckpt")
 
 
 def test_no_valid_checkpoint_left_is_said_plainly(tmp_path, capsys):

@@ -345,6 +345,18 @@ def test_train_on_batch_and_sample_weights_are_accepted():
     assert np.isfinite(logs["loss"])
 
 
+@pytest.mark.parametrize("attention,score,feature_units,width", [
+    ("bahdanau", "general", None, 8), ("luong", "general", None, 8), ("luong", "dot", None, 16), ("bahdanau", "general", 12, 12)])
+def test_grid_width_defaults_to_the_embedding_width(attention, score, feature_units, width):
+    # The classic tutorial's encoder width (Dense(embedding_dim)); Luong "dot" compares cells with the cell output.
+    cfg = ModelConfig(attention=attention, luong_score=score, embedding_dim=8, units=16, feature_units=feature_units)
+    assert cfg.grid_width == width
+    built = build_decoder(cfg, vocab_size=6, grid_shape=(4, 3), max_length=5)
+    direct = CaptionDecoder(vocab_size=6, embedding_dim=8, units=16, attention=attention, luong_score=score, feature_units=feature_units)
+    assert built.feature_units == direct.feature_units == width
+    assert tuple(built.grid_encoder.project.kernel.shape) == (3, width)
+
+
 def test_bad_settings_say_what_was_received():
     with pytest.raises(ValueError, match="transformer"):
         CaptionDecoder(vocab_size=10, decoder="transformer")

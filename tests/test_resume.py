@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from caption_tf.cli import train_main
@@ -16,7 +17,7 @@ from caption_tf.config import load_config
 from caption_tf.files import file_sha256
 from caption_tf.training import faults, supervisor
 from caption_tf.training.checkpoints import latest_valid
-from caption_tf.run_folder import CheckpointMismatchError
+from caption_tf.run_folder import CheckpointMismatchError, load_run
 from caption_tf.training.trainer import train
 from conftest import REPO_ROOT, read_scalars, tiny_overrides
 
@@ -103,6 +104,23 @@ def test_changed_settings_refuse_to_resume_and_say_what_differs(shared, tmp_path
         assert expected in message
     assert "To resume it, add its settings: --units 32 --vocab-size 100." in message  # the way back, as flags
     assert (run_dir / "config.yaml").read_text() == config_before  # nothing was overwritten
+
+
+def test_a_run_saved_before_the_grid_width_was_written_loads_as_trained(shared, tmp_path):
+    # Until 2026-11-29 config.yaml said `feature_units: null`, meaning `units` (32 here); today's
+    # default is embedding_dim (16). Such a run must still load, at the width it was trained at.
+    shared_tmp, _ = shared
+    run_dir = train(config_for(shared_tmp, tmp_path / "runs", feature_units=32))
+    assert "feature_units: 32" in (run_dir / "config.yaml").read_text()  # new runs write the width out
+    before = load_run(run_dir)
+    grid = np.random.default_rng(0).random((2, *before.info["grid_shape"]), dtype=np.float32)
+    tokens = np.full((2, 5), 4, dtype="int32")
+    expected = np.asarray(before.model((grid, tokens)))
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("feature_units: 32", "feature_units: null"))
+    legacy = load_run(run_dir)
+    assert legacy.model.feature_units == 32
+    np.testing.assert_array_equal(np.asarray(legacy.model((grid, tokens))), expected)
 
 
 def test_corrupt_newest_checkpoint_is_quarantined_and_the_previous_one_used(shared, tmp_path, capsys):

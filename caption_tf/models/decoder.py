@@ -55,7 +55,8 @@ class CaptionDecoder(CaptionModel):
         attention: "bahdanau" or "luong".
         luong_score: "general" or "dot" (Luong only; "dot" needs `feature_units == units`).
         attention_units: Bahdanau's hidden width (None: `units`).
-        feature_units: width of the projected grid cells (None: `units`).
+        feature_units: width of the projected grid cells (None: `embedding_dim`, as the classic
+            tutorial's encoder; `units` for Luong "dot", which compares cells and cell output).
         grid_positions: "learned", "sinusoidal" or "none" (`grid.GridEncoder`).
         grid_adapter: "none" or "conv" (`grid.GridEncoder`).
         encoder_layers, num_heads: Transformer encoder layers over the grid cells and their heads (`grid.GridEncoder`).
@@ -95,7 +96,9 @@ class CaptionDecoder(CaptionModel):
             raise ValueError(f"CaptionDecoder: decoder must be 'lstm' or 'gru', got {decoder!r} (the transformer is TransformerCaptionDecoder)")
         if attention not in ("bahdanau", "luong"):
             raise ValueError(f"attention must be 'bahdanau' or 'luong', got {attention!r}")
-        feature_units = feature_units or units
+        # Projecting the grid to `units` (the default before 2026-11-29) made every step's context,
+        # the cell input and the output layer's input wider for no measured gain (docs/models.md).
+        feature_units = feature_units or (units if attention == "luong" and luong_score == "dot" else embedding_dim)
         if attention == "luong" and luong_score == "dot" and feature_units != units:
             raise ValueError(f"Luong 'dot' attention needs feature_units == units, got {feature_units} and {units}")
         self.embedding_dim, self.units, self.feature_units = embedding_dim, units, feature_units
@@ -391,7 +394,7 @@ def build_decoder(model_cfg, vocab_size: int, grid_shape: tuple[int, int], max_l
             attention=model_cfg.attention,
             luong_score=model_cfg.luong_score,
             attention_units=model_cfg.attention_units,
-            feature_units=model_cfg.feature_units,
+            feature_units=model_cfg.grid_width,
             num_heads=model_cfg.num_heads,
             deep_output=model_cfg.deep_output,
             **common,

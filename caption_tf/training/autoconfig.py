@@ -165,6 +165,8 @@ def auto_settings(
 def resolve_auto_settings(cfg: Config, captions: list[str], num_images: int, devices: int = 1) -> Config:
     """A copy of `cfg` with its `auto` (None) fields derived from the training captions; prints why.
 
+    The LSTM/GRU grid width (`ModelConfig.grid_width`) is written out as well.
+
     `cfg` itself is left as requested, so a reader knows the returned config is final.
 
     Example:
@@ -187,8 +189,12 @@ def resolve_auto_settings(cfg: Config, captions: list[str], num_images: int, dev
     for decision in decisions:
         changes[section_of[decision.name]][decision.name] = decision.value
         print(decision, flush=True)
+    # The grid width is written out too: a saved `feature_units: null` then always means the default
+    # of the version that wrote it (`run_folder.load_run`), whatever today's default is.
+    model = cfg.model if cfg.model.decoder == "transformer" else dataclasses.replace(cfg.model, feature_units=cfg.model.grid_width)
     return dataclasses.replace(
         cfg,
         train=dataclasses.replace(cfg.train, **changes["train"]),
         text=dataclasses.replace(cfg.text, **changes["text"]),
+        model=model,
     )
