@@ -31,6 +31,7 @@ def test_two_trial_search_writes_a_loadable_best_preset_and_results(tmp_path):
     assert best.train.tune is False and best.train.batch_size in BATCH_SIZES and best.model.units in UNITS
     assert best.model.units == int(rows[0]["units"]) and best.text.max_length == int(rows[0]["max_length"])
     assert best.data.num_images == 30  # the rest of the configuration is kept
+    assert best.model.feature_units is None  # not pinned to the first width: the grid follows embedding_dim
     assert result.results_markdown.read_text().count("\n") == 4  # header, rule, 2 trials
     assert (result.directory / "search").is_dir()
 

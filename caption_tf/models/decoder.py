@@ -63,7 +63,7 @@ class CaptionDecoder(CaptionModel):
         tie_embeddings: predict words through the input embeddings (`base.TiedOutput`).
         deep_output: Bahdanau only: predict through `Dense(units, tanh)` over [cell output;
             context] (Show, Attend and Tell's deep output; the classic tutorial's `fc1`)
-            instead of straight from the 2 x units-wide concatenation. Luong always predicts
+            instead of straight from the (units + feature_units)-wide concatenation. Luong always predicts
             through its `combine` layer of the same shape.
         dropout: on the features the output layer reads.
         attention_penalty, label_smoothing, recompute_grad: see `base.CaptionModel`.

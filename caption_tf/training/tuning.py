@@ -168,7 +168,10 @@ def tune(cfg: Config, bleu: Optional[BleuFunction] = None) -> TuningResult:
         raise ValueError("tuning on val_bleu4 needs a BLEU scorer (train.py passes one)")
     runtime = setup_runtime(cfg.train)
     data = prepare_data(cfg, runtime.replicas)
+    requested_grid_width = cfg.model.feature_units
     cfg = data.config  # resolved: `auto` settings derived from the data
+    # ...but the grid width as asked: with none given, each trial's grid follows its embedding_dim.
+    cfg.model.feature_units = requested_grid_width
     if not data.cache.image_ids("val"):
         raise ValueError("--tune scores trials on the validation split, and this dataset has none (--val-fraction)")
     directory = Path(cfg.train.runs_dir) / TUNING_DIR / (cfg.train.run_name or default_run_name(cfg))
