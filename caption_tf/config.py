@@ -91,6 +91,7 @@ class ModelConfig:
     grid_adapter: str = "none"  # none | conv: a trainable residual 3x3 convolution over the frozen grid
     encoder_layers: int = 0  # Transformer encoder layers (self-attention + feed-forward) over the grid cells
     registers: int = 0  # transformer: learned memory slots its cross-attention may look at instead of the image
+    encoder_registers: bool = False  # transformer: the registers pass through the grid encoder layers (image-dependent)
     tie_embeddings: bool = False  # predict words through the input embedding matrix
     deep_output: bool = False  # Bahdanau: predict through Dense(units, tanh) over [cell output; context]
     dropout: float = 0.0  # on the features the output layer reads
@@ -357,6 +358,11 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--encoder-layers must be >= 0 (0: none), got {model.encoder_layers}")
     if model.registers < 0:
         raise ValueError(f"--registers must be >= 0 (0: none), got {model.registers}")
+    if model.encoder_registers and not (model.registers and model.encoder_layers):
+        raise ValueError(
+            f"--encoder-registers encodes the registers with the cells: it needs --registers N and --encoder-layers N, "
+            f"got {model.registers} registers and {model.encoder_layers} encoder layers"
+        )
     # The heads split a width: checked here, not after minutes of feature extraction.
     if model.decoder == "transformer" and model.embedding_dim % model.num_heads:
         raise ValueError(f"--decoder transformer needs --embedding-dim ({model.embedding_dim}) divisible by --num-heads, got {model.num_heads} heads")

@@ -61,6 +61,8 @@ def test_bad_values_are_rejected_with_the_field_name():
     with pytest.raises(ValueError, match="--vocab-size must be at least 5"):  # 0 trained a model of reserved tokens only
         apply_overrides(Config(), {"vocab_size": 0})
     assert apply_overrides(Config(), {"vocab_size": "auto"}).text.vocab_size is None
+    with pytest.raises(ValueError, match="--encoder-registers .* got 0 registers and 1 encoder layers"):
+        apply_overrides(Config(), {"decoder": "transformer", "encoder_registers": True, "encoder_layers": 1})
     with pytest.raises(ValueError, match="--encoder-layers must be >= 0"):
         apply_overrides(Config(), {"encoder_layers": -1})
     with pytest.raises(ValueError, match=r"cells' width \(64\) divisible by --num-heads, got 3 heads"):

@@ -259,13 +259,15 @@ def test_the_decoding_loops_trace_the_step_once_whatever_the_length(decoder, att
     assert beam_long - beam_short <= 30 * (MAX_LENGTH - 4), (beam_short, beam_long)
 
 
-@pytest.mark.parametrize("registers", [0, 2])
-def test_transformer_cross_attention_by_head_gives_the_decoding_maps_per_layer_and_head(registers, grid):
+@pytest.mark.parametrize("registers,encoder_registers", [(0, False), (2, False), (2, True)])
+def test_transformer_cross_attention_by_head_gives_the_decoding_maps_per_layer_and_head(registers, encoder_registers, grid):
     keras.utils.set_random_seed(3)
-    cfg = ModelConfig(decoder="transformer", embedding_dim=8, units=16, num_heads=2, num_layers=2, registers=registers)
+    cfg = ModelConfig(decoder="transformer", embedding_dim=8, units=16, num_heads=2, num_layers=2, registers=registers,
+                      encoder_registers=encoder_registers, encoder_layers=int(encoder_registers))
     model = build_decoder(cfg, vocab_size=VOCAB, grid_shape=(CELLS, DIM), max_length=MAX_LENGTH)
     if registers:  # random registers far from the cells' keys: the heads put unequal shares on them
-        model.register_slots.assign(np.random.default_rng(5).normal(0, 3, (registers, 8)).astype("float32"))
+        slots = model.grid_encoder.register_tokens if encoder_registers else model.register_slots
+        slots.assign(np.random.default_rng(5).normal(0, 3, (registers, 8)).astype("float32"))
     tokens, attention = CaptionGenerator(model, START, END, MAX_LENGTH).greedy(grid)
     tokens, attention = tokens.numpy(), attention.numpy()
     maps = model.cross_attention_by_head(grid, with_start(tokens)).numpy()

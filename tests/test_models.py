@@ -357,6 +357,18 @@ def test_grid_width_defaults_to_the_embedding_width(attention, score, feature_un
     assert tuple(built.grid_encoder.project.kernel.shape) == (3, width)
 
 
+def test_encoder_registers_are_encoded_with_each_image():
+    # Registers through the grid encoder layers (Darcet et al.) carry what each image holds; appended
+    # after the encoder they are the same constants for every image.
+    grids = np.random.default_rng(0).random((2, 16, 8)).astype("float32")
+    for encoder_registers in (True, False):
+        cfg = ModelConfig(decoder="transformer", embedding_dim=8, units=16, num_heads=2, encoder_layers=1, registers=3,
+                          encoder_registers=encoder_registers)
+        memory = np.asarray(build_decoder(cfg, vocab_size=6, grid_shape=(16, 8), max_length=5).memory(grids))
+        assert memory.shape == (2, 16 + 3, 8)
+        assert np.allclose(memory[0, 16:], memory[1, 16:]) != encoder_registers
+
+
 def test_bad_settings_say_what_was_received():
     with pytest.raises(ValueError, match="transformer"):
         CaptionDecoder(vocab_size=10, decoder="transformer")

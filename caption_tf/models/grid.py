@@ -151,9 +151,14 @@ class GridEncoder(keras.layers.Layer):
         adapter: "none" or "conv" (a residual 3x3 convolution over the projected grid).
         encoder_layers: `GridEncoderLayer`s over the positioned cells (0: none).
         num_heads: their attention heads.
+        registers: learned tokens appended after the cells, before the encoder layers, and returned
+            after them (Darcet et al. 2024, "Vision Transformers Need Registers"): the layers can
+            gather what is in the whole image there instead of in background cells. Output
+            [B, h*w + registers, width].
     """
 
-    def __init__(self, width: int, positions: str = "learned", adapter: str = "none", encoder_layers: int = 0, num_heads: int = 4, **kwargs):
+    def __init__(self, width: int, positions: str = "learned", adapter: str = "none", encoder_layers: int = 0, num_heads: int = 4,
+                 registers: int = 0, **kwargs):
         super().__init__(**kwargs)
         if positions not in POSITIONS:
             raise ValueError(f"grid positions must be one of {POSITIONS}, got {positions!r}")
@@ -161,8 +166,10 @@ class GridEncoder(keras.layers.Layer):
             raise ValueError(f"grid adapter must be one of {ADAPTERS}, got {adapter!r}")
         if encoder_layers < 0:
             raise ValueError(f"encoder_layers must be >= 0, got {encoder_layers}")
+        if registers < 0:
+            raise ValueError(f"registers must be >= 0 (0: none), got {registers}")
         self.width, self.positions_kind, self.adapter_kind = width, positions, adapter
-        self.encoder_layers, self.num_heads = encoder_layers, num_heads
+        self.encoder_layers, self.num_heads, self.registers = encoder_layers, num_heads, registers
         self.project = keras.layers.Dense(width, activation="relu", name="project")
         self.adapter = (
             keras.layers.Conv2D(width, 3, padding="same", activation="relu", name="adapter") if adapter == "conv" else None
@@ -182,6 +189,10 @@ class GridEncoder(keras.layers.Layer):
             self.positions.build(cells_shape)
         for i in range(self.encoder_layers):
             getattr(self, f"encoder_{i}").build(cells_shape)
+        if self.registers:
+            self.register_tokens = self.add_weight(
+                shape=(self.registers, self.width), initializer=keras.initializers.RandomNormal(stddev=0.02), name="registers"
+            )
 
     def call(self, grid):
         cells = self.project(ops.cast(grid, self.compute_dtype))
@@ -191,6 +202,9 @@ class GridEncoder(keras.layers.Layer):
             cells = cells + ops.reshape(self.adapter(image), (-1, h * w, self.width))
         if self.positions is not None:
             cells = self.positions(cells)
+        if self.registers:
+            tokens = ops.cast(self.register_tokens, cells.dtype)[None]
+            cells = ops.concatenate([cells, ops.repeat(tokens, ops.shape(cells)[0], axis=0)], axis=1)
         for i in range(self.encoder_layers):
             cells = getattr(self, f"encoder_{i}")(cells)
         return cells
@@ -203,4 +217,5 @@ class GridEncoder(keras.layers.Layer):
             "adapter": self.adapter_kind,
             "encoder_layers": self.encoder_layers,
             "num_heads": self.num_heads,
+            "registers": self.registers,
         }

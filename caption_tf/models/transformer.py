@@ -174,6 +174,9 @@ class TransformerCaptionDecoder(CaptionModel):
             Registers"): a head with nothing to read at a word can look there instead of at
             background cells. The attention maps count the cells only: the heads' attention on
             them summed and normalised, so such a head weighs little.
+        encoder_registers: the registers go through the grid encoder layers with the cells
+            (`grid.GridEncoder`), so they carry what the image holds as a whole, as in Darcet et al.;
+            otherwise they are constants after the encoded cells.
         tie_embeddings: predict words through the input embeddings (`base.TiedOutput`).
         dropout: on each residual branch and on the features the output layer reads.
         attention_penalty, label_smoothing, recompute_grad: see `base.CaptionModel`.
@@ -196,6 +199,7 @@ class TransformerCaptionDecoder(CaptionModel):
         attention_penalty: float = 0.0,
         label_smoothing: float = 0.0,
         registers: int = 0,
+        encoder_registers: bool = False,
         **kwargs,
     ):
         super().__init__(vocab_size, dropout, attention_penalty, label_smoothing, recompute_grad, **kwargs)
@@ -203,13 +207,14 @@ class TransformerCaptionDecoder(CaptionModel):
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if registers < 0:
             raise ValueError(f"registers must be >= 0 (0: none), got {registers}")
-        self.registers = registers
+        self.registers, self.encoder_registers = registers, encoder_registers
         self.max_length, self.embedding_dim, self.units = max_length, embedding_dim, units
         self.num_layers, self.num_heads = num_layers, num_heads
         self.grid_positions, self.grid_adapter, self.tie_embeddings = grid_positions, grid_adapter, tie_embeddings
         self.decoder, self.attention_kind = "transformer", "cross"
         self.encoder_layers = encoder_layers
-        self.grid_encoder = GridEncoder(embedding_dim, grid_positions, grid_adapter, encoder_layers, num_heads, name="grid_encoder")
+        self.grid_encoder = GridEncoder(embedding_dim, grid_positions, grid_adapter, encoder_layers, num_heads,
+                                        registers if encoder_registers else 0, name="grid_encoder")
         self.memory_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="memory_norm")
         self.embedding = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")
         self.token_positions = keras.layers.Embedding(max_length, embedding_dim, name="token_positions")
@@ -235,7 +240,7 @@ class TransformerCaptionDecoder(CaptionModel):
             layer.build(x_shape, memory_shape)
         self.final_norm.build(x_shape)
         (self.tied_output or self.to_logits).build(x_shape)
-        if self.registers:
+        if self.registers and not self.encoder_registers:
             self.register_slots = self.add_weight(
                 shape=(self.registers, self.embedding_dim), initializer=keras.initializers.RandomNormal(stddev=0.02), name="registers"
             )
@@ -259,7 +264,7 @@ class TransformerCaptionDecoder(CaptionModel):
     def memory(self, grid):
         """What the cross-attention reads: the encoded cells [B, cells, D], then the registers, if any."""
         memory = self.memory_norm(self.grid_encoder(grid))
-        if not self.registers:
+        if not self.registers or self.encoder_registers:  # the encoder's output ends with them
             return memory
         slots = ops.cast(self.register_slots, memory.dtype)[None]
         return ops.concatenate([memory, ops.repeat(slots, ops.shape(memory)[0], axis=0)], axis=1)
@@ -373,4 +378,5 @@ class TransformerCaptionDecoder(CaptionModel):
             "encoder_layers": self.encoder_layers,
             "tie_embeddings": self.tie_embeddings,
             "registers": self.registers,
+            "encoder_registers": self.encoder_registers,
         }
