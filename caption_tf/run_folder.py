@@ -168,12 +168,17 @@ def _flag(name: str, value: Any) -> str:
     return f"--{flag} {value}"
 
 
+def _saved_grid_width(model: Mapping[str, Any]) -> Optional[int]:
+    """The LSTM/GRU grid width a saved `model` section means: runs written before the width was
+    saved (2026-11-29) have `feature_units: null`, which then meant `units`."""
+    if model.get("feature_units") is None and model.get("decoder") != "transformer":
+        return model.get("units")
+    return model.get("feature_units")
+
+
 def _saved_value(compat: Mapping[str, Any], section: str, name: str) -> Any:
-    """A field of a checkpoint's `compat_config` as a flag would set it (a legacy null grid width: `units`)."""
-    value = compat.get(section, {}).get(name)
-    if name == "feature_units" and value is None and compat.get("model", {}).get("decoder") != "transformer":
-        return compat.get("model", {}).get("units")
-    return value
+    """A field of a checkpoint's `compat_config` as a flag would set it."""
+    return _saved_grid_width(compat.get("model", {})) if name == "feature_units" else compat.get(section, {}).get(name)
 
 
 def compat_config(cfg: Config) -> dict:
@@ -207,13 +212,13 @@ class RunIdentity:
         # The global batch, so the steps per epoch and a checkpoint's data position, depend on the
         # replicas. Hashed only when > 1: one-device runs keep their identity; shown always, so a
         # refusal names the change ("--replicas 2 -> 1").
-        shown = {**config, "train": {**config["train"], "replicas": replicas}}
+        with_replicas = lambda c: {**c, "train": {**c["train"], "replicas": replicas}}  # noqa: E731
+        hashed = lambda c: stable_hash(with_replicas(c) if replicas != 1 else c)  # noqa: E731
         settings = {k: getattr(cfg.train, k) for k in RESUME_OVERRIDES}
-        hashed = lambda c: stable_hash({**c, "train": {**c["train"], "replicas": replicas}} if replicas != 1 else c)  # noqa: E731
         legacy = None
         if cfg.model.decoder != "transformer" and cfg.model.feature_units == cfg.model.units:
             legacy = hashed({**config, "model": {**config["model"], "feature_units": None}})
-        return cls(hashed(config), vocab_hash, feature_fingerprint, shown, settings, legacy)
+        return cls(hashed(config), vocab_hash, feature_fingerprint, with_replicas(config), settings, legacy)
 
     def metadata(self) -> dict:
         return {k: getattr(self, k) for k in self.KEYS} | {"compat_config": self.config, "resume_settings": self.settings}
@@ -446,9 +451,7 @@ def load_run(run_dir: str | Path, with_model: bool = True) -> Run:
         if not (run_dir / name).exists():
             raise FileNotFoundError(f"{run_dir / name}: missing; is {run_dir} a caption_tf run folder?")
     cfg = load_saved_config(run_dir / CONFIG_FILE)
-    if cfg.model.decoder != "transformer" and cfg.model.feature_units is None:
-        # Written before runs saved their grid width (2026-11-29), when the default was `units`.
-        cfg.model.feature_units = cfg.model.units
+    cfg.model.feature_units = _saved_grid_width(dataclasses.asdict(cfg.model))
     vocab = CaptionVocabulary.load(run_dir / VOCAB_FILE)
     run = Run(run_dir, cfg, vocab, read_run_info(run_dir))
     if with_model:

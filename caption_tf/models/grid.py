@@ -28,6 +28,12 @@ POSITIONS = ("learned", "sinusoidal", "none")
 ADAPTERS = ("none", "conv")
 
 
+def append_tokens(cells, tokens):
+    """cells [B, N, D] followed by the same learned `tokens` [R, D] for every image: [B, N + R, D]."""
+    tokens = ops.cast(tokens, cells.dtype)[None]
+    return ops.concatenate([cells, ops.repeat(tokens, ops.shape(cells)[0], axis=0)], axis=1)
+
+
 def grid_side(cells: int) -> tuple[int, int]:
     """(h, w) of a square grid of `cells` cells; backbones here all give square grids.
 
@@ -203,8 +209,7 @@ class GridEncoder(keras.layers.Layer):
         if self.positions is not None:
             cells = self.positions(cells)
         if self.registers:
-            tokens = ops.cast(self.register_tokens, cells.dtype)[None]
-            cells = ops.concatenate([cells, ops.repeat(tokens, ops.shape(cells)[0], axis=0)], axis=1)
+            cells = append_tokens(cells, self.register_tokens)
         for i in range(self.encoder_layers):
             cells = getattr(self, f"encoder_{i}")(cells)
         return cells

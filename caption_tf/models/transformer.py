@@ -39,7 +39,7 @@ import tensorflow as tf
 from keras import ops
 
 from caption_tf.models.base import CHECKPOINT_BLOCK_STEPS, CaptionModel, TiedOutput, checkpointed_head_loss, flat_captions
-from caption_tf.models.grid import GridEncoder
+from caption_tf.models.grid import GridEncoder, append_tokens
 from caption_tf.models.losses import doubly_stochastic_penalty
 from caption_tf.models.recompute import recompute_grad
 
@@ -266,8 +266,7 @@ class TransformerCaptionDecoder(CaptionModel):
         memory = self.memory_norm(self.grid_encoder(grid))
         if not self.registers or self.encoder_registers:  # the encoder's output ends with them
             return memory
-        slots = ops.cast(self.register_slots, memory.dtype)[None]
-        return ops.concatenate([memory, ops.repeat(slots, ops.shape(memory)[0], axis=0)], axis=1)
+        return append_tokens(memory, self.register_slots)
 
     def cell_attention(self, weights):
         """The attention map [..., cells] of cross-attention weights [B, heads, ..., cells + registers].
