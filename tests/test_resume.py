@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from caption_tf.cli import train_main
+from caption_tf.cli import evaluate_main, train_main
 from caption_tf.config import load_config
 from caption_tf.files import file_sha256
 from caption_tf.training import faults, supervisor
@@ -111,16 +111,24 @@ def test_a_run_saved_before_the_grid_width_was_written_loads_as_trained(shared, 
     # default is embedding_dim (16). Such a run must still load, at the width it was trained at.
     shared_tmp, _ = shared
     run_dir = train(config_for(shared_tmp, tmp_path / "runs", feature_units=32))
-    assert "feature_units: 32" in (run_dir / "config.yaml").read_text()  # new runs write the width out
+    config = run_dir / "config.yaml"
+    assert "feature_units: 32" in config.read_text()  # new runs write the width out
     before = load_run(run_dir)
     grid = np.random.default_rng(0).random((2, *before.info["grid_shape"]), dtype=np.float32)
     tokens = np.full((2, 5), 4, dtype="int32")
     expected = np.asarray(before.model((grid, tokens)))
-    config = run_dir / "config.yaml"
+
+    def evaluated(name):  # `evaluate.py --run R`, as a user runs it: the report's scores
+        flags = ["--no-meteor", "--no-retrieval", "--no-resources", "--no-embeddings", "--out", str(tmp_path / name)]
+        assert evaluate_main(["--run", str(run_dir), *flags]) == 0
+        return json.loads((tmp_path / name / "metrics.json").read_text())["comparison"]
+
+    scores = evaluated("before")
     config.write_text(config.read_text().replace("feature_units: 32", "feature_units: null"))
     legacy = load_run(run_dir)
     assert legacy.model.feature_units == 32
     np.testing.assert_array_equal(np.asarray(legacy.model((grid, tokens))), expected)
+    assert evaluated("legacy") == scores
 
 
 def test_corrupt_newest_checkpoint_is_quarantined_and_the_previous_one_used(shared, tmp_path, capsys):

@@ -117,3 +117,25 @@ def test_the_fast_preset_trains_and_captions_with_its_own_model(tmp_path):
     assert not any(name.startswith("grid_encoder/encoder_1/") for name in weights)
     assert weights["vars/0"].shape == (4, saved.model.embedding_dim)  # the registers, the decoder's own weight
     assert "Test metrics (6 images, greedy)" in trained.stdout  # the 6 test scenes of 60 were captioned
+
+
+def test_encoder_registers_train_and_caption_through_the_cli(tmp_path):
+    # `train.py --registers 2 --encoder-layers 1 --encoder-registers`, then `evaluate.py`: the registers
+    # are the grid encoder's weight (encoded with the cells), and the report scores the trained model.
+    model = {"decoder": "transformer", "num_layers": 1, "num_heads": 2, "registers": 2, "encoder_layers": 1,
+             "encoder_registers": True, "run_name": "ereg"}
+    trained = _train(tiny_overrides(tmp_path, **model), tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "ereg"
+    assert load_saved_config(run_dir / "config.yaml").model.encoder_registers is True
+    weights = _weights(run_dir / "model.weights.h5")
+    assert weights["grid_encoder/vars/0"].shape == (2, 16)  # the registers, at the model width
+    assert "vars/0" not in weights  # no constant registers after the encoder
+    report_dir = tmp_path / "report"
+    command = [sys.executable, str(REPO_ROOT / "evaluate.py"), "--run", str(run_dir), "--out", str(report_dir),
+               "--no-meteor", "--no-resources", "--no-embeddings", "--no-retrieval"]
+    evaluated = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = json.loads((report_dir / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert report["runs"]["ereg"]["greedy"]["scores"]["bleu4"] == metrics["greedy"]["bleu4"]
