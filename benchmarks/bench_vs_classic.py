@@ -23,6 +23,7 @@ is each side's XLA speed-up (its step without XLA / with XLA, within a round).
     python benchmarks/bench_vs_classic.py --sizes fast --captions-per-image 5   # batches of whole images (--group-by-image)
     python benchmarks/bench_vs_classic.py --sizes fast --sides classic lstm-bahdanau lstm-bahdanau:deep_output=true  # per-side ModelConfig overrides
     python benchmarks/bench_vs_classic.py --sizes fast --sides classic gru-bahdanau gru-bahdanau@mixed_bfloat16  # a side's dtype policy (--precision)
+    python benchmarks/bench_vs_classic.py --sides classic transformer transformer~keras-adam  # Keras's own Adam instead of the product's FusedAdam
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from caption_tf.config import DataConfig, ModelConfig, coerce, field_index  # no
 from caption_tf.data.shapes import load_shapes  # noqa: E402
 from caption_tf.data.text import clean_caption  # noqa: E402
 from caption_tf.models.decoder import build_decoder  # noqa: E402
+from caption_tf.training.optimizers import FusedAdam  # noqa: E402
 
 SIZES = {  # (embedding, units, vocab, max length, batch): the issue's minimal and fast sizes
     "minimal": (64, 128, 3000, 15, 32),
@@ -76,6 +78,7 @@ def parse_overrides(text: str) -> dict:
 
 
 def project_side(name, vocab, embedding, units, grid, tokens, jit, model_overrides):
+    name, _, optimizer = name.partition("~")  # e.g. "transformer~keras-adam"
     name, _, precision = name.partition("@")  # e.g. "gru-bahdanau@mixed_bfloat16"
     name, _, side_overrides = name.partition(":")  # e.g. "lstm-bahdanau:deep_output=true"
     keras.mixed_precision.set_global_policy(precision or "float32")  # each layer takes the policy as it is made
@@ -83,7 +86,10 @@ def project_side(name, vocab, embedding, units, grid, tokens, jit, model_overrid
     decoder, _, attention = name.partition("-")
     cfg = ModelConfig(decoder=decoder, attention=attention or "bahdanau", embedding_dim=embedding, units=units, **model_overrides)
     model = build_decoder(cfg, vocab, tuple(grid.shape[1:]), tokens.shape[-1])
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit)
+    if optimizer not in ("", "keras-adam"):
+        raise SystemExit(f"unknown optimizer suffix ~{optimizer} in side {name!r}: expected ~keras-adam or none")
+    # The product's optimizer (training/optimizers.py); "~keras-adam": Keras's own Adam, as before 2026-11-29.
+    model.compile(optimizer=keras.optimizers.Adam(1e-3) if optimizer else FusedAdam(1e-3), jit_compile=jit)
     x, y = (grid, tokens[..., :-1]), tokens[..., 1:]
     run = lambda: train_step(model, x, y)  # noqa: E731
     run()
@@ -167,7 +173,7 @@ def main() -> None:
     report(name, rows, {
         "sizes": f"embedding {embedding}, units {units}, vocab {vocab}, max length {max_length} ({max_length - 1} steps), "
                  f"captions {args.captions} ({tokens_per_step} real target tokens of {batch * (max_length - 1)}), batch {batch} captions"
-                 f"{f' of {images} images (project sides: each grid once)' if per_image > 1 else ''}, grid {args.grid[0]}x{args.grid[1]}, Adam; model overrides: {overrides or 'none'}",
+                 f"{f' of {images} images (project sides: each grid once)' if per_image > 1 else ''}, grid {args.grid[0]}x{args.grid[1]}, Adam (classic: Keras's; project sides: FusedAdam unless ~keras-adam); model overrides: {overrides or 'none'}",
         "method": f"{args.rounds} interleaved rounds of {args.steps} steps per side after {args.warmup} warm-up calls; "
                   f"tokens/s = {tokens_per_step} target tokens / median step; 'x classic' = classic step / side step "
                   "within each round, same XLA setting (median over rounds, min, max); 'XLA speed-up' = the side's step "

@@ -75,6 +75,7 @@ from caption_tf.run_folder import (
 from caption_tf.config import profile_batch_range
 from caption_tf.data.text import clean_caption
 from caption_tf.training import recovery, summaries
+from caption_tf.training.optimizers import FusedAdam
 from caption_tf.training.pipeline import captions_table
 from caption_tf.training.runtime import cluster_workers, is_chief, process_is_chief, setup_runtime
 from caption_tf.training.schedules import BleuFunction, LearningRateLogger
@@ -123,7 +124,7 @@ class EndToEndCaptioner(keras.Model):
 
     ```python
     model = EndToEndCaptioner(extractor, decoder, normalizer.mean, normalizer.std)
-    model.compile(keras.optimizers.Adam(1e-5)); model.fit(image_caption_batches(...))
+    model.compile(FusedAdam(1e-5)); model.fit(image_caption_batches(...))
     ```
     """
 
@@ -262,7 +263,7 @@ def _fine_tune_locked(cfg, run_dir, run, saved, features_cfg, dataset, cache, ru
         model = EndToEndCaptioner(extractor, decoder, normalizer.mean, normalizer.std, name="end_to_end")
         # Built before fit: BackupAndRestore restores into an existing model.
         model((np.zeros((1, extractor.input_size, extractor.input_size, 3), np.uint8), np.zeros((1, 1, run.vocab.max_length), np.int32)))
-        optimizer = keras.optimizers.Adam(saved.train.fine_tune_learning_rate * runtime.replicas, clipnorm=saved.train.clipnorm)
+        optimizer = FusedAdam(saved.train.fine_tune_learning_rate * runtime.replicas, clipnorm=saved.train.clipnorm)
         model.compile(optimizer=optimizer, jit_compile=False)  # a whole CNN under XLA: long compiles, no gain measured
     print(
         f"Phase 2: fine-tuning {len(unfrozen)} weighted layers of the last {saved.features.fine_tune_layers} "

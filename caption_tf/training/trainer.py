@@ -34,6 +34,7 @@ from caption_tf.files import atomic_path
 from caption_tf.models.decoder import build_decoder
 from caption_tf.training import recovery, summaries
 from caption_tf.training.autoconfig import resolve_auto_settings
+from caption_tf.training.optimizers import FusedAdam
 from caption_tf.training.pipeline import batch_count, caption_batches, captions_table, images_per_batch
 from caption_tf.training.runtime import (
     Runtime,
@@ -142,7 +143,7 @@ def build_model(cfg: Config, data: PreparedData, runtime: Runtime, steps_per_epo
         )
         # Linear scaling rule: the global batch grows with the replicas, so does the step size.
         learning_rate = learning_rate_for(cfg.train, steps_per_epoch, runtime.replicas)
-        optimizer = keras.optimizers.Adam(learning_rate, clipnorm=per_replica_clipnorm(cfg.train.clipnorm, runtime.replicas))
+        optimizer = FusedAdam(learning_rate, clipnorm=per_replica_clipnorm(cfg.train.clipnorm, runtime.replicas))
         # Under mixed_float16, compile wraps the optimizer in a LossScaleOptimizer.
         model.compile(optimizer=optimizer, jit_compile=runtime.jit_compile)
         model.optimizer.build(model.trainable_variables)  # slots now, in scope (also what a restore needs)
