@@ -64,6 +64,7 @@ def per_save(preset: str) -> list[dict]:
 
     from caption_tf.config import load_config
     from caption_tf.models.decoder import build_decoder
+    from caption_tf.training.optimizers import FusedAdam
     from caption_tf.training.recovery import ExactBackupAndRestore
 
     cfg, rows = load_config(preset), []
@@ -74,7 +75,7 @@ def per_save(preset: str) -> list[dict]:
     for save_freq, async_save in (("epoch", True), (10, True), ("epoch", False), (10, False)):
         keras.utils.set_random_seed(0)
         model = build_decoder(cfg.model, 35, (25, 2048), 15)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3))
+        model.compile(optimizer=FusedAdam(1e-3))  # train.py's optimizer
         with tempfile.TemporaryDirectory() as folder:
             backup = ExactBackupAndRestore(folder, model, steps_per_epoch=20, save_freq=save_freq, async_save=async_save)
             blocked, save = [], backup.store.save

@@ -33,6 +33,7 @@ if not gpu:  # CPU allocator statistics are off unless switched on before the fi
     ctypes.CDLL(os.path.join(os.path.dirname(tf.__file__), "libtensorflow_framework.so.2"))._ZN3tsl23EnableCPUAllocatorStatsEv()
 import numpy as np, keras
 from caption_tf.models.decoder import CaptionDecoder
+from caption_tf.training.optimizers import FusedAdam
 args = json.loads(sys.argv[1])
 keras.utils.set_random_seed(0)
 model = CaptionDecoder(vocab_size=args["vocab"], embedding_dim=64, units=args["units"], decoder=args["decoder"],
@@ -40,7 +41,7 @@ model = CaptionDecoder(vocab_size=args["vocab"], embedding_dim=64, units=args["u
 rng = np.random.default_rng(0)
 grid = tf.constant(rng.random((args["batch"], args["cells"], args["dim"]), dtype=np.float32))
 tokens = tf.constant(rng.integers(1, args["vocab"], (args["batch"], args["max_length"])).astype("int32"))
-model.compile(optimizer=keras.optimizers.Adam(1e-3))
+model.compile(optimizer=FusedAdam(1e-3))  # train.py's optimizer
 model((grid, tokens[:, :-1]))
 batches = tf.data.Dataset.from_tensors(((grid, tokens[:, :-1]), tokens[:, 1:])).repeat(args["steps"])
 model.fit(batches.take(1), epochs=1, verbose=0)  # traces and builds the optimizer
