@@ -17,8 +17,8 @@ import tensorflow as tf
 class FusedAdam(keras.optimizers.Adam):
     """`keras.optimizers.Adam` whose per-variable update is TensorFlow's fused `ResourceApplyAdam`.
 
-    The same arguments, variables (checkpoints of either load into the other) and update as
-    Keras's Adam (Kingma & Ba, 2015, with epsilon outside the square root):
+    The same arguments, variables (checkpoints of either load into the other) and update, to
+    float rounding, as Keras's Adam (Kingma & Ba, 2015, with epsilon outside the square root):
 
         m += (g - m) (1 - beta_1);  v += (g^2 - v) (1 - beta_2)
         w -= lr sqrt(1 - beta_2^t) / (1 - beta_1^t) m / (sqrt(v) + epsilon)
@@ -27,9 +27,9 @@ class FusedAdam(keras.optimizers.Adam):
     `update_step`). Two cases keep Keras's own update: `amsgrad=True`, and sparse gradients
     (`tf.IndexedSlices`, an embedding's): for a row that several words of a batch share, Keras
     squares each word's slice before summing them into the second moment, where the dense
-    kernel would square the sum; keeping Keras's makes every run train as it did with
-    `keras.optimizers.Adam`. Under `tf.distribute` each device's copy of a variable is updated
-    by its own kernel, as Keras's update does.
+    kernel would square the sum; keeping Keras's keeps the update `keras.optimizers.Adam`'s.
+    Under `tf.distribute` each device's copy of a variable is updated by its own kernel, as
+    Keras's update does.
 
     Example:
 
