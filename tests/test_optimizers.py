@@ -1,5 +1,6 @@
-"""FusedAdam (training/optimizers.py) is Keras's Adam: the same weights and slots after training,
-on one device, under XLA, on two replicas, with amsgrad; and checkpoints of either load into the other."""
+"""FusedAdam (training/optimizers.py) is Keras's Adam to float rounding: the same weights and slots
+after training, on one device, under XLA, on two replicas, with amsgrad; and a Keras Adam checkpoint
+resumes into it."""
 
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ SAME_TRAINING_SCRIPT = textwrap.dedent(
     def train(optimizer_class, strategy=None, jit=False, **options):
         with (strategy or tf.distribute.get_strategy()).scope():
             keras.utils.set_random_seed(0)
-            # An embedding (sparse gradients: Keras's update) and dense layers (the fused kernel). Not a whole decoder:
-            # its attention biases get gradients of pure rounding noise, which Adam turns into
-            # steps of +-lr, so float32 rounding alone sends two exact Adams apart there.
+            # An embedding (sparse gradients: Keras's update) and dense layers (the fused kernel).
+            # Not a whole decoder: its attention key biases get gradients of pure rounding noise,
+            # which Adam turns into steps of +-lr, so float32 rounding alone sends two Adams apart.
             model = keras.Sequential([
                 keras.Input((4,), dtype="int32"), keras.layers.Embedding(16, 8), keras.layers.Flatten(),
                 keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(2),
