@@ -79,6 +79,8 @@ def parse_overrides(text: str) -> dict:
 
 def project_side(name, vocab, embedding, units, grid, tokens, jit, model_overrides):
     name, _, optimizer = name.partition("~")  # e.g. "transformer~keras-adam"
+    if optimizer not in ("", "keras-adam"):  # before minutes of building and tracing
+        raise SystemExit(f"unknown optimizer suffix ~{optimizer} in side {name!r}: expected ~keras-adam or none")
     name, _, precision = name.partition("@")  # e.g. "gru-bahdanau@mixed_bfloat16"
     name, _, side_overrides = name.partition(":")  # e.g. "lstm-bahdanau:deep_output=true"
     keras.mixed_precision.set_global_policy(precision or "float32")  # each layer takes the policy as it is made
@@ -86,8 +88,6 @@ def project_side(name, vocab, embedding, units, grid, tokens, jit, model_overrid
     decoder, _, attention = name.partition("-")
     cfg = ModelConfig(decoder=decoder, attention=attention or "bahdanau", embedding_dim=embedding, units=units, **model_overrides)
     model = build_decoder(cfg, vocab, tuple(grid.shape[1:]), tokens.shape[-1])
-    if optimizer not in ("", "keras-adam"):
-        raise SystemExit(f"unknown optimizer suffix ~{optimizer} in side {name!r}: expected ~keras-adam or none")
     # The product's optimizer (training/optimizers.py); "~keras-adam": Keras's own Adam, as before 2026-11-29.
     model.compile(optimizer=keras.optimizers.Adam(1e-3) if optimizer else FusedAdam(1e-3), jit_compile=jit)
     x, y = (grid, tokens[..., :-1]), tokens[..., 1:]
