@@ -92,6 +92,7 @@ class ModelConfig:
     encoder_layers: int = 0  # Transformer encoder layers (self-attention + feed-forward) over the grid cells
     registers: int = 0  # transformer: learned memory slots its cross-attention may look at instead of the image
     encoder_registers: bool = False  # transformer: the registers pass through the grid encoder layers (image-dependent)
+    readout_attention: bool = False  # transformer: a one-head attention the output layer reads; the maps come from it
     tie_embeddings: bool = False  # predict words through the input embedding matrix
     deep_output: bool = False  # Bahdanau: predict through Dense(units, tanh) over [cell output; context]
     dropout: float = 0.0  # on the features the output layer reads

@@ -16,11 +16,12 @@ FAMILIES = [("lstm", "bahdanau"), ("gru", "luong"), ("transformer", "bahdanau")]
 FAMILY_IDS = ["lstm-bahdanau", "gru-luong", "transformer"]
 
 
-def tiny_generator(decoder="lstm", attention="bahdanau", jit_compile=False, seed=1, no_repeat_ngram=0, sharpen=6.0, mention_words=None):
+def tiny_generator(decoder="lstm", attention="bahdanau", jit_compile=False, seed=1, no_repeat_ngram=0, sharpen=6.0, mention_words=None,
+                   **overrides):
     keras.utils.set_random_seed(seed)
     # One Transformer layer: what decoding does is the same for any depth, and each layer adds to
     # the unrolled loops' tracing (and XLA's compile time), the bulk of this file's time.
-    cfg = ModelConfig(decoder=decoder, attention=attention, embedding_dim=8, units=16, num_heads=2, num_layers=1)
+    cfg = ModelConfig(decoder=decoder, attention=attention, embedding_dim=8, units=16, num_heads=2, num_layers=1, **overrides)
     model = build_decoder(cfg, vocab_size=VOCAB, grid_shape=(CELLS, DIM), max_length=MAX_LENGTH)
     kernel = model.to_logits.kernel
     kernel.assign(kernel * sharpen)  # peakier word distributions, so beams really diverge
@@ -116,6 +117,26 @@ def test_xla_decoding_matches_graph_decoding(decoder, attention, grid):
     np.testing.assert_array_equal(compiled.greedy(grid)[0], plain.greedy(grid)[0])
     np.testing.assert_allclose(compiled.greedy(grid)[1], plain.greedy(grid)[1], atol=1e-5)
     np.testing.assert_array_equal(compiled.beam(grid, 3, 0.7)[0], plain.beam(grid, 3, 0.7)[0])
+
+
+def test_transformer_readout_attention_decodes_the_same_in_greedy_beam_and_xla(grid):
+    # The readout attention's keys ride in the decoding loops' key tensor as one more layer:
+    # beam K=1 = greedy, XLA = graph, and its map (not the last layer's) is the one returned.
+    options = dict(seed=5, no_repeat_ngram=3, readout_attention=True, registers=2)
+    plain, compiled = tiny_generator("transformer", **options), tiny_generator("transformer", jit_compile=True, **options)
+    tokens, attention = plain.greedy(grid)
+    np.testing.assert_array_equal(plain.beam(grid, beam_size=1, length_penalty=0.7)[0], tokens)
+    np.testing.assert_array_equal(compiled.greedy(grid)[0], tokens)
+    np.testing.assert_allclose(compiled.greedy(grid)[1], attention, atol=1e-5)
+    np.testing.assert_array_equal(compiled.beam(grid, 3, 0.7)[0], plain.beam(grid, 3, 0.7)[0])
+    tokens, attention = tokens.numpy(), attention.numpy()
+    _, weights = plain.model((grid, with_start(tokens)), return_attention=True)
+    last_layer = plain.model.cross_attention_by_head(grid, with_start(tokens))[:, -1].numpy().sum(1)
+    last_layer /= last_layer.sum(-1, keepdims=True)
+    for row in range(BATCH):  # fed the generated caption, teacher forcing gives decoding's map at each step
+        steps = int(np.argmax(tokens[row] == END)) + 1 if (tokens[row] == END).any() else tokens.shape[1]
+        np.testing.assert_allclose(weights[row, :steps], attention[row, :steps], atol=1e-5)
+    assert np.abs(last_layer[:, :-1] - weights[:, :-1]).max() > 1e-3  # the readout's map, not the last layer's
 
 
 def ngram_repeats(row, n):

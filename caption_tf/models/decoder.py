@@ -386,7 +386,8 @@ def build_decoder(model_cfg, vocab_size: int, grid_shape: tuple[int, int], max_l
 
         model = TransformerCaptionDecoder(
             max_length=max_length, num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
-            registers=model_cfg.registers, encoder_registers=model_cfg.encoder_registers, **common
+            registers=model_cfg.registers, encoder_registers=model_cfg.encoder_registers,
+            readout_attention=model_cfg.readout_attention, **common
         )
     else:
         model = CaptionDecoder(

@@ -22,7 +22,8 @@ Sizes: `embedding_dim` is the model width (embeddings, attention, residual strea
 `units` the feed-forward width (the keras-io example's EMBED_DIM and FF_DIM).
 The attention map of a step (`return_attention`, the decoding functions) is the last
 layer's cross-attention averaged over the heads (with registers: its heads' attention on
-the cells, summed and normalised; `cell_attention`).
+the cells, summed and normalised; `cell_attention`); with `readout_attention`, the one head of
+the attention the output layer reads.
 
 Example:
 
@@ -177,6 +178,9 @@ class TransformerCaptionDecoder(CaptionModel):
         encoder_registers: the registers go through the grid encoder layers with the cells
             (`grid.GridEncoder`), so they carry what the image holds as a whole, as in Darcet et al.;
             otherwise they are constants after the encoded cells.
+        readout_attention: one more, single-head, attention over the memory after the last layer,
+            whose context is added to the features the output layer reads (as an LSTM/GRU decoder's
+            output layer reads its one context); the attention maps come from it.
         tie_embeddings: predict words through the input embeddings (`base.TiedOutput`).
         dropout: on each residual branch and on the features the output layer reads.
         attention_penalty, label_smoothing, recompute_grad: see `base.CaptionModel`.
@@ -200,6 +204,7 @@ class TransformerCaptionDecoder(CaptionModel):
         label_smoothing: float = 0.0,
         registers: int = 0,
         encoder_registers: bool = False,
+        readout_attention: bool = False,
         **kwargs,
     ):
         super().__init__(vocab_size, dropout, attention_penalty, label_smoothing, recompute_grad, **kwargs)
@@ -223,6 +228,9 @@ class TransformerCaptionDecoder(CaptionModel):
         for i in range(num_layers):
             setattr(self, f"layer_{i}", TransformerDecoderLayer(embedding_dim, units, num_heads, name=f"layer_{i}"))
         self.final_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")
+        self.readout_attention = (
+            keras.layers.MultiHeadAttention(1, embedding_dim, name="readout_attention") if readout_attention else None
+        )
         if tie_embeddings:
             self.to_logits, self.tied_output = None, TiedOutput(embedding_dim, vocab_size, name="tied_output")
         else:
@@ -239,6 +247,8 @@ class TransformerCaptionDecoder(CaptionModel):
         for layer in self.decoder_layers:
             layer.build(x_shape, memory_shape)
         self.final_norm.build(x_shape)
+        if self.readout_attention is not None:
+            self.readout_attention.build(x_shape, memory_shape)
         (self.tied_output or self.to_logits).build(x_shape)
         if self.registers and not self.encoder_registers:
             self.register_slots = self.add_weight(
@@ -267,6 +277,18 @@ class TransformerCaptionDecoder(CaptionModel):
         if not self.registers or self.encoder_registers:  # the encoder's output ends with them
             return memory
         return append_tokens(memory, self.register_slots)
+
+    def readout(self, x, memory_keys, memory_values, weights):
+        """(features the output layer reads, cross-attention weights of the map) from the last layer's `x`."""
+        features = self.final_norm(x)
+        if self.readout_attention is None:
+            return features, weights
+        context, weights = attend(self.readout_attention, features, memory_keys, memory_values)
+        return features + context, weights
+
+    def readout_keys(self, memory):
+        """The readout attention's keys and values of the memory, [B, cells, 1, D] each."""
+        return project(self.readout_attention.key_dense, memory), project(self.readout_attention.value_dense, memory)
 
     def cell_attention(self, weights):
         """The attention map [..., cells] of cross-attention weights [B, heads, ..., cells + registers].
@@ -301,7 +323,14 @@ class TransformerCaptionDecoder(CaptionModel):
                 x, weights = recompute_grad(lambda x, memory, *m, layer=layer: layer(x, memory, m, refs=refs))(x, memory, *(masks or ()))
             else:
                 x, weights = layer(x, memory, masks, refs=refs)
-        return self.final_norm(x), self.cell_attention(weights)
+        if self.readout_attention is not None:
+            readout_keys = self.readout_keys(memory)
+            if refs > 1:
+                readout_keys = [ops.repeat(k, refs, axis=0) for k in readout_keys]
+            features, weights = self.readout(x, *readout_keys, weights)
+        else:
+            features = self.final_norm(x)
+        return features, self.cell_attention(weights)
 
     def cross_attention_by_head(self, grid, tokens):
         """Every layer's and head's cross-attention on the cells for whole captions: float32 [B, layers, heads, T, cells].
@@ -336,13 +365,19 @@ class TransformerCaptionDecoder(CaptionModel):
     def encode(self, grid, training=False):
         """(memory of the cells [B, cells, D], cross-attention keys/values [B, cells + registers, layers, 2, H, d], initial state).
 
+        With the readout attention its keys and values are one more "layer" of them (reshaped to H, d).
+
         The state: each caption's next position [B] (0) and every layer's empty self-attention
         key and value caches [B, max_length, H, d]. The decoding loops size their attention
         maps by the memory's cells: the registers are in the keys only.
         """
         memory = self.memory(grid)
-        keys = ops.stack([ops.stack(layer.memory_keys(memory), axis=2) for layer in self.decoder_layers], axis=2)
         batch, head_dim = ops.shape(grid)[0], self.embedding_dim // self.num_heads
+        per_layer = [ops.stack(layer.memory_keys(memory), axis=2) for layer in self.decoder_layers]
+        if self.readout_attention is not None:  # [B, cells, 1, D] as [B, cells, H, d], to stack with the layers'
+            readout = ops.stack(self.readout_keys(memory), axis=2)
+            per_layer.append(ops.reshape(readout, (batch, -1, 2, self.num_heads, head_dim)))
+        keys = ops.stack(per_layer, axis=2)
         empty = ops.zeros((batch, self.max_length, self.num_heads, head_dim), self.compute_dtype)
         cells = memory[:, : memory.shape[1] - self.registers] if self.registers else memory
         return cells, keys, [ops.zeros((batch,), "int32")] + [empty] * (2 * self.num_layers)
@@ -361,7 +396,12 @@ class TransformerCaptionDecoder(CaptionModel):
                 x, row, filled, caches[2 * i], caches[2 * i + 1], keys[:, :, i, 0], keys[:, :, i, 1]
             )
             new_caches += [cache_keys, cache_values]
-        logits = self.logits(self.final_norm(x))[:, 0]
+        if self.readout_attention is not None:
+            readout_keys = [ops.reshape(keys[:, :, self.num_layers, j], (ops.shape(x)[0], -1, 1, self.embedding_dim)) for j in (0, 1)]
+            features, weights = self.readout(x, *readout_keys, weights)
+        else:
+            features = self.final_norm(x)
+        logits = self.logits(features)[:, 0]
         return logits, [position + 1, *new_caches], self.cell_attention(weights)[:, 0]
 
     def get_config(self):
@@ -378,4 +418,5 @@ class TransformerCaptionDecoder(CaptionModel):
             "tie_embeddings": self.tie_embeddings,
             "registers": self.registers,
             "encoder_registers": self.encoder_registers,
+            "readout_attention": self.readout_attention is not None,
         }
