@@ -142,10 +142,12 @@ def _any_batch(function, *tensors):
     return function.get_concrete_function(*specs)(*tensors)
 
 
-def _without_padding(scores):
-    """`scores` [N, V] with padding made impossible: it ends a caption only after <end>."""
-    pad = tf.one_hot(PAD_ID, tf.shape(scores)[-1], on_value=NEG_INF, off_value=0.0)
-    return tf.cast(scores, tf.float32) + pad
+def _without_special_tokens(scores, start_id: int):
+    """`scores` [N, V] with padding and <start> made impossible: padding ends a caption only
+    after <end>, and <start> is never a word (an untrained model may rank it high; a caption
+    holding it would print and score differently in train.py and evaluate.py)."""
+    banned = tf.one_hot([PAD_ID, start_id], tf.shape(scores)[-1], on_value=NEG_INF, off_value=0.0)
+    return tf.cast(scores, tf.float32) + tf.reduce_sum(banned, 0)
 
 
 class CaptionGenerator:
@@ -229,7 +231,7 @@ class CaptionGenerator:
 
         def step(t, token, done, state, tokens, attention):
             logits, state, weights = self.model.step(token, state, values, keys)
-            scores = self._allowed(_without_padding(logits), tokens, t)
+            scores = self._allowed(_without_special_tokens(logits, self.start_id), tokens, t)
             token = tf.where(done, PAD_ID, tf.argmax(scores, -1, output_type=tf.int32))
             done = done | tf.equal(token, self.end_id)
             return t + 1, token, done, state, _write(tokens, t, token), _write(attention, t, tf.cast(weights, tf.float32))
@@ -259,7 +261,7 @@ class CaptionGenerator:
         def step(t, token, state, scores, lengths, finished, generated, words_at, parents_at, attention_at):
             logits, state, step_weights = self.model.step(token, state, values, keys)
             vocab = tf.shape(logits)[-1]
-            log_probs = self._allowed(_without_padding(tf.nn.log_softmax(tf.cast(logits, tf.float32))), generated, t)
+            log_probs = self._allowed(_without_special_tokens(tf.nn.log_softmax(tf.cast(logits, tf.float32)), self.start_id), generated, t)
             log_probs = tf.reshape(log_probs, [batch, beam_size, -1])
             # A finished beam has one continuation, padding, at no cost: it keeps its score.
             pad_only = tf.one_hot(PAD_ID, vocab, on_value=0.0, off_value=NEG_INF)
