@@ -340,6 +340,19 @@ def test_greedy_and_beam_pad_after_the_end_token():
     assert never_ends.numpy().tolist() == [[4] * 7] * 5
 
 
+def test_greedy_and_beam_never_generate_start_or_padding():
+    # A decoder whose best word at every step is <start> (then padding, then word 4): neither is
+    # ever a word of a caption, so every step gives word 4 (train.py and evaluate.py print the same).
+    model = forced_decoder(token=2)
+    kernel, bias = model.to_logits.get_weights()
+    bias[[0, 4]] = 9.0, 8.0
+    model.to_logits.set_weights([kernel, bias])
+    grid = np.random.default_rng(0).normal(size=(5, 4, 3)).astype("float32")
+    generator = CaptionGenerator(model, start_id=2, end_id=3, max_length=8)
+    assert generator.greedy(grid)[0].numpy().tolist() == [[4] * 7] * 5
+    assert generator.beam(grid, beam_size=2)[0].numpy().tolist() == [[4] * 7] * 5
+
+
 def test_train_on_batch_and_sample_weights_are_accepted():
     model = build_decoder(ModelConfig(embedding_dim=4, units=8), vocab_size=6, grid_shape=(4, 3), max_length=5)
     model.compile(optimizer="adam")
