@@ -35,6 +35,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import keras
 import tensorflow as tf
 from keras import ops
@@ -46,14 +48,20 @@ from caption_tf.models.recompute import recompute_grad
 
 
 def project(dense: keras.layers.EinsumDense, x):
-    """`dense(x)` for one of `MultiHeadAttention`'s `EinsumDense` projections, through `tf.einsum`.
+    """`dense(x)` for one of `MultiHeadAttention`'s `EinsumDense` projections, as one 2-D matmul.
 
-    Keras runs the projection of [B, T, D] as a matmul broadcast over the batch, whose
-    kernel gradient is one product per caption, summed afterwards; `tf.einsum` contracts
-    batch and time in one product: 2.3x faster forward + backward on a CPU
-    ([64, 19, 128] x [128, 4, 32]: 5.3 vs 2.3 ms). Same weights, same result.
+    Keras runs the projection of [B, T, D] as a matmul broadcast over the batch, whose kernel
+    gradient is one product per caption, summed afterwards; flattening batch and time into the
+    rows of one `tf.matmul` contracts them in one product (forward and kernel gradient), 2.3x
+    faster than Keras's and 1.6x faster than `tf.einsum` on a CPU (`[32, 14, 64] x [64, 4, 16]`,
+    three projections forward + backward: 0.25 vs 0.42 ms). Same weights, same result.
     """
-    out = tf.einsum(dense.equation, x, ops.cast(dense.kernel, x.dtype))
+    inputs, kernel_axes = dense.equation.split("->")[0].split(",")
+    contracted = sum(axis in kernel_axes for axis in inputs)  # x's trailing axes the kernel's leading ones reduce
+    kernel = ops.cast(dense.kernel, x.dtype)
+    width = math.prod(kernel.shape[:contracted])  # static, where x's may not be (a step traced with open shapes)
+    out = tf.matmul(tf.reshape(x, [-1, width]), tf.reshape(kernel, [width, -1]))
+    out = tf.reshape(out, tf.concat([tf.shape(x)[:-contracted], kernel.shape[contracted:]], 0))
     return out if dense.bias is None else out + ops.cast(dense.bias, out.dtype)
 
 
