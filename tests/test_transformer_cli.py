@@ -94,7 +94,7 @@ def test_transformer_resumes_exactly_after_a_kill_and_is_evaluated(tmp_path):
             assert not repeated_mentions(words, FUNCTION_WORDS, DETERMINERS), caption
     assert run["decoding"]["block_repeated_mentions"] is True
     assert list((report_dir / "figures").glob("*attention*.png"))
-    assert "each head of each layer" in (report_dir / "report.html").read_text()
+    assert "each head of each decoder layer" in (report_dir / "report.html").read_text()
 
 
 def test_the_fast_preset_trains_and_captions_with_its_own_model(tmp_path):
@@ -119,16 +119,19 @@ def test_the_fast_preset_trains_and_captions_with_its_own_model(tmp_path):
     assert "Test metrics (6 images, greedy)" in trained.stdout  # the 6 test scenes of 60 were captioned
 
 
-def test_encoder_registers_train_and_caption_through_the_cli(tmp_path):
-    # `train.py --registers 2 --encoder-layers 1 --encoder-registers`, then `evaluate.py`: the registers
-    # are the grid encoder's weight (encoded with the cells), and the report scores the trained model.
+def test_encoder_registers_and_readout_attention_train_and_caption_through_the_cli(tmp_path):
+    # `train.py --registers 2 --encoder-layers 1 --encoder-registers --readout-attention`, then `evaluate.py`:
+    # the registers are the grid encoder's weight (encoded with the cells), the readout attention one
+    # more of the decoder's, and the report scores the trained model.
     model = {"decoder": "transformer", "num_layers": 1, "num_heads": 2, "registers": 2, "encoder_layers": 1,
-             "encoder_registers": True, "run_name": "ereg"}
+             "encoder_registers": True, "readout_attention": True, "run_name": "ereg"}
     trained = _train(tiny_overrides(tmp_path, **model), tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
     run_dir = tmp_path / "runs" / "ereg"
-    assert load_saved_config(run_dir / "config.yaml").model.encoder_registers is True
+    saved = load_saved_config(run_dir / "config.yaml").model
+    assert saved.encoder_registers is True and saved.readout_attention is True
     weights = _weights(run_dir / "model.weights.h5")
+    assert weights["layers/multi_head_attention/query_dense/vars/0"].shape == (16, 1, 16)  # the readout: one head as wide as the model
     assert weights["grid_encoder/vars/0"].shape == (2, 16)  # the registers, at the model width
     assert "vars/0" not in weights  # no constant registers after the encoder
     report_dir = tmp_path / "report"

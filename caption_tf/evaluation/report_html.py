@@ -204,7 +204,8 @@ def _localisation(summary: dict) -> str:
              for h in r.get(decoding, {}).get("localisation", {}).get("by_head", [])]
     if heads:
         body += '<p class="note">Transformer: the table above scores the last layer\'s cross-attention, its heads ' \
-                "together; here each head of each layer alone (attention in the named box by word type). Heads " \
+                "together (with --readout-attention, the readout attention's one head); here each head of each " \
+                "decoder layer alone (attention in the named box by word type). Heads " \
                 "specialise: one looks at the object a word names while another looks elsewhere.</p>"
         body += table(["run", "decoding", "layer", "head", "colour words", "shape words", "size words"], heads, formats={2: COUNT, 3: COUNT})
     return section("localisation", "Attention localisation", body)
