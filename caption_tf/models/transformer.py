@@ -286,17 +286,24 @@ class TransformerCaptionDecoder(CaptionModel):
             return memory
         return append_tokens(memory, self.register_slots)
 
-    def readout(self, x, memory_keys, memory_values, weights):
-        """(features the output layer reads, cross-attention weights of the map) from the last layer's `x`."""
+    def readout(self, x, weights, readout_keys=()):
+        """(features the output layer reads, cross-attention weights of the map) from the last layer's
+        `x` and `weights`; with the readout attention, its context is added and its weights are the map."""
         features = self.final_norm(x)
         if self.readout_attention is None:
             return features, weights
-        context, weights = attend(self.readout_attention, features, memory_keys, memory_values)
+        context, weights = attend(self.readout_attention, features, *readout_keys)
         return features + context, weights
 
-    def readout_keys(self, memory):
-        """The readout attention's keys and values of the memory, [B, cells, 1, D] each."""
-        return project(self.readout_attention.key_dense, memory), project(self.readout_attention.value_dense, memory)
+    def readout_keys(self, memory, refs: int = 1):
+        """The readout attention's keys and values of the memory, [B, cells, 1, D] each (() without it).
+
+        `refs`: captions per image, as in `TransformerDecoderLayer.call`.
+        """
+        if self.readout_attention is None:
+            return ()
+        keys = project(self.readout_attention.key_dense, memory), project(self.readout_attention.value_dense, memory)
+        return keys if refs == 1 else tuple(ops.repeat(k, refs, axis=0) for k in keys)
 
     def cell_attention(self, weights):
         """The attention map [..., cells] of cross-attention weights [B, heads, ..., cells + registers].
@@ -331,13 +338,7 @@ class TransformerCaptionDecoder(CaptionModel):
                 x, weights = recompute_grad(lambda x, memory, *m, layer=layer: layer(x, memory, m, refs=refs))(x, memory, *(masks or ()))
             else:
                 x, weights = layer(x, memory, masks, refs=refs)
-        if self.readout_attention is not None:
-            readout_keys = self.readout_keys(memory)
-            if refs > 1:
-                readout_keys = [ops.repeat(k, refs, axis=0) for k in readout_keys]
-            features, weights = self.readout(x, *readout_keys, weights)
-        else:
-            features = self.final_norm(x)
+        features, weights = self.readout(x, weights, self.readout_keys(memory, refs))
         return features, self.cell_attention(weights)
 
     def cross_attention_by_head(self, grid, tokens):
@@ -383,8 +384,8 @@ class TransformerCaptionDecoder(CaptionModel):
         batch, head_dim = ops.shape(grid)[0], self.embedding_dim // self.num_heads
         per_layer = [ops.stack(layer.memory_keys(memory), axis=2) for layer in self.decoder_layers]
         if self.readout_attention is not None:  # [B, cells, 1, D] as [B, cells, H, d], to stack with the layers'
-            readout = ops.stack(self.readout_keys(memory), axis=2)
-            per_layer.append(ops.reshape(readout, (batch, -1, 2, self.num_heads, head_dim)))
+            readout_keys = ops.stack(self.readout_keys(memory), axis=2)
+            per_layer.append(ops.reshape(readout_keys, (batch, -1, 2, self.num_heads, head_dim)))
         keys = ops.stack(per_layer, axis=2)
         empty = ops.zeros((batch, self.max_length, self.num_heads, head_dim), self.compute_dtype)
         cells = memory[:, : memory.shape[1] - self.registers] if self.registers else memory
@@ -404,11 +405,10 @@ class TransformerCaptionDecoder(CaptionModel):
                 x, row, filled, caches[2 * i], caches[2 * i + 1], keys[:, :, i, 0], keys[:, :, i, 1]
             )
             new_caches += [cache_keys, cache_values]
-        if self.readout_attention is not None:
-            readout_keys = [ops.reshape(keys[:, :, self.num_layers, j], (ops.shape(x)[0], -1, 1, self.embedding_dim)) for j in (0, 1)]
-            features, weights = self.readout(x, *readout_keys, weights)
-        else:
-            features = self.final_norm(x)
+        readout_keys = () if self.readout_attention is None else [  # encode's extra "layer", back to [B, cells, 1, D]
+            ops.reshape(keys[:, :, self.num_layers, j], (ops.shape(x)[0], -1, 1, self.embedding_dim)) for j in (0, 1)
+        ]
+        features, weights = self.readout(x, weights, readout_keys)
         logits = self.logits(features)[:, 0]
         return logits, [position + 1, *new_caches], self.cell_attention(weights)[:, 0]
 
