@@ -22,36 +22,6 @@ def padding_mask(targets):
     return ops.cast(ops.not_equal(targets, PAD_ID), "float32")
 
 
-@tf.custom_gradient
-def _logsumexp_and_target_logit(logits, targets):
-    """(logsumexp of `logits` [.., V], the target's logit) per token, with the gradient written out.
-
-    Automatic differentiation of the target's `tf.gather` densifies a sparse gradient with an
-    UnsortedSegmentSum over every [tokens x vocab] logit: the costliest single op of a CPU train
-    step at minimal sizes (1.5 of ~10 ms, `benchmarks/RESULTS.md`). The gradient here is the
-    softmax times the upstream gradient, with the target's upstream gradient added at the
-    target's logit in place; the softmax is the forward pass's, not recomputed.
-    """
-    vocab = tf.shape(logits)[-1]
-    flat = tf.reshape(logits, (-1, vocab))
-    flat_targets = tf.reshape(targets, (-1,))
-    top = tf.reduce_max(flat, axis=-1, keepdims=True)
-    exp = tf.exp(flat - top)
-    total = tf.reduce_sum(exp, axis=-1, keepdims=True)
-    normaliser = tf.math.log(total[:, 0]) + top[:, 0]
-    target_logit = tf.gather(flat, flat_targets, batch_dims=1)
-
-    def grad(d_normaliser, d_target_logit):
-        softmax_grad = exp * (tf.reshape(d_normaliser, (-1, 1)) / total)
-        rows = tf.range(tf.shape(flat_targets)[0], dtype=flat_targets.dtype)
-        at_targets = tf.stack([rows, flat_targets], axis=-1)
-        d_flat = tf.tensor_scatter_nd_add(softmax_grad, at_targets, tf.reshape(d_target_logit, (-1,)))
-        return tf.reshape(d_flat, tf.shape(logits)), None
-
-    shape = tf.shape(targets)
-    return (tf.reshape(normaliser, shape), tf.reshape(target_logit, shape)), grad
-
-
 def token_cross_entropy(targets, logits, label_smoothing: float = 0.0):
     """Per-token cross-entropy [..] of integer `targets` under `logits` [.., V] (float32).
 
@@ -59,14 +29,13 @@ def token_cross_entropy(targets, logits, label_smoothing: float = 0.0):
     e / V on every word (Szegedy et al., 2016): the loss adds e times the mean negative
     log-probability of the vocabulary.
 
-    Computed as logsumexp(logits) - logits[target], with that gradient written out
-    (`_logsumexp_and_target_logit`): on a CPU, TensorFlow's fused
+    Computed as logsumexp(logits) - logits[target]: on a CPU, TensorFlow's fused
     `sparse_softmax_cross_entropy_with_logits` kernel took 1.7x as long, forward and
     backward, over [448, 3000] logits (10.1 vs 5.7 ms).
     """
     logits = ops.cast(logits, "float32")
-    normaliser, target_logit = _logsumexp_and_target_logit(logits, ops.cast(targets, "int32"))
-    ce = normaliser - target_logit
+    normaliser = tf.reduce_logsumexp(logits, axis=-1)
+    ce = normaliser - tf.gather(logits, ops.cast(targets, "int32"), batch_dims=len(targets.shape))
     if not label_smoothing:
         return ce
     # -mean_v log p_v = logsumexp - mean_v logits
