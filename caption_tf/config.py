@@ -98,6 +98,7 @@ class ModelConfig:
     dropout: float = 0.0  # on the features the output layer reads
     attention_penalty: float = 0.0  # weight of the doubly stochastic attention penalty (0: off)
     label_smoothing: float = 0.0  # of the cross-entropy targets (0: off)
+    scheduled_sampling: float = 0.0  # Bahdanau: chance of feeding a caption its own previous word in training, reached halfway (0: off)
 
     @property
     def family(self) -> tuple[str, ...]:
@@ -363,6 +364,13 @@ def validate(cfg: Config) -> None:
         raise ValueError(
             f"--encoder-registers encodes the registers with the cells: it needs --registers N and --encoder-layers N, "
             f"got {model.registers} registers and {model.encoder_layers} encoder layers"
+        )
+    if model.scheduled_sampling and (model.decoder == "transformer" or model.attention != "bahdanau" or cfg.train.recompute_grad
+                                     or not 0 < model.scheduled_sampling <= 1):
+        raise ValueError(
+            f"--scheduled-sampling must be in (0, 1] with an LSTM/GRU decoder, --attention bahdanau and without --recompute-grad"
+            f" (the other decoders read the whole caption at once), got {model.scheduled_sampling} with {model.label},"
+            f" recompute_grad={cfg.train.recompute_grad}"
         )
     # The heads split a width: checked here, not after minutes of feature extraction.
     if model.decoder == "transformer" and model.embedding_dim % model.num_heads:

@@ -66,6 +66,12 @@ class CaptionDecoder(CaptionModel):
             instead of straight from the (units + feature_units)-wide concatenation. Luong always predicts
             through its `combine` layer of the same shape.
         dropout: on the features the output layer reads.
+        scheduled_sampling: Bahdanau only: during training, the probability of feeding each
+            caption its own previous prediction (argmax) instead of the reference word
+            (Bengio et al., 2015, "Scheduled Sampling"), so it learns to go on from its own
+            mistakes as greedy and beam decoding must. 0: pure teacher forcing.
+        sampling_ramp_steps: optimizer steps over which that probability rises linearly from 0
+            (0: the full probability from the first step).
         attention_penalty, label_smoothing, recompute_grad: see `base.CaptionModel`.
     """
 
@@ -89,6 +95,8 @@ class CaptionDecoder(CaptionModel):
         deep_output: bool = False,
         attention_penalty: float = 0.0,
         label_smoothing: float = 0.0,
+        scheduled_sampling: float = 0.0,
+        sampling_ramp_steps: int = 0,
         **kwargs,
     ):
         super().__init__(vocab_size, dropout, attention_penalty, label_smoothing, recompute_grad, **kwargs)
@@ -96,6 +104,11 @@ class CaptionDecoder(CaptionModel):
             raise ValueError(f"CaptionDecoder: decoder must be 'lstm' or 'gru', got {decoder!r} (the transformer is TransformerCaptionDecoder)")
         if attention not in ("bahdanau", "luong"):
             raise ValueError(f"attention must be 'bahdanau' or 'luong', got {attention!r}")
+        if scheduled_sampling and (attention != "bahdanau" or recompute_grad or not 0 < scheduled_sampling <= 1):
+            raise ValueError(
+                f"scheduled_sampling must be in (0, 1] with Bahdanau attention and without recompute_grad (the word fed at each step"
+                f" then depends on the step before), got {scheduled_sampling} with {attention!r} attention, recompute_grad={recompute_grad}"
+            )
         # Projecting the grid to `units` (the default before 2026-11-29) made every step's context,
         # the cell input and the output layer's input wider for no measured gain (docs/models.md).
         feature_units = feature_units or (units if attention == "luong" and luong_score == "dot" else embedding_dim)
@@ -118,6 +131,9 @@ class CaptionDecoder(CaptionModel):
         att_units = (attention_units or units) if attention == "bahdanau" else units
         self.attention = build_attention(attention, att_units, luong_score)
         self.combine = keras.layers.Dense(units, activation="tanh", name="combine") if attention == "luong" else None
+        self.scheduled_sampling, self.sampling_ramp_steps = scheduled_sampling, sampling_ramp_steps
+        # Its state is a model variable, checkpointed with the others: a resumed run draws the same coins.
+        self.sampling_seed = keras.random.SeedGenerator(name="sampling_seed") if scheduled_sampling else None
         # Part of the output layer (`logits`), so teacher forcing runs it once over the real
         # tokens of [batch x time] instead of once per step.
         self.deep_output = deep_output
@@ -207,13 +223,32 @@ class CaptionDecoder(CaptionModel):
             features, weights, state = self._recomputed_blocks(embedded, state, values, keys, training)
             return ops.stack(features, 1), ops.stack(weights, 1), state
         features, weights = [], []
+        sampling = self.sampling_probability() if training else None
         # Python-unrolled over the static caption length: Keras 3 runs train_step without
         # autograph, and a fixed length is what XLA wants anyway.
         for t in range(tokens.shape[1]):
-            step_features, state, step_weights = self.step_features(embedded[:, t], state, values, keys, training)
+            word = embedded[:, t]
+            if t and sampling is not None:  # scheduled sampling: some captions go on from their own previous word
+                own = ops.argmax(self.logits(features[-1]), axis=-1)  # no dropout: the word the model would say
+                use_own = keras.random.uniform(ops.shape(own), seed=self.sampling_seed) < sampling
+                word = ops.where(use_own[:, None], self.embedding(own), word)
+            step_features, state, step_weights = self.step_features(word, state, values, keys, training)
             features.append(step_features)
             weights.append(step_weights)
         return ops.stack(features, 1), ops.stack(weights, 1), state
+
+    def sampling_probability(self):
+        """This training step's scheduled-sampling probability (a scalar tensor), or None when it is off.
+
+        It rises linearly over `sampling_ramp_steps` optimizer steps to `scheduled_sampling`: a
+        function of the optimizer's step counter, so a resumed run continues the same ramp.
+        """
+        if not self.scheduled_sampling:
+            return None
+        if not self.sampling_ramp_steps or getattr(self, "optimizer", None) is None:
+            return ops.convert_to_tensor(self.scheduled_sampling, "float32")
+        done = ops.cast(self.optimizer.iterations + 1, "float32") / float(self.sampling_ramp_steps)
+        return self.scheduled_sampling * ops.minimum(done, 1.0)
 
     # -- gradient checkpointing --------------------------------------------------------------
     def _recomputed_blocks(self, embedded, state, values, keys, training):
@@ -357,15 +392,18 @@ class CaptionDecoder(CaptionModel):
             "num_heads": self.num_heads,
             "tie_embeddings": self.tie_embeddings,
             "deep_output": self.deep_output,
+            "scheduled_sampling": self.scheduled_sampling,
+            "sampling_ramp_steps": self.sampling_ramp_steps,
         }
 
 
-def build_decoder(model_cfg, vocab_size: int, grid_shape: tuple[int, int], max_length: int, recompute_grad: bool = False):
+def build_decoder(model_cfg, vocab_size: int, grid_shape: tuple[int, int], max_length: int, recompute_grad: bool = False,
+                  sampling_ramp_steps: int = 0):
     """The decoder a `ModelConfig` describes, built (weights created) for the given grid.
 
     `model_cfg.decoder`: "lstm" or "gru" -> `CaptionDecoder`; "transformer" ->
     `TransformerCaptionDecoder`. `recompute_grad` (from `TrainConfig.recompute_grad`) turns
-    on gradient checkpointing.
+    on gradient checkpointing; `sampling_ramp_steps`: see `CaptionDecoder`.
     """
     common = dict(
         vocab_size=vocab_size,
@@ -398,6 +436,8 @@ def build_decoder(model_cfg, vocab_size: int, grid_shape: tuple[int, int], max_l
             feature_units=model_cfg.grid_width,
             num_heads=model_cfg.num_heads,
             deep_output=model_cfg.deep_output,
+            scheduled_sampling=model_cfg.scheduled_sampling,
+            sampling_ramp_steps=sampling_ramp_steps,
             **common,
         )
     model((ops.zeros((1, *grid_shape)), ops.zeros((1, max_length - 1), "int32")))

@@ -138,8 +138,10 @@ def build_model(cfg: Config, data: PreparedData, runtime: Runtime, steps_per_epo
     # from the same decoder.
     keras.utils.set_random_seed(cfg.train.seed)
     with runtime.strategy.scope():
+        # Scheduled sampling reaches its probability halfway through the planned epochs.
         model = build_decoder(
-            cfg.model, data.vocab.size, data.cache.grid_shape, data.vocab.max_length, recompute_grad=cfg.train.recompute_grad
+            cfg.model, data.vocab.size, data.cache.grid_shape, data.vocab.max_length, recompute_grad=cfg.train.recompute_grad,
+            sampling_ramp_steps=cfg.train.epochs * steps_per_epoch // 2,
         )
         # Linear scaling rule: the global batch grows with the replicas, so does the step size.
         learning_rate = learning_rate_for(cfg.train, steps_per_epoch, runtime.replicas)
