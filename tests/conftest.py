@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import h5py
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -108,3 +109,11 @@ def read_scalars(log_dir) -> dict[str, list[float]]:
                     continue
                 scalars.setdefault(value.tag, []).append(float(tensor))
     return scalars
+
+
+def h5_arrays(path) -> dict:
+    """Every array of a Keras `.weights.h5` file, by its path in the file: what the resume tests compare bit for bit."""
+    arrays = {}
+    with h5py.File(path, "r") as fh:
+        fh.visititems(lambda name, obj: arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return arrays

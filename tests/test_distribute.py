@@ -23,11 +23,10 @@ import sys
 import textwrap
 import time
 
-import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, tiny_overrides
+from conftest import REPO_ROOT, tiny_overrides, h5_arrays
 
 # 32 training images x 5 captions = 160 pairs; global batch 16 -> 10 steps per epoch.
 EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY = 2, 10, 3
@@ -91,12 +90,6 @@ def start_workers(values, tmp, tag, ports, envs) -> list[tuple[subprocess.Popen,
         workers.append((train_py(values, log_path, env, tf_config), log_path))
     return workers
 
-
-def h5_arrays(path) -> dict:
-    arrays = {}
-    with h5py.File(path, "r") as fh:
-        fh.visititems(lambda name, obj: arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return arrays
 
 
 def max_abs_diff(path_a, path_b) -> float:

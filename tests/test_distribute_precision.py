@@ -15,13 +15,12 @@ import subprocess
 import sys
 import time
 
-import h5py
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO_ROOT, tiny_overrides
+from conftest import REPO_ROOT, tiny_overrides, h5_arrays
 
 STEPS, CHECKPOINT_EVERY = 10, 3  # one epoch: 160 caption pairs / batch 16
 CHILD = (
@@ -49,12 +48,6 @@ def published_steps(runs_dir) -> list[int]:
     """Steps of the checkpoints whose manifest (written last, once the files are complete) exists."""
     return sorted(int(p.name[5:].split(".")[0]) for p in runs_dir.glob("*/checkpoints/ckpt-*.manifest.json"))
 
-
-def h5_arrays(path) -> dict:
-    arrays = {}
-    with h5py.File(path, "r") as fh:
-        fh.visititems(lambda name, obj: arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return arrays
 
 
 def loss_scale_state(run_dir) -> dict:

@@ -19,10 +19,9 @@ import subprocess
 import sys
 import time
 
-import h5py
 import numpy as np
 
-from conftest import REPO_ROOT, tiny_overrides
+from conftest import REPO_ROOT, tiny_overrides, h5_arrays
 
 EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY = 3, 10, 3  # 32 images x 5 captions / batch 16
 CHILD = (
@@ -95,12 +94,6 @@ def kill_after_checkpoint(proc, run_dir, min_step, delay_s, log_path):
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(PROCESS_TIMEOUT_S) == -signal.SIGKILL
 
-
-def h5_arrays(path):
-    arrays = {}
-    with h5py.File(path, "r") as fh:
-        fh.visititems(lambda name, obj: arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return arrays
 
 
 def history(run_dir, column):

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import h5py
 import keras
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from caption_tf.models.decoder import CaptionDecoder
 from caption_tf.training.faults import CRASH_AFTER_BATCHES_ENV
 from caption_tf.training.optimizers import FusedAdam
 from caption_tf.training.trainer import prepare_data
-from conftest import REPO_ROOT, tiny_overrides
+from conftest import REPO_ROOT, tiny_overrides, h5_arrays
 
 
 def _model(**kwargs):
@@ -70,12 +69,6 @@ def test_scheduled_sampling_is_refused_where_the_decoder_reads_whole_captions(ov
     assert fragment in str(error.value)
 
 
-def _weights(path):
-    arrays = {}
-    with h5py.File(path, "r") as fh:
-        fh.visititems(lambda name, obj: arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return arrays
-
 
 def test_train_py_with_scheduled_sampling_resumes_exactly_after_a_kill(tmp_path):
     # The coins and the ramp must survive a SIGKILL: the sampling seed is a checkpointed model
@@ -95,7 +88,7 @@ def test_train_py_with_scheduled_sampling_resumes_exactly_after_a_kill(tmp_path)
     assert resumed.returncode == 0 and "Resuming from" in resumed.stdout, resumed.stderr[-3000:]
     runs = tmp_path / "runs"
     assert load_saved_config(runs / "killed" / "config.yaml").model.scheduled_sampling == 0.5
-    expected, actual = _weights(runs / "uninterrupted" / "model.weights.h5"), _weights(runs / "killed" / "model.weights.h5")
+    expected, actual = h5_arrays(runs / "uninterrupted" / "model.weights.h5"), h5_arrays(runs / "killed" / "model.weights.h5")
     assert expected.keys() == actual.keys()
     for name in expected:
         np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
@@ -103,5 +96,5 @@ def test_train_py_with_scheduled_sampling_resumes_exactly_after_a_kill(tmp_path)
     plain = [flag for flag in flags if not flag.startswith("--scheduled-sampling")]
     command = [sys.executable, str(REPO_ROOT / "train.py"), "--preset", "minimal", *plain, "--run-name", "teacher-forcing"]
     assert subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600).returncode == 0
-    forced = _weights(runs / "teacher-forcing" / "model.weights.h5")
+    forced = h5_arrays(runs / "teacher-forcing" / "model.weights.h5")
     assert any(not np.array_equal(forced[name], expected[name]) for name in expected if name in forced)

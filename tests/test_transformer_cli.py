@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import h5py
 import numpy as np
 import pytest
 
@@ -15,7 +14,7 @@ from caption_tf.data.text import DETERMINERS, FUNCTION_WORDS
 from caption_tf.evaluation.errors import repeated_phrases
 from caption_tf.training.trainer import prepare_data
 from caption_tf.training.faults import CRASH_AFTER_BATCHES_ENV
-from conftest import REPO_ROOT, repeated_mentions, tiny_overrides
+from conftest import REPO_ROOT, repeated_mentions, tiny_overrides, h5_arrays
 
 # Batches of whole images (`--group-by-image`, the pairs path resumes in test_kill_resume.py): batch 16
 # captions = 3 images of 5, 32 training images = 11 batches per epoch; checkpoints every 3.
@@ -34,12 +33,6 @@ def _train(overrides, cwd, env=None):
     command = [sys.executable, str(REPO_ROOT / "train.py"), "--preset", "minimal", *_flags(overrides)]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
 
-
-def _weights(path):
-    arrays = {}
-    with h5py.File(path, "r") as fh:
-        fh.visititems(lambda name, obj: arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return arrays
 
 
 def test_transformer_resumes_exactly_after_a_kill_and_is_evaluated(tmp_path):
@@ -61,7 +54,7 @@ def test_transformer_resumes_exactly_after_a_kill_and_is_evaluated(tmp_path):
     assert "resum" in resumed.stdout.lower()
 
     runs = tmp_path / "runs"
-    expected, actual = _weights(runs / "uninterrupted" / "model.weights.h5"), _weights(runs / "killed" / "model.weights.h5")
+    expected, actual = h5_arrays(runs / "uninterrupted" / "model.weights.h5"), h5_arrays(runs / "killed" / "model.weights.h5")
     assert expected.keys() == actual.keys() and any("decoder_layers/" in k for k in expected)
     for name in expected:
         np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
@@ -112,7 +105,7 @@ def test_the_fast_preset_trains_and_captions_with_its_own_model(tmp_path):
     assert saved.model.encoder_layers == fast.model.encoder_layers == 1 and saved.model.registers == fast.model.registers == 4
     assert saved.train.group_by_image and saved.train.early_stopping_monitor == fast.train.early_stopping_monitor == "val_bleu4"
     assert "val_bleu4" in (run_dir / "history.csv").read_text().splitlines()[0]
-    weights = _weights(run_dir / "model.weights.h5")
+    weights = h5_arrays(run_dir / "model.weights.h5")
     assert "grid_encoder/adapter/vars/0" in weights and "grid_encoder/encoder_0/out/vars/0" in weights
     assert not any(name.startswith("grid_encoder/encoder_1/") for name in weights)
     assert weights["vars/0"].shape == (4, saved.model.embedding_dim)  # the registers, the decoder's own weight
@@ -130,7 +123,7 @@ def test_encoder_registers_and_readout_attention_train_and_caption_through_the_c
     run_dir = tmp_path / "runs" / "ereg"
     saved = load_saved_config(run_dir / "config.yaml").model
     assert saved.encoder_registers is True and saved.readout_attention is True
-    weights = _weights(run_dir / "model.weights.h5")
+    weights = h5_arrays(run_dir / "model.weights.h5")
     assert weights["layers/multi_head_attention/query_dense/vars/0"].shape == (16, 1, 16)  # the readout: one head as wide as the model
     assert weights["grid_encoder/vars/0"].shape == (2, 16)  # the registers, at the model width
     assert "vars/0" not in weights  # no constant registers after the encoder
