@@ -1,12 +1,15 @@
 """The two commands a user runs, end to end, as subprocesses."""
 
+import csv
 import json
 import subprocess
 import sys
 
 import h5py
+import pytest
 import yaml
 
+from caption_tf.config import load_config, load_saved_config
 from conftest import REPO_ROOT, tiny_overrides
 
 
@@ -56,6 +59,34 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     # Reloading the run from its folder reproduces the test metrics printed by training.
     for n in range(1, 5):
         assert greedy[f"bleu{n}"] == metrics["greedy"][f"bleu{n}"]
+
+
+def test_the_fast_preset_trains_and_captions_with_its_own_model(tmp_path):
+    # `python train.py --preset fast --weights none` as shipped, on tiny data: the preset's GRU + Bahdanau,
+    # grid adapter, encoder layer, warm-up + cosine learning rate, batches of whole images and early stopping
+    # on val_bleu4 all run together, and the run folder records them (only the sizes below are the test's).
+    sizes = {key: value for key, value in tiny_overrides(tmp_path, num_images=60, epochs=2).items()
+             if key not in ("decoder", "attention")}
+    done = _run([str(REPO_ROOT / "train.py"), "--preset", "fast", *_flags(sizes)], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run_dir = tmp_path / "runs" / "fast-shapes-mobilenet_v3_small-gru-bahdanau"
+    saved, fast = load_saved_config(run_dir / "config.yaml"), load_config("fast")
+    assert (saved.model.decoder, saved.model.attention) == (fast.model.decoder, fast.model.attention) == ("gru", "bahdanau")
+    assert saved.model.grid_adapter == fast.model.grid_adapter == "conv" and saved.model.encoder_layers == fast.model.encoder_layers == 1
+    assert saved.train.group_by_image and saved.train.early_stopping_monitor == fast.train.early_stopping_monitor == "val_bleu4"
+    with open(run_dir / "history.csv") as fh:
+        history = list(csv.DictReader(fh))
+    # One epoch of warm-up to the preset's peak, then the cosine down to 0 at the last epoch.
+    assert [float(row["learning_rate"]) for row in history] == pytest.approx([fast.train.learning_rate, 0.0], abs=1e-7)
+    assert all(row["val_bleu4"] for row in history)
+    with h5py.File(run_dir / "model.weights.h5", "r") as fh:
+        names = []
+        fh.visit(names.append)
+    assert any(name.startswith("grid_encoder/adapter/") for name in names), names
+    assert any(name.startswith("grid_encoder/encoder_0/") for name in names), names
+    assert not any(name.startswith("grid_encoder/encoder_1/") for name in names), names
+    assert "Test metrics (6 images, greedy)" in done.stdout  # the 6 test scenes of 60 were captioned
 
 
 def test_bad_flags_and_missing_weights_give_one_clear_line(tmp_path):

@@ -90,28 +90,6 @@ def test_transformer_resumes_exactly_after_a_kill_and_is_evaluated(tmp_path):
     assert "each head of each decoder layer" in (report_dir / "report.html").read_text()
 
 
-def test_the_fast_preset_trains_and_captions_with_its_own_model(tmp_path):
-    # `python train.py --preset fast --weights none` as shipped, on tiny data: the preset's decoder,
-    # grid adapter, encoder layer, registers, batches of whole images and early stopping on val_bleu4 all run
-    # together, and the run folder records them (only the sizes below are the test's).
-    sizes = {key: value for key, value in tiny_overrides(tmp_path, num_images=60).items() if key not in ("decoder", "attention")}
-    command = [sys.executable, str(REPO_ROOT / "train.py"), "--preset", "fast", *_flags(sizes), "--num-layers", "1"]
-    trained = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-
-    run_dir = tmp_path / "runs" / "fast-shapes-mobilenet_v3_small-transformer"
-    saved, fast = load_saved_config(run_dir / "config.yaml"), load_config("fast")
-    assert saved.model.decoder == "transformer" and saved.model.grid_adapter == fast.model.grid_adapter == "conv"
-    assert saved.model.encoder_layers == fast.model.encoder_layers == 1 and saved.model.registers == fast.model.registers == 4
-    assert saved.train.group_by_image and saved.train.early_stopping_monitor == fast.train.early_stopping_monitor == "val_bleu4"
-    assert "val_bleu4" in (run_dir / "history.csv").read_text().splitlines()[0]
-    weights = h5_arrays(run_dir / "model.weights.h5")
-    assert "grid_encoder/adapter/vars/0" in weights and "grid_encoder/encoder_0/out/vars/0" in weights
-    assert not any(name.startswith("grid_encoder/encoder_1/") for name in weights)
-    assert weights["vars/0"].shape == (4, saved.model.embedding_dim)  # the registers, the decoder's own weight
-    assert "Test metrics (6 images, greedy)" in trained.stdout  # the 6 test scenes of 60 were captioned
-
-
 def test_encoder_registers_and_readout_attention_train_and_caption_through_the_cli(tmp_path):
     # `train.py --registers 2 --encoder-layers 1 --encoder-registers --readout-attention`, then `evaluate.py`:
     # the registers are the grid encoder's weight (encoded with the cells), the readout attention one
