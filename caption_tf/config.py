@@ -360,6 +360,14 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--encoder-layers must be >= 0 (0: none), got {model.encoder_layers}")
     if model.registers < 0:
         raise ValueError(f"--registers must be >= 0 (0: none), got {model.registers}")
+    transformer_only = {"registers": model.registers, "encoder_registers": model.encoder_registers,
+                        "readout_attention": model.readout_attention}
+    if model.decoder != "transformer" and any(transformer_only.values()):
+        given = ", ".join(f"{name}={value}" for name, value in transformer_only.items() if value)
+        raise ValueError(
+            f"--registers, --encoder-registers and --readout-attention are settings of --decoder transformer, got {given}"
+            f" with --decoder {model.decoder}: drop them (--registers 0) or add --decoder transformer"
+        )
     if model.encoder_registers and not (model.registers and model.encoder_layers):
         raise ValueError(
             f"--encoder-registers encodes the registers with the cells: it needs --registers N and --encoder-layers N, "

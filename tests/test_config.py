@@ -61,6 +61,10 @@ def test_bad_values_are_rejected_with_the_field_name():
     with pytest.raises(ValueError, match="--vocab-size must be at least 5"):  # 0 trained a model of reserved tokens only
         apply_overrides(Config(), {"vocab_size": 0})
     assert apply_overrides(Config(), {"vocab_size": "auto"}).text.vocab_size is None
+    with pytest.raises(ValueError, match="settings of --decoder transformer, got registers=4 with --decoder gru"):
+        load_config("fast", {"registers": 4})  # the Transformer `fast` of before had 4: silently unused by the GRU
+    with pytest.raises(ValueError, match="got readout_attention=True with --decoder lstm"):
+        apply_overrides(Config(), {"decoder": "lstm", "readout_attention": True})
     with pytest.raises(ValueError, match="--encoder-registers .* got 0 registers and 1 encoder layers"):
         apply_overrides(Config(), {"decoder": "transformer", "encoder_registers": True, "encoder_layers": 1})
     with pytest.raises(ValueError, match="--encoder-layers must be >= 0"):
