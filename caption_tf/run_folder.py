@@ -83,8 +83,8 @@ def default_run_name(cfg: Config) -> str:
     Example:
 
     >>> from caption_tf.config import load_config
-    >>> default_run_name(load_config("fast")), default_run_name(load_config("optimized"))
-    ('fast-shapes-inception_v3-transformer', 'optimized-shapes-inception_v3-lstm-bahdanau')
+    >>> default_run_name(load_config("minimal")), default_run_name(load_config("fast"))
+    ('minimal-shapes-inception_v3-transformer', 'fast-shapes-inception_v3-gru-bahdanau')
     """
     return "-".join([cfg.preset or "custom", cfg.data.dataset, cfg.features.backbone, *cfg.model.family])
 
