@@ -6,6 +6,9 @@ the last batch of the last epoch, before its validation (issue 12, hole 2: that 
 count as done). Early stopping on val_bleu4 restores its best weights at the end, so the
 resumed run must also carry EarlyStopping's best value and best weights across the kills
 (hole 1): the reference's best epoch is not its last one.
+
+The `fast` preset's own path (`train.py --preset fast`: GRU, whole-image batches, a warm-up + cosine
+rate) is killed once in its decay and must end the same way.
 """
 
 from __future__ import annotations
@@ -157,3 +160,38 @@ def test_sigkill_three_times_then_resume_matches_an_uninterrupted_run_exactly(tm
     # Validation after each epoch: identical, and one history row per epoch.
     assert history(run_dir, "val_loss") == history(ref_dir, "val_loss")
     assert history(run_dir, "val_bleu4") == bleu
+
+
+def test_the_fast_preset_resumes_exactly_after_a_kill_in_its_cosine_decay(tmp_path):
+    # `python train.py --preset fast` as shipped (GRU + Bahdanau, conv grid adapter, an encoder layer, batches
+    # of whole images, the warm-up + cosine rate, early stopping on val_bleu4), tiny sizes: SIGKILLed in its
+    # second epoch, where the rate decays with the optimizer's step count, then rerun, it ends where an
+    # uninterrupted run ends: the same weights, the same per-epoch rates and validation.
+    from caption_tf.training.faults import CRASH_AFTER_BATCHES_ENV
+
+    sizes = {key: value for key, value in tiny_overrides(tmp_path, epochs=2, checkpoint_every=3).items()
+             if key not in ("decoder", "attention")}
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in sizes.items()]
+
+    def train(name, env=None):
+        command = [sys.executable, str(REPO_ROOT / "train.py"), "--preset", "fast", *flags, "--run-name", name]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S * 2,
+                              env={**os.environ, **(env or {})})
+
+    reference = train("uninterrupted")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    ref_dir, run_dir = tmp_path / "runs" / "uninterrupted", tmp_path / "runs" / "killed"
+    steps_per_epoch = -(-32 // 3)  # 32 training scenes, 3 whole images (of 5 captions) per batch of 16
+    assert history(ref_dir, "learning_rate")[-1] < history(ref_dir, "learning_rate")[0]
+    crash_after = steps_per_epoch + 4  # the 4th batch of epoch 2; the checkpoint before it: step 12
+    killed = train("killed", {CRASH_AFTER_BATCHES_ENV: str(crash_after)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = train("killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stdout and "ckpt-12: epoch 2" in resumed.stdout, resumed.stdout[-2000:]
+    expected, actual = h5_arrays(ref_dir / "model.weights.h5"), h5_arrays(run_dir / "model.weights.h5")
+    assert expected.keys() == actual.keys() and any(name.startswith("grid_encoder/encoder_0/") for name in expected)
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+    for column in ("learning_rate", "val_loss", "val_bleu4"):
+        assert history(run_dir, column) == history(ref_dir, column), column
