@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from caption_tf.config import load_config, load_saved_config
-from conftest import REPO_ROOT, tiny_overrides
+from conftest import REPO_ROOT, h5_arrays, tiny_overrides
 
 
 def _flags(overrides: dict) -> list[str]:
@@ -80,9 +80,7 @@ def test_the_fast_preset_trains_and_captions_with_its_own_model(tmp_path):
     # One epoch of warm-up to the preset's peak, then the cosine down to 0 at the last epoch.
     assert [float(row["learning_rate"]) for row in history] == pytest.approx([fast.train.learning_rate, 0.0], abs=1e-7)
     assert all(row["val_bleu4"] for row in history)
-    with h5py.File(run_dir / "model.weights.h5", "r") as fh:
-        names = []
-        fh.visit(names.append)
+    names = list(h5_arrays(run_dir / "model.weights.h5"))
     assert any(name.startswith("grid_encoder/adapter/") for name in names), names
     assert any(name.startswith("grid_encoder/encoder_0/") for name in names), names
     assert not any(name.startswith("grid_encoder/encoder_1/") for name in names), names
