@@ -79,6 +79,20 @@ def tiny_overrides(tmp: Path, **extra) -> dict:
     }
 
 
+def preset_sizes(tmp: Path, **extra) -> dict:
+    """`tiny_overrides` without the decoder family: a preset runs with its own decoder at tiny sizes."""
+    return {key: value for key, value in tiny_overrides(tmp, **extra).items() if key not in ("decoder", "attention")}
+
+
+def cli_flags(overrides: dict) -> list[str]:
+    """The `train.py` flags that set these config fields: `--name=value`, booleans as `--name` / `--no-name`."""
+    flags = []
+    for key, value in overrides.items():
+        flag = "--" + key.replace("_", "-")
+        flags.append((flag if value else "--no-" + flag[2:]) if isinstance(value, bool) else f"{flag}={value}")
+    return flags
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One tiny trained run shared by tests that only read it: (config, run_dir)."""

@@ -10,11 +10,7 @@ import pytest
 import yaml
 
 from caption_tf.config import load_config, load_saved_config
-from conftest import REPO_ROOT, h5_arrays, tiny_overrides
-
-
-def _flags(overrides: dict) -> list[str]:
-    return [item for k, v in overrides.items() for item in (f"--{k.replace('_', '-')}", str(v))]
+from conftest import REPO_ROOT, h5_arrays, tiny_overrides, cli_flags, preset_sizes
 
 
 def _run(args, cwd):
@@ -26,7 +22,7 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     # Batches of whole images (`--group-by-image`): the grid side runs once per image.
     overrides = tiny_overrides(tmp_path, epochs=1, decoder="gru", attention="luong", grid_adapter="conv",
                                encoder_layers=1, num_heads=2, run_name="e2e")
-    done = _run([str(REPO_ROOT / "train.py"), "--preset", "minimal", "--group-by-image", *_flags(overrides)], tmp_path)
+    done = _run([str(REPO_ROOT / "train.py"), "--preset", "minimal", "--group-by-image", *cli_flags(overrides)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     run_dir = tmp_path / "runs" / "e2e"
     manifest = json.loads(next((tmp_path / "cache").rglob("manifest.json")).read_text())
@@ -65,9 +61,8 @@ def test_the_fast_preset_trains_and_captions_with_its_own_model(tmp_path):
     # `python train.py --preset fast --weights none` as shipped, on tiny data: the preset's GRU + Bahdanau,
     # grid adapter, encoder layer, warm-up + cosine learning rate, batches of whole images and early stopping
     # on val_bleu4 all run together, and the run folder records them (only the sizes below are the test's).
-    sizes = {key: value for key, value in tiny_overrides(tmp_path, num_images=60, epochs=2).items()
-             if key not in ("decoder", "attention")}
-    done = _run([str(REPO_ROOT / "train.py"), "--preset", "fast", *_flags(sizes)], tmp_path)
+    sizes = preset_sizes(tmp_path, num_images=60, epochs=2)
+    done = _run([str(REPO_ROOT / "train.py"), "--preset", "fast", *cli_flags(sizes)], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
 
     run_dir = tmp_path / "runs" / "fast-shapes-mobilenet_v3_small-gru-bahdanau"
@@ -90,7 +85,7 @@ def test_the_fast_preset_trains_and_captions_with_its_own_model(tmp_path):
 def test_bad_flags_and_missing_weights_give_one_clear_line(tmp_path):
     bad = _run([str(REPO_ROOT / "train.py"), "--decoder", "mamba"], tmp_path)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
-    missing = _run([str(REPO_ROOT / "train.py"), *_flags(tiny_overrides(tmp_path, weights=tmp_path / "nope.weights.h5"))], tmp_path)
+    missing = _run([str(REPO_ROOT / "train.py"), *cli_flags(tiny_overrides(tmp_path, weights=tmp_path / "nope.weights.h5"))], tmp_path)
     assert missing.returncode == 2
     assert "nope.weights.h5: no such file" in missing.stderr and "Traceback" not in missing.stderr
     no_run = _run([str(REPO_ROOT / "evaluate.py"), "--run", str(tmp_path / "nothing")], tmp_path)

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, tiny_overrides, h5_arrays
+from conftest import REPO_ROOT, tiny_overrides, h5_arrays, cli_flags
 
 # 32 training images x 5 captions = 160 pairs; global batch 16 -> 10 steps per epoch.
 EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY = 2, 10, 3
@@ -48,10 +48,6 @@ def overrides(tmp, name, **extra) -> dict:
     return tiny_overrides(tmp, epochs=EPOCHS, checkpoint_every=CHECKPOINT_EVERY, max_length=8, grid_adapter="conv", run_name=name, **extra)
 
 
-def flags(values: dict) -> list[str]:
-    return [item for key, value in values.items() for item in (f"--{key.replace('_', '-')}", str(value))]
-
-
 def train_py(values: dict, log_path, env=None, tf_config=None) -> subprocess.Popen:
     """Start `python train.py --preset minimal <flags>`, output to `log_path`."""
     env = {**os.environ, **(env or {})}
@@ -59,7 +55,7 @@ def train_py(values: dict, log_path, env=None, tf_config=None) -> subprocess.Pop
     if tf_config is not None:
         env["TF_CONFIG"] = json.dumps(tf_config)
     log = open(log_path, "w")
-    command = [sys.executable, str(REPO_ROOT / "train.py"), "--preset", "minimal", *flags(values)]
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "--preset", "minimal", *cli_flags(values)]
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
 
 
@@ -89,7 +85,6 @@ def start_workers(values, tmp, tag, ports, envs) -> list[tuple[subprocess.Popen,
         tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
         workers.append((train_py(values, log_path, env, tf_config), log_path))
     return workers
-
 
 
 def max_abs_diff(path_a, path_b) -> float:

@@ -49,7 +49,6 @@ def published_steps(runs_dir) -> list[int]:
     return sorted(int(p.name[5:].split(".")[0]) for p in runs_dir.glob("*/checkpoints/ckpt-*.manifest.json"))
 
 
-
 def loss_scale_state(run_dir) -> dict:
     """The LossScaleOptimizer's variables in the run's newest checkpoint.
 

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from conftest import REPO_ROOT, tiny_overrides
+from conftest import REPO_ROOT, tiny_overrides, cli_flags
 
 TIMEOUT_S = 300
 
@@ -57,10 +57,6 @@ FULL_DISK_DRIVER = textwrap.dedent(
 )
 
 
-def _flags(overrides: dict) -> list[str]:
-    return [item for k, v in overrides.items() for item in (f"--{k.replace('_', '-')}", str(v))]
-
-
 def _run_with_tmpfs(driver_args: list[str]) -> subprocess.CompletedProcess:
     """Run the driver where it may mount a tmpfs: directly (root), else in a user+mount namespace."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -79,7 +75,7 @@ def test_a_full_disk_is_a_clean_stop_and_the_rerun_resumes(tmp_path):
     disk.mkdir()
     # No attention images in TensorBoard: they would spend the 3 MB disk the test fills and frees.
     overrides = tiny_overrides(tmp_path, epochs=3, checkpoint_every=3, run_name="full", runs_dir=disk / "runs", tensorboard_images=0)
-    command = [sys.executable, str(REPO_ROOT / "train.py"), "--preset", "minimal", *_flags(overrides), "--no-meteor"]
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "--preset", "minimal", *cli_flags(overrides), "--no-meteor"]
     done = _run_with_tmpfs([str(disk), str(tmp_path / "result.json"), json.dumps(command)])
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
@@ -121,7 +117,7 @@ def _flock_is_free(path) -> bool:
 
 def test_one_training_per_run_folder_and_no_orphan_after_a_killed_supervisor(tmp_path):
     overrides = tiny_overrides(tmp_path, epochs=60, checkpoint_every=5, run_name="busy")
-    command = [sys.executable, str(REPO_ROOT / "train.py"), "--preset", "minimal", *_flags(overrides), "--no-meteor"]
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "--preset", "minimal", *cli_flags(overrides), "--no-meteor"]
     run_dir, lock = tmp_path / "runs" / "busy", tmp_path / "runs" / "busy.lock"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     with open(tmp_path / "supervisor.log", "w") as log:

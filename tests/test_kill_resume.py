@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from conftest import REPO_ROOT, tiny_overrides, h5_arrays
+from conftest import REPO_ROOT, tiny_overrides, h5_arrays, cli_flags, preset_sizes
 
 EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY = 3, 10, 3  # 32 images x 5 captions / batch 16
 CHILD = (
@@ -98,7 +98,6 @@ def kill_after_checkpoint(proc, run_dir, min_step, delay_s, log_path):
     assert proc.wait(PROCESS_TIMEOUT_S) == -signal.SIGKILL
 
 
-
 def history(run_dir, column):
     with open(run_dir / "history.csv", newline="") as fh:
         return [float(row[column]) for row in csv.DictReader(fh)]
@@ -169,9 +168,7 @@ def test_the_fast_preset_resumes_exactly_after_a_kill_in_its_cosine_decay(tmp_pa
     # uninterrupted run ends: the same weights, the same per-epoch rates and validation.
     from caption_tf.training.faults import CRASH_AFTER_BATCHES_ENV
 
-    sizes = {key: value for key, value in tiny_overrides(tmp_path, epochs=2, checkpoint_every=3).items()
-             if key not in ("decoder", "attention")}
-    flags = [f"--{key.replace('_', '-')}={value}" for key, value in sizes.items()]
+    flags = cli_flags(preset_sizes(tmp_path, epochs=2, checkpoint_every=3))
 
     def train(name, env=None):
         command = [sys.executable, str(REPO_ROOT / "train.py"), "--preset", "fast", *flags, "--run-name", name]

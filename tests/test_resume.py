@@ -19,7 +19,7 @@ from caption_tf.training import faults, supervisor
 from caption_tf.training.checkpoints import latest_valid
 from caption_tf.run_folder import CheckpointMismatchError, load_run
 from caption_tf.training.trainer import train
-from conftest import REPO_ROOT, read_scalars, tiny_overrides
+from conftest import REPO_ROOT, read_scalars, tiny_overrides, cli_flags
 
 # 32 training images x 5 captions / batch 16 = 10 batches per epoch.
 STEPS_PER_EPOCH = 10
@@ -52,12 +52,6 @@ def checkpoint_steps(run_dir):
 def history_epochs(run_dir):
     lines = (run_dir / "history.csv").read_text().splitlines()
     return [int(line.split(",")[0]) for line in lines[1:]]
-
-
-def cli_flags(cfg_overrides: dict) -> list[str]:
-    return [f"--{k.replace('_', '-')}={v}" for k, v in cfg_overrides.items()]
-
-
 
 
 def test_completed_run_is_not_retrained_and_more_epochs_resume(shared, tmp_path, capsys):

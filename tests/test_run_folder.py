@@ -12,7 +12,7 @@ import pytest
 
 from caption_tf.files import PARTIAL_PREFIX, atomic_path, write_json
 from caption_tf.run_folder import RUN_FILE, WEIGHTS_FILE, RunFolderError, read_run_info
-from conftest import REPO_ROOT, tiny_overrides
+from conftest import REPO_ROOT, tiny_overrides, cli_flags
 
 
 def _run(script: str, *args, cwd: Path) -> subprocess.CompletedProcess:
@@ -82,12 +82,8 @@ def test_truncated_run_json_one_clear_line_then_resume_rewrites_it(tiny_run, tmp
     assert weight_values(run_dir / WEIGHTS_FILE) == weights  # resumed at the end: nothing retrained
 
 
-def _flags(overrides: dict) -> list[str]:
-    return [item for name, value in overrides.items() for item in (f"--{name.replace('_', '-')}", str(value))]
-
-
 def _train_flags(cfg, runs_dir: Path) -> list[str]:
-    return _flags(tiny_overrides(Path(cfg.data.data_root).parent, epochs=2, runs_dir=runs_dir))
+    return cli_flags(tiny_overrides(Path(cfg.data.data_root).parent, epochs=2, runs_dir=runs_dir))
 
 
 def test_damaged_weights_are_named_then_written_again_from_the_checkpoint(tiny_run, tmp_path):
@@ -131,7 +127,7 @@ def test_a_run_name_is_a_name_and_foreign_folders_are_left_alone(tmp_path, capsy
     foreign.mkdir(parents=True)
     (foreign / "history.csv").write_text("my own file\n")
     for run_name, expected in [(str(tmp_path / "elsewhere"), "is not a plain name"), ("my-notes", "is not a caption_tf run folder")]:
-        flags = [f"--{k.replace('_', '-')}={v}" for k, v in tiny_overrides(tmp_path, run_name=run_name).items()]
+        flags = cli_flags(tiny_overrides(tmp_path, run_name=run_name))
         with pytest.raises(SystemExit) as stop:
             main_guard(lambda: train_main(flags))
         err = capsys.readouterr().err
@@ -142,7 +138,7 @@ def test_a_run_name_is_a_name_and_foreign_folders_are_left_alone(tmp_path, capsy
 
 def test_a_transformer_run_named_with_its_attention_by_an_earlier_version_is_found_again(tmp_path):
     """Transformer runs were named `...-transformer-bahdanau`; the same command still finds such a run, not a new folder."""
-    flags = _flags(tiny_overrides(tmp_path, decoder="transformer", num_images=20))
+    flags = cli_flags(tiny_overrides(tmp_path, decoder="transformer", num_images=20))
     first = _run("train.py", "--preset", "minimal", *flags, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     runs = tmp_path / "runs"

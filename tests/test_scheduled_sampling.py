@@ -15,7 +15,7 @@ from caption_tf.models.decoder import CaptionDecoder
 from caption_tf.training.faults import CRASH_AFTER_BATCHES_ENV
 from caption_tf.training.optimizers import FusedAdam
 from caption_tf.training.trainer import prepare_data
-from conftest import REPO_ROOT, tiny_overrides, h5_arrays
+from conftest import REPO_ROOT, tiny_overrides, h5_arrays, cli_flags
 
 
 def _model(**kwargs):
@@ -69,13 +69,12 @@ def test_scheduled_sampling_is_refused_where_the_decoder_reads_whole_captions(ov
     assert fragment in str(error.value)
 
 
-
 def test_train_py_with_scheduled_sampling_resumes_exactly_after_a_kill(tmp_path):
     # The coins and the ramp must survive a SIGKILL: the sampling seed is a checkpointed model
     # variable and the ramp reads the optimizer's step counter.
     overrides = tiny_overrides(tmp_path, decoder="gru", epochs=2, checkpoint_every=3, scheduled_sampling=0.5, dropout=0.2)
     prepare_data(load_config("minimal", overrides))  # the cache first, once (as test_kill_resume.py)
-    flags = [f"--{key.replace('_', '-')}={value}" for key, value in overrides.items()]
+    flags = cli_flags(overrides)
 
     def train(name, env=None):
         command = [sys.executable, str(REPO_ROOT / "train.py"), "--preset", "minimal", *flags, "--run-name", name]

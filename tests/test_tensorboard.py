@@ -19,20 +19,16 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from caption_tf import console
 from caption_tf.figures import attention_grid_size
 from caption_tf.training import summaries
-from conftest import REPO_ROOT, tiny_overrides
+from conftest import REPO_ROOT, tiny_overrides, cli_flags
 
 EPOCHS, STEPS_PER_EPOCH = 2, 10  # 32 training images x 5 captions / batch 16
 TIMEOUT_S = 600
 
 
-def flags(overrides: dict) -> list[str]:
-    return [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
-
-
 def train_py(tmp, name, *extra, env=None, **overrides):
     settings = tiny_overrides(tmp, epochs=EPOCHS, run_name=name, **overrides)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
-    return subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--preset", "minimal", *flags(settings), *extra],
+    return subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--preset", "minimal", *cli_flags(settings), *extra],
                           cwd=tmp, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
 
 

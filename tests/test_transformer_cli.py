@@ -14,25 +14,16 @@ from caption_tf.data.text import DETERMINERS, FUNCTION_WORDS
 from caption_tf.evaluation.errors import repeated_phrases
 from caption_tf.training.trainer import prepare_data
 from caption_tf.training.faults import CRASH_AFTER_BATCHES_ENV
-from conftest import REPO_ROOT, repeated_mentions, tiny_overrides, h5_arrays
+from conftest import REPO_ROOT, repeated_mentions, tiny_overrides, h5_arrays, cli_flags
 
 # Batches of whole images (`--group-by-image`, the pairs path resumes in test_kill_resume.py): batch 16
 # captions = 3 images of 5, 32 training images = 11 batches per epoch; checkpoints every 3.
 CRASH_AFTER_BATCHES = 7
 
 
-def _flags(overrides: dict) -> list[str]:
-    flags = []
-    for key, value in overrides.items():
-        flag = "--" + key.replace("_", "-")
-        flags += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, str(value)]
-    return flags
-
-
 def _train(overrides, cwd, env=None):
-    command = [sys.executable, str(REPO_ROOT / "train.py"), "--preset", "minimal", *_flags(overrides)]
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "--preset", "minimal", *cli_flags(overrides)]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
-
 
 
 def test_transformer_resumes_exactly_after_a_kill_and_is_evaluated(tmp_path):
